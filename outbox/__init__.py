@@ -1,0 +1,41 @@
+"""outbox: write events in the same PostgreSQL transaction as the business change.
+
+    with conn.transaction():
+        conn.execute("UPDATE account SET balance = balance - 10 WHERE id = 1")
+        outbox.publish(conn, topic="payments", key="account-1", payload={"debited": 10})
+
+The relay (``outbox relay``) then delivers every committed event to Kafka.
+"""
+
+from .errors import (
+    InvalidMessage,
+    InvalidTopic,
+    MessageTooLarge,
+    NotInTransaction,
+    OutboxError,
+    SchemaError,
+)
+from .message import DEFAULT_MAX_MESSAGE_BYTES, OutboxMessage, build_message
+from .publish import Published, apublish, apublish_many, publish, publish_many
+from .schema import SCHEMA_VERSION, apply_schema, installed_version, require_schema
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "InvalidMessage",
+    "InvalidTopic",
+    "MessageTooLarge",
+    "NotInTransaction",
+    "OutboxError",
+    "OutboxMessage",
+    "Published",
+    "SCHEMA_VERSION",
+    "SchemaError",
+    "apply_schema",
+    "apublish",
+    "apublish_many",
+    "build_message",
+    "installed_version",
+    "publish",
+    "publish_many",
+    "require_schema",
+]

@@ -1,0 +1,233 @@
+"""publish() and publish_many(): write outbox rows inside the caller's own transaction.
+
+They never commit: the event commits or rolls back with the business change around it. The
+logic is written once, as a generator of queries (``_publish_flow``); the sync and async entry
+points only run the queries it yields on their kind of connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Generator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import psycopg
+from psycopg import pq
+
+from . import sql as outbox_sql
+from .errors import NotInTransaction
+from .message import DEFAULT_MAX_MESSAGE_BYTES, Headers, OutboxMessage, Payload, build_message
+from .tracing import trace_headers
+
+#: First half of the two-integer advisory lock key, so that our key locks do not collide with
+#: the application's own advisory locks (which mostly use the one-bigint form).
+ADVISORY_LOCK_NAMESPACE = 0x0B0C
+
+AnyConnection = Union[psycopg.Connection, psycopg.AsyncConnection]
+
+
+@dataclass(frozen=True)
+class Published:
+    """Where an event was written: its row id and its message_id."""
+
+    id: int
+    message_id: uuid.UUID
+    #: False when dedup_key matched an existing row, whose ids these are; nothing was written.
+    created: bool = True
+
+
+@dataclass(frozen=True)
+class _Query:
+    name: str
+    params: Mapping[str, Any]
+
+
+def publish(
+    conn: psycopg.Connection,
+    *,
+    topic: str,
+    payload: Payload,
+    key: str | bytes | int | None = None,
+    headers: Headers | None = None,
+    dedup_key: str | None = None,
+    lock_key: bool = False,
+    schema: str | None = None,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> Published:
+    """Write one event in CONN's current transaction and return its ids. Never commits.
+
+    ``lock_key=True`` takes a transaction-level advisory lock on the key first, so that
+    writers of one key are serialised and their events are delivered in commit order.
+    """
+    message = build_message(
+        topic=topic, payload=payload, key=key, headers=_with_trace(headers),
+        dedup_key=dedup_key, max_bytes=max_bytes,
+    )
+    return _run_sync(conn, _publish_flow([message], lock_key), schema)[0]
+
+
+def publish_many(
+    conn: psycopg.Connection,
+    messages: Iterable[Mapping[str, Any] | OutboxMessage],
+    *,
+    lock_key: bool = False,
+    schema: str | None = None,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> list[Published]:
+    """Write many events in one round trip, in the given order. Each item is a mapping with the
+    keyword arguments of publish() (topic, payload, key, headers, dedup_key). Nothing is written
+    if any of them is invalid."""
+    built = _build_all(messages, max_bytes)
+    return _run_sync(conn, _publish_flow(built, lock_key), schema)
+
+
+async def apublish(
+    conn: psycopg.AsyncConnection,
+    *,
+    topic: str,
+    payload: Payload,
+    key: str | bytes | int | None = None,
+    headers: Headers | None = None,
+    dedup_key: str | None = None,
+    lock_key: bool = False,
+    schema: str | None = None,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> Published:
+    """publish() for an AsyncConnection."""
+    message = build_message(
+        topic=topic, payload=payload, key=key, headers=_with_trace(headers),
+        dedup_key=dedup_key, max_bytes=max_bytes,
+    )
+    return (await _run_async(conn, _publish_flow([message], lock_key), schema))[0]
+
+
+async def apublish_many(
+    conn: psycopg.AsyncConnection,
+    messages: Iterable[Mapping[str, Any] | OutboxMessage],
+    *,
+    lock_key: bool = False,
+    schema: str | None = None,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> list[Published]:
+    """publish_many() for an AsyncConnection."""
+    built = _build_all(messages, max_bytes)
+    return await _run_async(conn, _publish_flow(built, lock_key), schema)
+
+
+# --------------------------------------------------------------------------- shared logic
+
+
+def _with_trace(headers: Headers | None) -> Headers | None:
+    extra = trace_headers()
+    if not extra:
+        return headers
+    given = list(headers.items()) if isinstance(headers, Mapping) else list(headers or [])
+    names = {name for name, _ in given}
+    return given + [(k, v) for k, v in extra if k not in names]
+
+
+def _build_all(
+    messages: Iterable[Mapping[str, Any] | OutboxMessage], max_bytes: int
+) -> list[OutboxMessage]:
+    built = []
+    for i, item in enumerate(messages):
+        if isinstance(item, OutboxMessage):
+            built.append(item)
+            continue
+        if not isinstance(item, Mapping):
+            raise TypeError(f"message #{i} must be a mapping, not {type(item).__name__}")
+        kwargs = dict(item)
+        kwargs["headers"] = _with_trace(kwargs.get("headers"))
+        try:
+            built.append(build_message(max_bytes=max_bytes, **kwargs))
+        except TypeError as exc:
+            raise TypeError(f"message #{i}: {exc}") from exc
+        except ValueError as exc:
+            raise type(exc)(f"message #{i}: {exc}") from exc
+    return built
+
+
+def advisory_lock_id(key: bytes) -> int:
+    """The second half of a key's advisory lock: a signed 32-bit hash of the key."""
+    return int.from_bytes(hashlib.md5(key).digest()[:4], "big", signed=True)
+
+
+def _publish_flow(
+    messages: list[OutboxMessage], lock_key: bool
+) -> Generator[_Query, list[tuple], list[Published]]:
+    if not messages:
+        return []
+    if lock_key:
+        lock_ids = sorted({advisory_lock_id(m.key) for m in messages if m.key is not None})
+        if lock_ids:
+            yield _Query("lock_keys", {"namespace": ADVISORY_LOCK_NAMESPACE, "lock_ids": lock_ids})
+    rows = yield _Query(
+        "insert_messages",
+        {
+            "message_ids": [m.message_id for m in messages],
+            "topics": [m.topic for m in messages],
+            "keys": [m.key for m in messages],
+            "payloads": [m.payload for m in messages],
+            "headers": [m.headers_json() for m in messages],
+            "dedup_keys": [m.dedup_key for m in messages],
+        },
+    )
+    ids = {message_id: row_id for row_id, message_id in rows}
+    existing: dict[str, tuple[int, uuid.UUID]] = {}
+    missing = [m.dedup_key for m in messages if m.message_id not in ids and m.dedup_key]
+    if missing:
+        found = yield _Query("find_by_dedup_keys", {"dedup_keys": missing})
+        existing = {dedup: (row_id, mid) for row_id, mid, dedup in found}
+    result = []
+    for m in messages:
+        if m.message_id in ids:
+            result.append(Published(ids[m.message_id], m.message_id))
+        else:
+            # Only a dedup_key conflict makes ON CONFLICT skip a row.
+            row_id, mid = existing[m.dedup_key]  # type: ignore[index]
+            result.append(Published(row_id, mid, created=False))
+    return result
+
+
+def _check_transaction(conn: AnyConnection) -> None:
+    status = conn.info.transaction_status
+    if status == pq.TransactionStatus.INERROR:
+        raise NotInTransaction(
+            "the connection's transaction has failed; roll it back before publishing"
+        )
+    if conn.autocommit and status == pq.TransactionStatus.IDLE:
+        raise NotInTransaction(
+            "publish() needs a transaction: this connection is in autocommit mode and no "
+            "transaction is open, so the event would commit on its own. Use "
+            "`with conn.transaction():` around the business change and publish()."
+        )
+    if conn.closed:
+        raise NotInTransaction("the connection is closed")
+
+
+def _run_sync(conn: psycopg.Connection, flow, schema: str | None):
+    _check_transaction(conn)
+    try:
+        step = next(flow)
+        while True:
+            cur = conn.execute(_sql(step.name, schema), step.params)
+            step = flow.send(cur.fetchall() if cur.description else [])
+    except StopIteration as done:
+        return done.value
+
+
+async def _run_async(conn: psycopg.AsyncConnection, flow, schema: str | None):
+    _check_transaction(conn)
+    try:
+        step = next(flow)
+        while True:
+            cur = await conn.execute(_sql(step.name, schema), step.params)
+            step = flow.send(await cur.fetchall() if cur.description else [])
+    except StopIteration as done:
+        return done.value
+
+
+def _sql(name: str, schema: str | None):
+    return outbox_sql.query("outbox", "queries.sql", name, schema)

@@ -1,0 +1,60 @@
+"""Named SQL blocks, read once from the package's .sql files, and the schema itself.
+
+A block starts with a line ``-- name: NAME``; ``{table}`` and the other ``{...}`` names in it
+are identifiers, filled in (quoted) by psycopg.sql for the configured schema.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from importlib import resources
+
+from psycopg import sql
+
+from .errors import OutboxError
+
+_NAME_RE = re.compile(r"^-- name: (\w+)\s*$", re.M)
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+
+TABLE = "local_message"
+
+
+@functools.cache
+def read_blocks(package: str, filename: str) -> dict[str, str]:
+    text = resources.files(package).joinpath(filename).read_text("utf-8")
+    parts = _NAME_RE.split(text)
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2])}
+
+
+def schema_sql() -> str:
+    """The one DDL source, schema.sql, as shipped inside the installed package."""
+    return resources.files("outbox").joinpath("schema.sql").read_text("utf-8")
+
+
+def validate_identifier(name: str, what: str = "schema") -> str:
+    if not isinstance(name, str) or not _IDENT_RE.fullmatch(name):
+        raise OutboxError(
+            f"invalid {what} name {name!r}: use letters, digits, _ and $ "
+            "(at most 63 characters, not starting with a digit)"
+        )
+    return name
+
+
+def table_ident(schema: str | None, table: str = TABLE) -> sql.Identifier:
+    if schema is None:
+        return sql.Identifier(table)
+    return sql.Identifier(validate_identifier(schema), table)
+
+
+@functools.cache
+def query(package: str, filename: str, name: str, schema: str | None) -> sql.Composed:
+    """The block NAME with its identifiers quoted for SCHEMA (None: the search_path)."""
+    body = read_blocks(package, filename)[name]
+    idents = {
+        "table": table_ident(schema),
+        "bucket_table": table_ident(schema, "local_message_bucket"),
+        "relay_table": table_ident(schema, "local_message_relay"),
+        "schema_table": table_ident(schema, "local_message_schema"),
+    }
+    return sql.SQL(body).format(**idents)

@@ -1,0 +1,207 @@
+"""The relay's configuration: one object with defaults, validation, environment variables and
+librdkafka passthrough. Invalid configuration fails at start with one clear line."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit, urlunsplit
+
+from outbox.sql import validate_identifier
+
+ENV_PREFIX = "OUTBOX_"
+KAFKA_ENV_PREFIX = "OUTBOX_KAFKA_"
+
+_SECRET_WORDS = ("password", "secret", "jaas", "token", "credential", "private", ".key.pem")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot work; the message says which setting and why."""
+
+
+def _default_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class RelayConfig:
+    dsn: str = ""
+    bootstrap_servers: str = ""
+    schema: str = "public"
+    #: Shown in `outbox status` and the logs; defaults to host-pid.
+    name: str = field(default_factory=_default_name)
+    #: Rows read, produced and confirmed together.
+    batch_size: int = 2000
+    #: Longest wait between polls when idle (NOTIFY wakes the relay sooner).
+    idle_poll_interval: float = 1.0
+    #: LISTEN for the insert trigger's NOTIFY; polling stays the source of truth.
+    listen: bool = True
+    #: A relay that has not renewed its bucket leases for this long is taken over.
+    lease_seconds: float = 90.0
+    heartbeat_interval: float = 10.0
+    #: Longest wait for a batch's delivery reports; must exceed message.timeout.ms.
+    flush_timeout: float = 35.0
+    #: Message-specific failures before a row becomes FAILED.
+    max_attempts: int = 12
+    backoff_base: float = 1.0
+    backoff_max: float = 300.0
+    #: Longest wait for in-flight deliveries on SIGTERM.
+    shutdown_timeout: float = 30.0
+    #: Serve /metrics, /healthz and /readyz on this port (0: off).
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    log_json: bool = False
+    log_level: str = "INFO"
+    #: librdkafka settings, passed through to the producer (kcat-style -X key=value).
+    kafka: dict[str, str] = field(default_factory=dict)
+
+    # -- construction
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> RelayConfig:
+        """Defaults, then OUTBOX_* environment variables, then OVERRIDES (None ones ignored)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            if f.name == "kafka":
+                continue
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.type, raw)
+        kafka = {
+            k[len(KAFKA_ENV_PREFIX):].lower().replace("_", "."): v
+            for k, v in env.items()
+            if k.startswith(KAFKA_ENV_PREFIX)
+        }
+        kafka.update(overrides.pop("kafka", None) or {})
+        for k, v in overrides.items():
+            if v is not None:
+                values[k] = v
+        cfg = cls(kafka=kafka, **values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not self.dsn:
+            raise ConfigError("no database: set --dsn or OUTBOX_DSN")
+        if not (self.bootstrap_servers or self.kafka.get("bootstrap.servers")):
+            raise ConfigError("no Kafka: set --bootstrap-servers or OUTBOX_BOOTSTRAP_SERVERS")
+        try:
+            validate_identifier(self.schema)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        except Exception as exc:  # OutboxError
+            raise ConfigError(str(exc)) from None
+        for name in ("batch_size", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        for name in ("idle_poll_interval", "lease_seconds", "heartbeat_interval", "flush_timeout",
+                     "backoff_base", "backoff_max", "shutdown_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        timeout_ms = self.producer_config().get("message.timeout.ms", "30000")
+        try:
+            message_timeout = int(timeout_ms) / 1000.0
+        except ValueError:
+            raise ConfigError(f"message.timeout.ms must be a number, not {timeout_ms!r}") from None
+        if message_timeout <= 0 or message_timeout >= self.flush_timeout:
+            raise ConfigError(
+                f"flush_timeout ({self.flush_timeout:g}s) must exceed the producer's "
+                f"message.timeout.ms ({message_timeout:g}s), so that every message gets a report"
+            )
+        # A relay must see its lease expire only after everything it produced has been
+        # delivered or timed out; otherwise a new owner could overtake it (FIELD-NOTES 2).
+        if self.lease_seconds <= self.flush_timeout + 2 * self.heartbeat_interval:
+            raise ConfigError(
+                f"lease_seconds ({self.lease_seconds:g}) must exceed flush_timeout "
+                f"({self.flush_timeout:g}) plus two heartbeat intervals "
+                f"({2 * self.heartbeat_interval:g})"
+            )
+        for k in ("enable.idempotence", "acks"):
+            if k in self.kafka and self.kafka[k] not in ("true", "all", "-1"):
+                raise ConfigError(f"{k}={self.kafka[k]} would give up delivery guarantees")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("metrics_port must be between 0 and 65535")
+
+    def producer_config(self) -> dict[str, str]:
+        cfg = dict(self.kafka)
+        if self.bootstrap_servers:
+            cfg["bootstrap.servers"] = self.bootstrap_servers
+        return cfg
+
+    def describe(self) -> dict[str, object]:
+        """The configuration as it may be logged: secrets replaced by ***."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "kafka"}
+        out["dsn"] = redact_dsn(self.dsn)
+        out["kafka"] = redact_mapping(self.kafka)
+        return out
+
+
+def _parse(name: str, kind: object, raw: str) -> object:
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from None
+    return raw
+
+
+def is_secret(key: str) -> bool:
+    lowered = key.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def redact_mapping(values: Mapping[str, str]) -> dict[str, str]:
+    return {k: ("***" if is_secret(k) else v) for k, v in values.items()}
+
+
+_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN without its password, in URL or key=value form."""
+    if "://" in dsn:
+        parts = urlsplit(dsn)
+        if parts.password is not None:
+            host = parts.hostname or ""
+            if parts.port:
+                host = f"{host}:{parts.port}"
+            netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
+            parts = parts._replace(netloc=netloc)
+        query = _KV_PASSWORD.sub(r"\1***", parts.query.replace("&", " ")).replace(" ", "&")
+        return urlunsplit(parts._replace(query=query))
+    return _KV_PASSWORD.sub(r"\1***", dsn)
+
+
+def redact_text(text: str, *secrets: str) -> str:
+    """TEXT with every occurrence of the given secret values replaced by ***."""
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
+
+
+def secrets_of(cfg: RelayConfig) -> list[str]:
+    """The secret values in CFG, for scrubbing error messages from libraries."""
+    values = [v for k, v in cfg.kafka.items() if is_secret(k)]
+    if "://" in cfg.dsn:
+        password = urlsplit(cfg.dsn).password
+        if password:
+            values.append(password)
+    for match in _KV_PASSWORD.finditer(cfg.dsn):
+        values.append(match.group(2).strip("'"))
+    return values

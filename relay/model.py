@@ -1,0 +1,67 @@
+"""Values passed between the relay loop, its store and its sink. No I/O here."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple, Union
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    """A row the relay may deliver now."""
+
+    id: int
+    message_id: uuid.UUID
+    topic: str
+    key: bytes | None
+    payload: bytes
+    headers: list[tuple[str, bytes | None]]
+    attempts: int
+    created_at: dt.datetime
+
+
+class FailureKind(Enum):
+    #: The cluster is unreachable or overloaded: not the message's fault, no attempt counted.
+    OUTAGE = "outage"
+    #: This message failed but may succeed later (counted, retried with backoff).
+    TRANSIENT = "transient"
+    #: This message cannot be delivered as it is (too large, no such topic, not authorised).
+    PERMANENT = "permanent"
+    #: Handed to the producer, outcome unknown (flush timed out, producer reset): it may be in
+    #: Kafka. Retried without counting an attempt; a duplicate is possible.
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Delivered:
+    id: int
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    id: int
+    kind: FailureKind
+    error: str
+    #: The producer cannot go on (librdkafka fatal error): the relay must recreate it.
+    fatal: bool = False
+
+
+Outcome = Union[Delivered, Failed]
+
+
+class FailureUpdate(NamedTuple):
+    """What the store records for one failed row."""
+
+    id: int
+    #: 1 when the failure counts as an attempt, 0 for outages and unknown outcomes.
+    counted: int
+    error: str
+    #: Move the row to FAILED (permanent error, or max attempts reached).
+    give_up: bool
+    #: Backoff before the next attempt.
+    delay_seconds: float

@@ -1,0 +1,84 @@
+-- Named SQL blocks of the relay, loaded once by outbox.sql. `{table}` is the qualified
+-- local_message table, `{bucket_table}` and `{relay_table}` its lease tables.
+
+-- name: heartbeat
+-- The relay says it is alive; its lease on itself lasts lease_seconds.
+INSERT INTO {relay_table} (relay_id, name, lease_until)
+VALUES (%(relay_id)s, %(name)s, now() + make_interval(secs => %(lease_seconds)s))
+ON CONFLICT (relay_id) DO UPDATE
+   SET heartbeat_at = now(), lease_until = EXCLUDED.lease_until
+RETURNING (SELECT count(*) FROM {relay_table} r
+            WHERE r.lease_until > now() AND r.relay_id <> %(relay_id)s) + 1 AS alive,
+          (SELECT count(*) FROM {relay_table} r
+            WHERE r.lease_until > now() AND r.relay_id < %(relay_id)s) AS rank
+
+-- name: renew_buckets
+UPDATE {bucket_table}
+   SET lease_until = now() + make_interval(secs => %(lease_seconds)s)
+ WHERE owner = %(relay_id)s
+RETURNING bucket
+
+-- name: release_buckets
+UPDATE {bucket_table} SET owner = NULL, lease_until = NULL
+ WHERE owner = %(relay_id)s AND bucket = ANY(%(buckets)s::smallint[])
+
+-- name: acquire_buckets
+-- Free buckets, and buckets whose owner let its lease expire (it died or was paused).
+UPDATE {bucket_table} b
+   SET owner = %(relay_id)s, lease_until = now() + make_interval(secs => %(lease_seconds)s)
+  FROM (SELECT bucket FROM {bucket_table}
+         WHERE owner IS NULL OR lease_until < now()
+         ORDER BY bucket
+         LIMIT %(count)s
+           FOR UPDATE SKIP LOCKED) AS free
+ WHERE b.bucket = free.bucket
+RETURNING b.bucket
+
+-- name: forget_relay
+DELETE FROM {relay_table} WHERE relay_id = %(relay_id)s
+
+-- name: fetch_pending
+-- The next deliverable rows of the relay's buckets, in id order. A key whose oldest
+-- unfinished row waits for a retry or is FAILED is held back entirely (head-of-key blocking).
+WITH blockers AS (
+    SELECT key, min(id) AS first_id
+      FROM {table}
+     WHERE bucket = ANY(%(buckets)s::smallint[]) AND key IS NOT NULL
+       AND (status IN ('FAILED', 'SENT')
+            OR (status = 'PENDING' AND next_attempt_at IS NOT NULL AND next_attempt_at > now()))
+     GROUP BY key
+)
+SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.attempts, m.created_at
+  FROM {table} m
+ WHERE m.status = 'PENDING' AND m.bucket = ANY(%(buckets)s::smallint[])
+   AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
+   AND NOT EXISTS (SELECT 1 FROM blockers b WHERE b.key = m.key AND b.first_id < m.id)
+ ORDER BY m.id
+ LIMIT %(limit)s
+
+-- name: mark_confirmed
+-- Only rows of buckets this relay still owns: a relay that lost its lease cannot overwrite
+-- the new owner's work.
+UPDATE {table} m
+   SET status = 'CONFIRMED', delivered_at = now(), kafka_partition = d.kafka_partition,
+       kafka_offset = d.kafka_offset, next_attempt_at = NULL
+  FROM unnest(%(ids)s::bigint[], %(partitions)s::integer[], %(offsets)s::bigint[])
+       AS d(id, kafka_partition, kafka_offset),
+       {bucket_table} b
+ WHERE m.id = d.id AND m.status = 'PENDING'
+   AND b.bucket = m.bucket AND b.owner = %(relay_id)s
+
+-- name: record_failures
+-- attempts counts message-specific failures only; an outage does not burn attempts.
+UPDATE {table} m
+   SET attempts = m.attempts + f.counted,
+       last_error = f.error,
+       status = CASE WHEN f.give_up THEN 'FAILED' ELSE 'PENDING' END,
+       next_attempt_at = CASE WHEN f.give_up THEN NULL
+                              ELSE now() + make_interval(secs => f.delay_seconds) END
+  FROM unnest(%(ids)s::bigint[], %(counted)s::integer[], %(errors)s::text[],
+              %(give_up)s::boolean[], %(delays)s::double precision[])
+       AS f(id, counted, error, give_up, delay_seconds),
+       {bucket_table} b
+ WHERE m.id = f.id AND m.status = 'PENDING'
+   AND b.bucket = m.bucket AND b.owner = %(relay_id)s

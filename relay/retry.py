@@ -1,0 +1,59 @@
+"""What to do with a failed delivery: count it or not, back off how long, give up when."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .model import Failed, FailureKind, FailureUpdate, PendingMessage
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 12
+    base: float = 1.0
+    cap: float = 300.0
+    #: Uniform in [0, 1); injectable so that tests get fixed delays.
+    random: Callable[[], float] = random.random
+
+    def delay(self, attempts: int) -> float:
+        """Exponential backoff with jitter (half fixed, half random), capped."""
+        raw = min(self.cap, self.base * (2 ** max(0, attempts - 1)))
+        return raw * (0.5 + 0.5 * self.random())
+
+    def updates(
+        self, failures: Sequence[Failed], messages: dict[int, PendingMessage]
+    ) -> list[FailureUpdate]:
+        """The rows to write for FAILURES. Outages and unknown outcomes write nothing: the
+        rows stay PENDING and are sent again once the relay's circuit breaker lets it."""
+        out = []
+        for failure in failures:
+            if failure.kind in (FailureKind.OUTAGE, FailureKind.UNKNOWN):
+                continue
+            attempts = messages[failure.id].attempts + 1
+            give_up = attempts >= self.max_attempts
+            out.append(
+                FailureUpdate(
+                    failure.id, 1, f"{failure.kind.value}: {failure.error}", give_up,
+                    0.0 if give_up else self.delay(attempts),
+                )
+            )
+        return out
+
+
+@dataclass
+class CircuitBreaker:
+    """Backs the whole relay off while the cluster is down, without touching any row."""
+
+    base: float = 0.5
+    cap: float = 30.0
+    failures: int = 0
+
+    def record(self, delivered: int, outage: int) -> float:
+        """Seconds to wait before the next batch."""
+        if delivered or not outage:
+            self.failures = 0
+            return 0.0
+        self.failures += 1
+        return min(self.cap, self.base * (2 ** (self.failures - 1)))

@@ -1,0 +1,40 @@
+"""What `outbox status` reports, read in one short transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from outbox.schema import require_schema
+from outbox.sql import query
+
+STATUSES = ("PENDING", "SENT", "CONFIRMED", "FAILED", "SKIPPED")
+
+
+def read_status(conn: psycopg.Connection, schema: str) -> dict[str, Any]:
+    require_schema(conn, schema)
+
+    def q(name: str):
+        return query("relay", "status.sql", name, schema)
+
+    with conn.transaction():
+        counts = {s: 0 for s in STATUSES}
+        by_topic: dict[str, dict[str, int]] = {}
+        for topic, st, n in conn.execute(q("counts_by_topic")):
+            counts[st] = counts.get(st, 0) + n
+            by_topic.setdefault(topic, {})[st] = n
+        (age,) = conn.execute(q("oldest_claimable_age")).fetchone()
+        relays = [
+            {"relay_id": str(rid), "name": name, "heartbeat_at": hb, "buckets": buckets}
+            for rid, name, hb, buckets in conn.execute(q("relays"))
+        ]
+        version = conn.execute(q("schema_version")).fetchone()[0]
+    return {
+        "schema": schema,
+        "schema_version": version,
+        "counts": counts,
+        "by_topic": by_topic,
+        "oldest_pending_age_seconds": age,
+        "relays": relays,
+    }

@@ -1,0 +1,21 @@
+-- Named SQL blocks of `outbox status`.
+
+-- name: counts_by_topic
+SELECT topic, status, count(*) FROM {table} GROUP BY topic, status ORDER BY topic, status
+
+-- name: oldest_claimable_age
+-- Rows in backoff are not counted: this is the lag to alert on.
+SELECT extract(epoch FROM now() - min(created_at))::double precision
+  FROM {table}
+ WHERE status = 'PENDING' AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+
+-- name: relays
+SELECT r.relay_id, r.name, r.heartbeat_at,
+       (SELECT count(*) FROM {bucket_table} b
+         WHERE b.owner = r.relay_id AND b.lease_until > now()) AS buckets
+  FROM {relay_table} r
+ WHERE r.lease_until > now()
+ ORDER BY r.name
+
+-- name: schema_version
+SELECT max(version) FROM {schema_table}

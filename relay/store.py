@@ -1,0 +1,176 @@
+"""Every query the relay makes, behind one class. The relay never writes SQL itself."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+import psycopg
+from psycopg.rows import tuple_row
+
+from outbox.message import headers_from_json
+from outbox.schema import require_schema
+from outbox.sql import query
+
+from .model import Delivered, FailureUpdate, PendingMessage
+
+BUCKETS = 256
+
+
+class Store(Protocol):
+    """What the relay loop needs from the database (relay.testing has an in-memory one)."""
+
+    def heartbeat(self, relay_id: uuid.UUID, name: str, lease_seconds: float) -> frozenset[int]:
+        """Say this relay is alive, renew and rebalance its bucket leases, return them."""
+
+    def fetch_pending(self, buckets: frozenset[int], limit: int) -> list[PendingMessage]: ...
+
+    def mark_confirmed(self, relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> int: ...
+
+    def record_failures(self, relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> int: ...
+
+    def release(self, relay_id: uuid.UUID) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def fair_share(alive: int, rank: int) -> int:
+    """How many of the buckets a relay of RANK (0-based) among ALIVE relays should own."""
+    alive = max(alive, 1)
+    return BUCKETS // alive + (1 if rank < BUCKETS % alive else 0)
+
+
+class PostgresStore:
+    """The relay's queries on one autocommit connection: every statement is its own short
+    transaction, and none is open while the relay waits on Kafka."""
+
+    def __init__(self, dsn: str, schema: str | None = None, connect_timeout: float = 10.0):
+        self._dsn = dsn
+        self._schema = schema
+        self._connect_timeout = connect_timeout
+        self._conn: psycopg.Connection | None = None
+
+    # -- connection
+
+    def connect(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = psycopg.connect(
+                self._dsn,
+                autocommit=True,
+                connect_timeout=max(1, int(self._connect_timeout)),
+                application_name="outbox-relay",
+                row_factory=tuple_row,
+            )
+            require_schema(self._conn, self._schema)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _q(self, name: str):
+        return query("relay", "queries.sql", name, self._schema)
+
+    def _execute(self, name: str, params: dict) -> psycopg.Cursor:
+        return self.connect().execute(self._q(name), params, prepare=True)
+
+    # -- leases
+
+    def heartbeat(self, relay_id: uuid.UUID, name: str, lease_seconds: float) -> frozenset[int]:
+        conn = self.connect()
+        with conn.transaction():
+            alive, rank = conn.execute(
+                self._q("heartbeat"),
+                {"relay_id": relay_id, "name": name, "lease_seconds": lease_seconds},
+            ).fetchone()
+            owned = {
+                row[0]
+                for row in conn.execute(
+                    self._q("renew_buckets"),
+                    {"relay_id": relay_id, "lease_seconds": lease_seconds},
+                )
+            }
+            target = fair_share(alive, rank)
+            if len(owned) > target:
+                # Give back the highest-numbered surplus; the relay calls heartbeat only
+                # between batches, so nothing of these buckets is in flight.
+                surplus = sorted(owned)[target:]
+                conn.execute(
+                    self._q("release_buckets"), {"relay_id": relay_id, "buckets": surplus}
+                )
+                owned.difference_update(surplus)
+            elif len(owned) < target:
+                got = conn.execute(
+                    self._q("acquire_buckets"),
+                    {
+                        "relay_id": relay_id,
+                        "lease_seconds": lease_seconds,
+                        "count": target - len(owned),
+                    },
+                )
+                owned.update(row[0] for row in got)
+        return frozenset(owned)
+
+    def release(self, relay_id: uuid.UUID) -> None:
+        conn = self.connect()
+        with conn.transaction():
+            conn.execute(
+                self._q("release_buckets"),
+                {"relay_id": relay_id, "buckets": list(range(BUCKETS))},
+            )
+            conn.execute(self._q("forget_relay"), {"relay_id": relay_id})
+
+    # -- messages
+
+    def fetch_pending(self, buckets: frozenset[int], limit: int) -> list[PendingMessage]:
+        if not buckets:
+            return []
+        cur = self._execute("fetch_pending", {"buckets": sorted(buckets), "limit": limit})
+        return [
+            PendingMessage(
+                id=row[0],
+                message_id=row[1],
+                topic=row[2],
+                key=row[3],
+                payload=row[4],
+                headers=headers_from_json(row[5]),
+                attempts=row[6],
+                created_at=row[7],
+            )
+            for row in cur
+        ]
+
+    def mark_confirmed(self, relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> int:
+        if not delivered:
+            return 0
+        cur = self._execute(
+            "mark_confirmed",
+            {
+                "relay_id": relay_id,
+                "ids": [d.id for d in delivered],
+                "partitions": [d.partition for d in delivered],
+                "offsets": [d.offset for d in delivered],
+            },
+        )
+        return cur.rowcount
+
+    def record_failures(self, relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> int:
+        if not failures:
+            return 0
+        ids, counted, errors, give_up, delays = (list(col) for col in zip(*failures))
+        cur = self._execute(
+            "record_failures",
+            {
+                "relay_id": relay_id,
+                "ids": ids,
+                "counted": counted,
+                "errors": errors,
+                "give_up": give_up,
+                "delays": delays,
+            },
+        )
+        return cur.rowcount
