@@ -15,7 +15,7 @@ from typing import Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from .model import Delivered, Failed, FailureKind, Outcome, PendingMessage
+from .model import Delivered, Failed, FailureKind, Outcome, PendingMessage, send_in_key_order
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,25 @@ class KafkaSink:
         self._config = {**DEFAULT_PRODUCER_CONFIG, **config, **REQUIRED_PRODUCER_CONFIG}
         self._flush_timeout = flush_timeout
         self._producer: Producer | None = None
+        self._known_topics: dict[str, float] = {}
+        self._fatal = False
         self.resets = 0
 
     @property
     def producer(self) -> Producer:
         if self._producer is None:
-            self._producer = Producer(self._config, logger=log)
+            self._fatal = False
+            self._producer = Producer({**self._config, "error_cb": self._on_error}, logger=log)
         return self._producer
+
+    def _on_error(self, err: KafkaError) -> None:
+        # Client-level errors (brokers down, authentication, fatal idempotence errors). Without
+        # this callback librdkafka's fatal errors surface as exceptions in unrelated calls.
+        if err.fatal():
+            self._fatal = True
+            log.error("Kafka producer fatal error, it will be recreated: %s", describe(err))
+        else:
+            log.warning("Kafka: %s", describe(err))
 
     def reset(self) -> None:
         """Drop the producer after a fatal error; the next send makes a new one."""
@@ -115,12 +127,30 @@ class KafkaSink:
             self._producer.purge()
             self._producer.flush(0)
             self._producer = None
+            self._known_topics.clear()
             self.resets += 1
 
     def close(self, timeout: float) -> None:
         if self._producer is not None:
             self._producer.flush(timeout)
             self._producer = None
+
+    def _topic_problem(self, topic: str) -> Failed | None:
+        """A missing topic is a message-specific permanent error; find it before producing,
+        so that later messages of the same keys are held back (send_in_key_order) instead of
+        being delivered ahead of it. Known topics are cached for a minute."""
+        now = time.monotonic()
+        if self._known_topics.get(topic, 0.0) > now:
+            return None
+        md = self.producer.list_topics(topic, timeout=10).topics.get(topic)
+        err = md.error if md is not None else None
+        if md is None or (err is not None and err.code() in _PERMANENT):
+            why = describe(err) if err is not None else "topic not in metadata"
+            return Failed(0, FailureKind.PERMANENT, f"{why} (topic {topic!r})")
+        if err is not None:
+            return Failed(0, classify(err), describe(err))
+        self._known_topics[topic] = now + 60.0
+        return None
 
     def send(self, batch: Sequence[PendingMessage]) -> list[Outcome]:
         producer = self.producer
@@ -141,7 +171,18 @@ class KafkaSink:
             return report
 
         deadline = time.monotonic() + self._flush_timeout
-        for message in batch:
+        topic_problems: dict[str, Failed | None] = {}
+
+        def produce_one(message: PendingMessage) -> Failed | None:
+            if message.topic not in topic_problems:
+                try:
+                    topic_problems[message.topic] = self._topic_problem(message.topic)
+                except KafkaException as exc:
+                    err = exc.args[0]
+                    topic_problems[message.topic] = Failed(0, classify(err), describe(err))
+            problem = topic_problems[message.topic]
+            if problem is not None:
+                return Failed(message.id, problem.kind, problem.error)
             headers = [("message_id", str(message.message_id).encode())]
             headers.extend(message.headers)
             while True:
@@ -153,22 +194,22 @@ class KafkaSink:
                         headers=headers,
                         on_delivery=on_delivery(message.id),
                     )
-                    break
+                    producer.poll(0)
+                    return None
                 except BufferError:
                     # The local queue is full: serve reports to make room, then try again.
                     if time.monotonic() >= deadline:
-                        break
+                        return Failed(message.id, FailureKind.OUTAGE, "producer queue full")
                     producer.poll(0.05)
                 except KafkaException as exc:
                     err = exc.args[0]
-                    outcomes[message.id] = Failed(
-                        message.id, classify(err), describe(err), err.fatal()
-                    )
-                    break
-            producer.poll(0)
+                    return Failed(message.id, classify(err), describe(err), err.fatal())
+
+        outcomes.update(send_in_key_order(batch, produce_one))
 
         # flush() returns how many are still queued instead of raising (#762).
         remaining = producer.flush(max(0.0, deadline - time.monotonic()))
+        fatal_seen = fatal_seen or self._fatal
         if remaining or fatal_seen:
             # No report yet: take them back out of the producer, so that they cannot reach
             # Kafka later behind newer messages, and report them as unknown.

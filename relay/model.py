@@ -33,6 +33,9 @@ class FailureKind(Enum):
     #: Handed to the producer, outcome unknown (flush timed out, producer reset): it may be in
     #: Kafka. Retried without counting an attempt; a duplicate is possible.
     UNKNOWN = "unknown"
+    #: Not sent: an earlier message of its key failed before it in the same batch. Sent again
+    #: once that one is resolved (head-of-key order); nothing is written for it.
+    DEFERRED = "deferred"
 
 
 @dataclass(frozen=True)
@@ -65,3 +68,24 @@ class FailureUpdate(NamedTuple):
     give_up: bool
     #: Backoff before the next attempt.
     delay_seconds: float
+
+
+def send_in_key_order(batch, produce_one) -> dict[int, "Failed"]:
+    """Hand BATCH to PRODUCE_ONE in id order, holding back every later message of a key once
+    one of its messages failed synchronously (PRODUCE_ONE returned a Failed). Returns the
+    failures by row id; the rest were handed to the producer. Shared by every sink, so that
+    an in-batch failure can never let a later message of its key overtake it."""
+    failed: dict[int, Failed] = {}
+    blocked: set[bytes] = set()
+    for message in batch:
+        if message.key is not None and message.key in blocked:
+            failed[message.id] = Failed(
+                message.id, FailureKind.DEFERRED, "an earlier message of its key failed"
+            )
+            continue
+        failure = produce_one(message)
+        if failure is not None:
+            failed[message.id] = failure
+            if message.key is not None:
+                blocked.add(message.key)
+    return failed

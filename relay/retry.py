@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from .model import Failed, FailureKind, FailureUpdate, PendingMessage
 
 
+#: Failures that leave the row untouched: not the message's fault, or not even tried.
+NO_WRITE = frozenset({FailureKind.OUTAGE, FailureKind.UNKNOWN, FailureKind.DEFERRED})
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int = 12
@@ -29,7 +33,7 @@ class RetryPolicy:
         rows stay PENDING and are sent again once the relay's circuit breaker lets it."""
         out = []
         for failure in failures:
-            if failure.kind in (FailureKind.OUTAGE, FailureKind.UNKNOWN):
+            if failure.kind in NO_WRITE:
                 continue
             attempts = messages[failure.id].attempts + 1
             give_up = attempts >= self.max_attempts

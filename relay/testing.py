@@ -1,0 +1,200 @@
+"""In-memory stand-ins for the relay's seams, shipped for unit tests (ours and yours).
+
+InMemoryStore keeps the same rules as the PostgreSQL store: bucket leases with fair shares,
+head-of-key blocking, and terminal updates only by the bucket's current owner. RecordingSink
+records what was sent and answers with scripted outcomes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import itertools
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from outbox.message import uuid7
+
+from .model import Delivered, Failed, FailureUpdate, Outcome, PendingMessage, send_in_key_order
+from .store import BUCKETS, fair_share
+
+
+def bucket_of(key: bytes | None, row_id: int) -> int:
+    """The same bucket as the schema's generated column."""
+    if key is None:
+        return row_id % BUCKETS
+    return hashlib.md5(key).digest()[0]
+
+
+@dataclass
+class Row:
+    id: int
+    topic: str
+    key: bytes | None
+    payload: bytes
+    headers: list = field(default_factory=list)
+    message_id: uuid.UUID = field(default_factory=uuid7)
+    status: str = "PENDING"
+    attempts: int = 0
+    next_attempt_at: float | None = None
+    last_error: str | None = None
+    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    kafka_partition: int | None = None
+    kafka_offset: int | None = None
+
+    @property
+    def bucket(self) -> int:
+        return bucket_of(self.key, self.id)
+
+
+class InMemoryStore:
+    def __init__(self, now: Callable[[], float]):
+        self._now = now
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.rows: dict[int, Row] = {}
+        self.relays: dict[uuid.UUID, float] = {}  # relay_id -> lease_until
+        self.owners: dict[int, tuple[uuid.UUID, float]] = {}  # bucket -> (owner, lease_until)
+
+    def insert(self, topic: str, key: bytes | None, payload: bytes, headers=()) -> Row:
+        with self._lock:
+            row = Row(next(self._ids), topic, key, payload, list(headers))
+            self.rows[row.id] = row
+            return row
+
+    def heartbeat(self, relay_id: uuid.UUID, name: str, lease_seconds: float) -> frozenset[int]:
+        with self._lock:
+            now = self._now()
+            self.relays[relay_id] = now + lease_seconds
+            alive = sorted(r for r, until in self.relays.items() if until > now)
+            target = fair_share(len(alive), alive.index(relay_id))
+            owned = sorted(b for b, (o, _) in self.owners.items() if o == relay_id)
+            for b in owned:
+                self.owners[b] = (relay_id, now + lease_seconds)
+            if len(owned) > target:
+                for b in owned[target:]:
+                    del self.owners[b]
+                owned = owned[:target]
+            else:
+                free = [
+                    b for b in range(BUCKETS)
+                    if b not in self.owners or self.owners[b][1] < now
+                ]
+                for b in free[: target - len(owned)]:
+                    self.owners[b] = (relay_id, now + lease_seconds)
+                    owned.append(b)
+            return frozenset(owned)
+
+    def release(self, relay_id: uuid.UUID) -> None:
+        with self._lock:
+            for b in [b for b, (o, _) in self.owners.items() if o == relay_id]:
+                del self.owners[b]
+            self.relays.pop(relay_id, None)
+
+    def fetch_pending(self, buckets: frozenset[int], limit: int) -> list[PendingMessage]:
+        with self._lock:
+            now = self._now()
+            blockers: dict[bytes, int] = {}
+            for row in sorted(self.rows.values(), key=lambda r: r.id):
+                if row.bucket not in buckets or row.key is None:
+                    continue
+                waiting = row.status == "PENDING" and row.next_attempt_at is not None \
+                    and row.next_attempt_at > now
+                if row.status in ("FAILED", "SENT") or waiting:
+                    blockers.setdefault(row.key, row.id)
+            out = []
+            for row in sorted(self.rows.values(), key=lambda r: r.id):
+                if len(out) >= limit:
+                    break
+                if row.status != "PENDING" or row.bucket not in buckets:
+                    continue
+                if row.next_attempt_at is not None and row.next_attempt_at > now:
+                    continue
+                if row.key is not None and blockers.get(row.key, row.id + 1) < row.id:
+                    continue
+                out.append(
+                    PendingMessage(row.id, row.message_id, row.topic, row.key, row.payload,
+                                   list(row.headers), row.attempts, row.created_at)
+                )
+            return out
+
+    def _owned_by(self, row: Row, relay_id: uuid.UUID) -> bool:
+        owner = self.owners.get(row.bucket)
+        return owner is not None and owner[0] == relay_id
+
+    def mark_confirmed(self, relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> int:
+        with self._lock:
+            n = 0
+            for d in delivered:
+                row = self.rows.get(d.id)
+                if row and row.status == "PENDING" and self._owned_by(row, relay_id):
+                    row.status = "CONFIRMED"
+                    row.kafka_partition, row.kafka_offset = d.partition, d.offset
+                    row.next_attempt_at = None
+                    n += 1
+            return n
+
+    def record_failures(self, relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> int:
+        with self._lock:
+            n = 0
+            now = self._now()
+            for f in failures:
+                row = self.rows.get(f.id)
+                if not (row and row.status == "PENDING" and self._owned_by(row, relay_id)):
+                    continue
+                row.attempts += f.counted
+                row.last_error = f.error
+                if f.give_up:
+                    row.status, row.next_attempt_at = "FAILED", None
+                else:
+                    row.next_attempt_at = now + f.delay_seconds
+                n += 1
+            return n
+
+    def close(self) -> None:
+        pass
+
+
+class RecordingSink:
+    """Records every message sent; `script(message) -> Outcome | None` decides the outcome
+    (None: delivered to partition 0 at the next offset)."""
+
+    def __init__(self, script: Callable[[PendingMessage], Outcome | None] | None = None):
+        self.sent: list[PendingMessage] = []
+        self.script = script
+        self._offsets = itertools.count()
+
+    def send(self, batch: Sequence[PendingMessage]) -> list[Outcome]:
+        def produce_one(message: PendingMessage) -> Failed | None:
+            outcome = self.script(message) if self.script else None
+            if isinstance(outcome, Failed):
+                return Failed(message.id, outcome.kind, outcome.error, outcome.fatal)
+            self.sent.append(message)
+            return None
+
+        failed = send_in_key_order(batch, produce_one)
+        return [failed.get(m.id) or Delivered(m.id, 0, next(self._offsets)) for m in batch]
+
+    def close(self, timeout: float) -> None:
+        pass
+
+
+class FakeClock:
+    """A clock that moves only when told to (or when the relay waits on it)."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+        self.waits: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        self.waits.append(seconds)
+        self.now += max(0.0, seconds)
+        return stop.is_set()

@@ -1,0 +1,78 @@
+"""schema.sql against the real server: idempotent, in any schema, versioned."""
+
+import psycopg
+import pytest
+
+import outbox
+from outbox import SchemaError
+
+
+def catalog(conn, schema):
+    """What the schema holds: columns, indexes, constraints, triggers, table options."""
+    return {
+        "columns": conn.execute(
+            "SELECT table_name, column_name, data_type, is_nullable, column_default, "
+            "generation_expression FROM information_schema.columns WHERE table_schema = %s "
+            "ORDER BY 1, 2", (schema,)).fetchall(),
+        "indexes": conn.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s ORDER BY 1",
+            (schema,)).fetchall(),
+        "constraints": conn.execute(
+            "SELECT conname, pg_get_constraintdef(c.oid) FROM pg_constraint c "
+            "JOIN pg_namespace n ON n.oid = c.connamespace WHERE n.nspname = %s ORDER BY 1",
+            (schema,)).fetchall(),
+        "triggers": conn.execute(
+            "SELECT tgname, tgenabled FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
+            "AND NOT tgisinternal ORDER BY 1", (schema,)).fetchall(),
+        "options": conn.execute(
+            "SELECT relname, reloptions FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE n.nspname = %s AND relkind = 'r' ORDER BY 1",
+            (schema,)).fetchall(),
+        "buckets": conn.execute(
+            f'SELECT count(*) FROM "{schema}".local_message_bucket').fetchone(),
+    }
+
+
+def test_schema_applied_twice_changes_nothing(empty_dsn):
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        assert outbox.installed_version(conn) is None
+        assert outbox.apply_schema(conn) == outbox.SCHEMA_VERSION
+        before = catalog(conn, "public")
+        assert outbox.apply_schema(conn) == outbox.SCHEMA_VERSION
+        assert catalog(conn, "public") == before
+        assert before["buckets"] == (256,)
+
+
+def test_schema_in_a_non_public_schema_is_used_by_publish(empty_dsn):
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        outbox.apply_schema(conn, "payments")
+        assert outbox.installed_version(conn, "public") is None
+        with conn.transaction():
+            outbox.publish(conn, topic="t", payload={}, schema="payments")
+        assert conn.execute("SELECT count(*) FROM payments.local_message").fetchone() == (1,)
+        # The trigger function resolves its names in the schema it was created in.
+        conn.execute("SET search_path = public")
+        with conn.transaction():
+            outbox.publish(conn, topic="t", payload={}, schema="payments")
+
+
+def test_require_schema_says_what_to_do(empty_dsn):
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        with pytest.raises(SchemaError, match="run `outbox migrate`"):
+            outbox.require_schema(conn)
+        outbox.apply_schema(conn)
+        conn.execute("UPDATE local_message_schema SET version = 0")
+        with pytest.raises(SchemaError, match="version 0"):
+            outbox.require_schema(conn)
+
+
+def test_bucket_column_matches_the_python_hash(conn):
+    from relay.testing import bucket_of
+
+    keys = [b"a", b"order-1", b"\x00\xff", None, None]
+    with conn.transaction():
+        for k in keys:
+            outbox.publish(conn, topic="t", key=k, payload={})
+    for row_id, key, bucket in conn.execute("SELECT id, key, bucket FROM local_message"):
+        assert bucket == bucket_of(key, row_id)

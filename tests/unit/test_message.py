@@ -1,0 +1,107 @@
+import json
+import uuid
+
+import pytest
+
+from outbox import InvalidMessage, InvalidTopic, MessageTooLarge, build_message
+from outbox.message import headers_from_json, uuid7
+
+
+def test_dict_payload_is_compact_utf8_json():
+    m = build_message(topic="payments", payload={"amount": 10, "currency": "€"})
+    assert m.payload == '{"amount":10,"currency":"€"}'.encode()
+    assert json.loads(m.payload) == {"amount": 10, "currency": "€"}
+
+
+@pytest.mark.parametrize(
+    "payload, stored",
+    [([1, 2], b"[1,2]"), ("text", b"text"), (b"\x00\xffraw", b"\x00\xffraw"),
+     (bytearray(b"ba"), b"ba"), (memoryview(b"mv"), b"mv")],
+)
+def test_accepted_payload_types_are_stored_exactly(payload, stored):
+    assert build_message(topic="t", payload=payload).payload == stored
+
+
+@pytest.mark.parametrize("payload", [42, 1.5, None, object(), {1, 2}])
+def test_other_payload_types_raise_type_error_naming_the_type(payload):
+    with pytest.raises(TypeError, match=type(payload).__name__):
+        build_message(topic="t", payload=payload)
+
+
+def test_values_json_cannot_encode_are_refused():
+    with pytest.raises(InvalidMessage, match="JSON"):
+        build_message(topic="t", payload={"when": object()})
+    with pytest.raises(InvalidMessage, match="JSON"):
+        build_message(topic="t", payload={"x": float("nan")})
+
+
+@pytest.mark.parametrize(
+    "topic", ["", ".", "..", "has space", "a" * 250, "semi;colon", "drop table x;--", "ü"]
+)
+def test_invalid_topic_names_are_refused(topic):
+    with pytest.raises(InvalidTopic):
+        build_message(topic=topic, payload={})
+
+
+@pytest.mark.parametrize("topic", ["a", "A.b_c-9", "a" * 249, "..."])
+def test_valid_topic_names_pass(topic):
+    assert build_message(topic=topic, payload={}).topic == topic
+
+
+def test_non_str_topic_is_refused():
+    with pytest.raises(InvalidTopic, match="int"):
+        build_message(topic=5, payload={})
+
+
+def test_size_limit_counts_payload_key_and_headers():
+    build_message(topic="t", payload=b"x" * 900, max_bytes=1000)
+    with pytest.raises(MessageTooLarge, match="above the maximum of 1000 bytes"):
+        build_message(topic="t", payload=b"x" * 900, key=b"k" * 60, max_bytes=1000)
+    with pytest.raises(MessageTooLarge):
+        build_message(topic="t", payload=b"x" * 900, headers={"h": b"v" * 60}, max_bytes=1000)
+
+
+def test_default_limit_is_aligned_with_kafka_message_max_bytes():
+    build_message(topic="t", payload=b"x" * 999_000)
+    with pytest.raises(MessageTooLarge):
+        build_message(topic="t", payload=b"x" * 1_048_576)
+
+
+@pytest.mark.parametrize(
+    "headers, error",
+    [({1: "v"}, TypeError), ({"h": 5}, TypeError), ([("h",)], TypeError), ("h=v", TypeError),
+     ({"": "v"}, InvalidMessage), ({"message_id": "x"}, InvalidMessage)],
+)
+def test_bad_headers_are_refused(headers, error):
+    with pytest.raises(error):
+        build_message(topic="t", payload={}, headers=headers)
+
+
+def test_headers_round_trip_through_the_column_encoding_exactly():
+    given = [("text", "héllo"), ("raw", b"\x00\xff\xfe"), ("none", None), ("text", "again")]
+    m = build_message(topic="t", payload={}, headers=given)
+    decoded = headers_from_json(m.headers_json())
+    assert decoded == [("text", "héllo".encode()), ("raw", b"\x00\xff\xfe"), ("none", None),
+                       ("text", b"again")]
+
+
+def test_keys_accept_str_bytes_int_and_none():
+    assert build_message(topic="t", payload={}, key="k").key == b"k"
+    assert build_message(topic="t", payload={}, key=b"\x00k").key == b"\x00k"
+    assert build_message(topic="t", payload={}, key=42).key == b"42"
+    assert build_message(topic="t", payload={}).key is None
+    with pytest.raises(TypeError, match="float"):
+        build_message(topic="t", payload={}, key=1.5)
+
+
+def test_lone_surrogates_are_refused_as_invalid_text():
+    with pytest.raises(InvalidMessage, match="not valid Unicode"):
+        build_message(topic="t", payload="bad \ud800 text")
+
+
+def test_uuid7_is_time_ordered_and_version_7():
+    ids = [uuid7() for _ in range(1000)]
+    assert all(u.version == 7 for u in ids)
+    assert [u.bytes[:6] for u in ids] == sorted(u.bytes[:6] for u in ids)
+    assert len(set(ids)) == 1000
+    assert isinstance(ids[0], uuid.UUID)
