@@ -16,7 +16,7 @@ from .errors import (
     SchemaError,
 )
 from .message import DEFAULT_MAX_MESSAGE_BYTES, OutboxMessage, build_message
-from .publish import Published, apublish, apublish_many, publish, publish_many
+from .writer import Published, apublish, apublish_many, publish, publish_many
 from .schema import SCHEMA_VERSION, apply_schema, installed_version, require_schema
 
 __all__ = [

@@ -1,0 +1,201 @@
+"""SQLAlchemy 2 integration: the local_message table, publish() on a Session or Connection,
+and an ORM hook that writes the events entities record in the same flush.
+
+    from outbox.sqlalchemy import HasEvents, install, publish
+
+    class Account(Base, HasEvents): ...
+
+    install(Session)                      # once, on your Session class or sessionmaker
+    with Session(engine) as s, s.begin():
+        acct = s.get(Account, 1)
+        acct.balance -= 10
+        acct.record_event("accounts", {"debited": 10}, key=f"account-{acct.id}")
+    # commit: the UPDATE and the outbox row commit together; rollback writes neither.
+
+Needs the psycopg 3 driver (``postgresql+psycopg://``): the rows are written on the Session's
+own DBAPI connection, inside its transaction, by the same code as outbox.publish().
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    Uuid,
+    event,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from . import writer as _publish
+from .errors import OutboxError
+from .message import DEFAULT_MAX_MESSAGE_BYTES
+from .sql import schema_sql, validate_identifier
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+_EVENTS_ATTR = "_outbox_pending_events"
+#: Recording order across all entities of a flush (a process-wide counter).
+_RECORDED = itertools.count()
+_SESSION_KEY = "outbox_recorders"
+
+
+def local_message_table(metadata: MetaData, schema: str | None = None) -> Table:
+    """A Core Table for local_message, for queries and reports in SQLAlchemy. It is not meant
+    for metadata.create_all(): the DDL (identity, generated bucket, indexes, trigger) comes
+    from schema.sql; see create_schema_op()."""
+    return Table(
+        "local_message",
+        metadata,
+        Column("id", BigInteger, primary_key=True),
+        Column("message_id", Uuid, nullable=False),
+        Column("topic", Text, nullable=False),
+        Column("key", LargeBinary),
+        Column("payload", LargeBinary, nullable=False),
+        Column("headers", JSON().with_variant(JSONB(), "postgresql")),
+        Column("bucket", SmallInteger, nullable=False),
+        Column("status", Text, nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("next_attempt_at", DateTime(timezone=True)),
+        Column("last_error", Text),
+        Column("claim_token", Uuid),
+        Column("claim_expires_at", DateTime(timezone=True)),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("delivered_at", DateTime(timezone=True)),
+        Column("kafka_partition", Integer),
+        Column("kafka_offset", BigInteger),
+        Column("dedup_key", Text),
+        schema=schema,
+        info={"outbox": True},
+    )
+
+
+def create_schema_sql(schema: str | None = None) -> str:
+    """The DDL of schema.sql for an Alembic migration of your own:
+
+        def upgrade():
+            op.execute(outbox.sqlalchemy.create_schema_sql("public"))
+    """
+    target = validate_identifier(schema or "public")
+    return (
+        f'CREATE SCHEMA IF NOT EXISTS "{target}";\n'
+        f"SELECT set_config('search_path', '\"{target}\"', true);\n"
+        + schema_sql()
+        + "\nSELECT set_config('search_path', current_setting('search_path'), true);\n"
+    )
+
+
+def _driver(conn: Any) -> psycopg.Connection:
+    raw = conn.connection.driver_connection
+    if not isinstance(raw, (psycopg.Connection, psycopg.AsyncConnection)):
+        raise OutboxError(
+            "outbox.sqlalchemy needs the psycopg 3 driver (postgresql+psycopg://), not "
+            f"{type(raw).__module__}"
+        )
+    return raw
+
+
+def publish(session_or_connection: Session | Connection, **kwargs: Any) -> _publish.Published:
+    """outbox.publish() in the Session's (or Core Connection's) current transaction."""
+    conn = session_or_connection
+    if isinstance(conn, Session):
+        conn = conn.connection()
+    return _publish.publish(_driver(conn), **kwargs)
+
+
+def publish_many(session_or_connection: Session | Connection, messages, **kwargs: Any):
+    conn = session_or_connection
+    if isinstance(conn, Session):
+        conn = conn.connection()
+    return _publish.publish_many(_driver(conn), messages, **kwargs)
+
+
+async def apublish(session_or_connection: AsyncSession | AsyncConnection, **kwargs: Any):
+    """publish() for an AsyncSession or AsyncConnection."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    conn = session_or_connection
+    if isinstance(conn, AsyncSession):
+        conn = await conn.connection()
+    raw = await conn.get_raw_connection()
+    return await _publish.apublish(_driver_from_pool(raw), **kwargs)
+
+
+def _driver_from_pool(raw: Any) -> psycopg.AsyncConnection:
+    driver = raw.driver_connection
+    if not isinstance(driver, psycopg.AsyncConnection):
+        raise OutboxError("outbox.sqlalchemy needs the psycopg 3 async driver (postgresql+psycopg://)")
+    return driver
+
+
+class HasEvents:
+    """Mixin for mapped classes: ``entity.record_event(topic, payload, key=...)`` queues an
+    event that install()'s hook writes as an outbox row in the next flush of the entity's
+    Session, in the same transaction as the entity's own changes."""
+
+    def record_event(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | bytes | int | None = None,
+        headers: Any = None,
+        dedup_key: str | None = None,
+    ) -> None:
+        # Validate now, where the caller's code is, not at flush time.
+        message = _publish._build_all(
+            [dict(topic=topic, payload=payload, key=key, headers=headers, dedup_key=dedup_key)],
+            _max_bytes(self),
+        )[0]
+        self.__dict__.setdefault(_EVENTS_ATTR, []).append((next(_RECORDED), message))
+        from sqlalchemy.orm import object_session
+
+        session = object_session(self)
+        if session is not None:
+            session.info.setdefault(_SESSION_KEY, weakref.WeakSet()).add(self)
+
+    def pending_events(self) -> list:
+        """Events recorded and not yet flushed."""
+        return [message for _, message in self.__dict__.get(_EVENTS_ATTR, ())]
+
+
+def _max_bytes(obj: Any) -> int:
+    return getattr(obj, "__outbox_max_bytes__", DEFAULT_MAX_MESSAGE_BYTES)
+
+
+def install(session_class: Any = Session, *, schema: str | None = None, lock_key: bool = False):
+    """Write recorded events in every flush of SESSION_CLASS (a Session subclass, a
+    sessionmaker, or Session itself for all sessions)."""
+
+    @event.listens_for(session_class, "before_flush")
+    def _write_events(session: Session, _flush_context, _instances) -> None:
+        recorders = set(session.info.get(_SESSION_KEY, ()))
+        recorders.update(o for o in session.new if isinstance(o, HasEvents))
+        recorders.update(o for o in session.dirty if isinstance(o, HasEvents))
+        recorded = []
+        for obj in recorders:
+            recorded.extend(obj.__dict__.pop(_EVENTS_ATTR, ()))
+        session.info.pop(_SESSION_KEY, None)
+        if recorded:
+            recorded.sort(key=lambda item: item[0])
+            _publish.publish_many(
+                _driver(session.connection()), [m for _, m in recorded], schema=schema,
+                lock_key=lock_key,
+            )
+
+    return _write_events
