@@ -41,7 +41,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from . import writer as _publish
+from . import writer as _writer
 from .errors import OutboxError
 from .message import DEFAULT_MAX_MESSAGE_BYTES
 from .sql import schema_sql, validate_identifier
@@ -86,61 +86,88 @@ def local_message_table(metadata: MetaData, schema: str | None = None) -> Table:
 
 
 def create_schema_sql(schema: str | None = None) -> str:
-    """The DDL of schema.sql for an Alembic migration of your own:
+    """The DDL of schema.sql for SCHEMA, for a migration of your own (Alembic, Flyway ...):
 
         def upgrade():
             op.execute(outbox.sqlalchemy.create_schema_sql("public"))
-    """
+
+    It switches the search_path to SCHEMA for the statements of schema.sql and puts the
+    caller's search_path back afterwards."""
     target = validate_identifier(schema or "public")
     return (
         f'CREATE SCHEMA IF NOT EXISTS "{target}";\n'
+        "SELECT set_config('outbox.saved_search_path', current_setting('search_path'), true);\n"
         f"SELECT set_config('search_path', '\"{target}\"', true);\n"
         + schema_sql()
-        + "\nSELECT set_config('search_path', current_setting('search_path'), true);\n"
+        + "\nSELECT set_config('search_path', current_setting('outbox.saved_search_path'), true);\n"
     )
 
 
-def _driver(conn: Any) -> psycopg.Connection:
-    raw = conn.connection.driver_connection
-    if not isinstance(raw, (psycopg.Connection, psycopg.AsyncConnection)):
+def _connection(session_or_connection: Session | Connection) -> Connection:
+    if isinstance(session_or_connection, Session):
+        return session_or_connection.connection()
+    return session_or_connection
+
+
+def _run(conn: Connection, flow, schema: str | None):
+    """Run a writer flow through SQLAlchemy, on the connection's DBAPI connection and in its
+    transaction: the same queries as outbox.publish(), for sync sessions and (inside their
+    greenlet) async ones alike."""
+    driver = conn.connection.driver_connection
+    if not isinstance(driver, (psycopg.Connection, psycopg.AsyncConnection)):
         raise OutboxError(
             "outbox.sqlalchemy needs the psycopg 3 driver (postgresql+psycopg://), not "
-            f"{type(raw).__module__}"
+            f"{type(driver).__module__}"
         )
-    return raw
+    _writer.check_transaction(driver)
+    try:
+        step = next(flow)
+        while True:
+            result = conn.exec_driver_sql(
+                _writer.statement(step.name, schema).as_string(None), step.params
+            )
+            rows = [tuple(r) for r in result] if result.returns_rows else []
+            step = flow.send(rows)
+    except StopIteration as done:
+        return done.value
 
 
-def publish(session_or_connection: Session | Connection, **kwargs: Any) -> _publish.Published:
-    """outbox.publish() in the Session's (or Core Connection's) current transaction."""
-    conn = session_or_connection
-    if isinstance(conn, Session):
-        conn = conn.connection()
-    return _publish.publish(_driver(conn), **kwargs)
+def publish(
+    session_or_connection: Session | Connection,
+    *,
+    lock_key: bool = False,
+    schema: str | None = None,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    **event: Any,
+) -> _writer.Published:
+    """outbox.publish() in the Session's (or Core Connection's) current transaction. EVENT is
+    topic=, payload=, and optionally key=, headers=, dedup_key=."""
+    built = _writer.build_all([event], max_bytes)
+    return _run(_connection(session_or_connection), _writer.publish_flow(built, lock_key),
+                schema)[0]
 
 
-def publish_many(session_or_connection: Session | Connection, messages, **kwargs: Any):
-    conn = session_or_connection
-    if isinstance(conn, Session):
-        conn = conn.connection()
-    return _publish.publish_many(_driver(conn), messages, **kwargs)
+def publish_many(
+    session_or_connection: Session | Connection,
+    messages,
+    *,
+    lock_key: bool = False,
+    schema: str | None = None,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> list[_writer.Published]:
+    built = _writer.build_all(messages, max_bytes)
+    return _run(_connection(session_or_connection), _writer.publish_flow(built, lock_key), schema)
 
 
 async def apublish(session_or_connection: AsyncSession | AsyncConnection, **kwargs: Any):
     """publish() for an AsyncSession or AsyncConnection."""
-    from sqlalchemy.ext.asyncio import AsyncSession
-
-    conn = session_or_connection
-    if isinstance(conn, AsyncSession):
-        conn = await conn.connection()
-    raw = await conn.get_raw_connection()
-    return await _publish.apublish(_driver_from_pool(raw), **kwargs)
+    return await session_or_connection.run_sync(lambda s: publish(s, **kwargs))
 
 
-def _driver_from_pool(raw: Any) -> psycopg.AsyncConnection:
-    driver = raw.driver_connection
-    if not isinstance(driver, psycopg.AsyncConnection):
-        raise OutboxError("outbox.sqlalchemy needs the psycopg 3 async driver (postgresql+psycopg://)")
-    return driver
+async def apublish_many(session_or_connection: AsyncSession | AsyncConnection, messages,
+                        **kwargs: Any):
+    """publish_many() for an AsyncSession or AsyncConnection."""
+    return await session_or_connection.run_sync(lambda s: publish_many(s, messages, **kwargs))
 
 
 class HasEvents:
@@ -158,16 +185,20 @@ class HasEvents:
         dedup_key: str | None = None,
     ) -> None:
         # Validate now, where the caller's code is, not at flush time.
-        message = _publish._build_all(
+        message = _writer.build_all(
             [dict(topic=topic, payload=payload, key=key, headers=headers, dedup_key=dedup_key)],
             _max_bytes(self),
         )[0]
         self.__dict__.setdefault(_EVENTS_ATTR, []).append((next(_RECORDED), message))
         from sqlalchemy.orm import object_session
+        from sqlalchemy.orm.attributes import flag_dirty
 
         session = object_session(self)
         if session is not None:
             session.info.setdefault(_SESSION_KEY, weakref.WeakSet()).add(self)
+            # An entity with no changed column would not make commit flush at all; marking
+            # it dirty makes the flush (and our hook) run, without an UPDATE of its own.
+            flag_dirty(self)
 
     def pending_events(self) -> list:
         """Events recorded and not yet flushed."""
@@ -180,7 +211,8 @@ def _max_bytes(obj: Any) -> int:
 
 def install(session_class: Any = Session, *, schema: str | None = None, lock_key: bool = False):
     """Write recorded events in every flush of SESSION_CLASS (a Session subclass, a
-    sessionmaker, or Session itself for all sessions)."""
+    sessionmaker, or Session itself for all sessions; an AsyncSession's flushes run its
+    sync_session, so install on that class, which is Session by default)."""
 
     @event.listens_for(session_class, "before_flush")
     def _write_events(session: Session, _flush_context, _instances) -> None:
@@ -193,9 +225,7 @@ def install(session_class: Any = Session, *, schema: str | None = None, lock_key
         session.info.pop(_SESSION_KEY, None)
         if recorded:
             recorded.sort(key=lambda item: item[0])
-            _publish.publish_many(
-                _driver(session.connection()), [m for _, m in recorded], schema=schema,
-                lock_key=lock_key,
-            )
+            _run(session.connection(), _writer.publish_flow([m for _, m in recorded], lock_key),
+                 schema)
 
     return _write_events

@@ -1,7 +1,7 @@
 """publish() and publish_many(): write outbox rows inside the caller's own transaction.
 
 They never commit: the event commits or rolls back with the business change around it. The
-logic is written once, as a generator of queries (``_publish_flow``); the sync and async entry
+logic is written once, as a generator of queries (``publish_flow``); the sync and async entry
 points only run the queries it yields on their kind of connection.
 """
 
@@ -62,10 +62,10 @@ def publish(
     writers of one key are serialised and their events are delivered in commit order.
     """
     message = build_message(
-        topic=topic, payload=payload, key=key, headers=_with_trace(headers),
+        topic=topic, payload=payload, key=key, headers=with_trace(headers),
         dedup_key=dedup_key, max_bytes=max_bytes,
     )
-    return _run_sync(conn, _publish_flow([message], lock_key), schema)[0]
+    return _run_sync(conn, publish_flow([message], lock_key), schema)[0]
 
 
 def publish_many(
@@ -79,8 +79,8 @@ def publish_many(
     """Write many events in one round trip, in the given order. Each item is a mapping with the
     keyword arguments of publish() (topic, payload, key, headers, dedup_key). Nothing is written
     if any of them is invalid."""
-    built = _build_all(messages, max_bytes)
-    return _run_sync(conn, _publish_flow(built, lock_key), schema)
+    built = build_all(messages, max_bytes)
+    return _run_sync(conn, publish_flow(built, lock_key), schema)
 
 
 async def apublish(
@@ -97,10 +97,10 @@ async def apublish(
 ) -> Published:
     """publish() for an AsyncConnection."""
     message = build_message(
-        topic=topic, payload=payload, key=key, headers=_with_trace(headers),
+        topic=topic, payload=payload, key=key, headers=with_trace(headers),
         dedup_key=dedup_key, max_bytes=max_bytes,
     )
-    return (await _run_async(conn, _publish_flow([message], lock_key), schema))[0]
+    return (await _run_async(conn, publish_flow([message], lock_key), schema))[0]
 
 
 async def apublish_many(
@@ -112,14 +112,14 @@ async def apublish_many(
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> list[Published]:
     """publish_many() for an AsyncConnection."""
-    built = _build_all(messages, max_bytes)
-    return await _run_async(conn, _publish_flow(built, lock_key), schema)
+    built = build_all(messages, max_bytes)
+    return await _run_async(conn, publish_flow(built, lock_key), schema)
 
 
 # --------------------------------------------------------------------------- shared logic
 
 
-def _with_trace(headers: Headers | None) -> Headers | None:
+def with_trace(headers: Headers | None) -> Headers | None:
     extra = trace_headers()
     if not extra:
         return headers
@@ -128,7 +128,7 @@ def _with_trace(headers: Headers | None) -> Headers | None:
     return given + [(k, v) for k, v in extra if k not in names]
 
 
-def _build_all(
+def build_all(
     messages: Iterable[Mapping[str, Any] | OutboxMessage], max_bytes: int
 ) -> list[OutboxMessage]:
     built = []
@@ -139,7 +139,7 @@ def _build_all(
         if not isinstance(item, Mapping):
             raise TypeError(f"message #{i} must be a mapping, not {type(item).__name__}")
         kwargs = dict(item)
-        kwargs["headers"] = _with_trace(kwargs.get("headers"))
+        kwargs["headers"] = with_trace(kwargs.get("headers"))
         try:
             built.append(build_message(max_bytes=max_bytes, **kwargs))
         except TypeError as exc:
@@ -154,7 +154,7 @@ def advisory_lock_id(key: bytes) -> int:
     return int.from_bytes(hashlib.md5(key).digest()[:4], "big", signed=True)
 
 
-def _publish_flow(
+def publish_flow(
     messages: list[OutboxMessage], lock_key: bool
 ) -> Generator[_Query, list[tuple], list[Published]]:
     if not messages:
@@ -191,7 +191,7 @@ def _publish_flow(
     return result
 
 
-def _check_transaction(conn: AnyConnection) -> None:
+def check_transaction(conn: AnyConnection) -> None:
     status = conn.info.transaction_status
     if status == pq.TransactionStatus.INERROR:
         raise NotInTransaction(
@@ -208,26 +208,27 @@ def _check_transaction(conn: AnyConnection) -> None:
 
 
 def _run_sync(conn: psycopg.Connection, flow, schema: str | None):
-    _check_transaction(conn)
+    check_transaction(conn)
     try:
         step = next(flow)
         while True:
-            cur = conn.execute(_sql(step.name, schema), step.params)
+            cur = conn.execute(statement(step.name, schema), step.params)
             step = flow.send(cur.fetchall() if cur.description else [])
     except StopIteration as done:
         return done.value
 
 
 async def _run_async(conn: psycopg.AsyncConnection, flow, schema: str | None):
-    _check_transaction(conn)
+    check_transaction(conn)
     try:
         step = next(flow)
         while True:
-            cur = await conn.execute(_sql(step.name, schema), step.params)
+            cur = await conn.execute(statement(step.name, schema), step.params)
             step = flow.send(await cur.fetchall() if cur.description else [])
     except StopIteration as done:
         return done.value
 
 
-def _sql(name: str, schema: str | None):
+def statement(name: str, schema: str | None):
+    """The writer's SQL block NAME for SCHEMA."""
     return outbox_sql.query("outbox", "queries.sql", name, schema)
