@@ -1,4 +1,4 @@
--- outbox-relay schema, version 1: the one DDL source.
+-- outbox-relay schema, version 2: the one DDL source.
 --
 -- Applying it twice changes nothing. It creates its objects in the first schema of the
 -- search_path, so a DBA can install it in a non-public schema with:
@@ -125,4 +125,23 @@ CREATE OR REPLACE TRIGGER local_message_notify
     AFTER INSERT ON local_message
     FOR EACH STATEMENT EXECUTE FUNCTION local_message_notify();
 
-INSERT INTO local_message_schema (version) VALUES (1) ON CONFLICT (version) DO NOTHING;
+-- The operators' audit trail: every replay, skip and purge, with who, when and what.
+CREATE TABLE IF NOT EXISTS local_message_audit (
+    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at          timestamptz NOT NULL DEFAULT now(),
+    -- Who did it: the operating-system user and the database role, as the CLI saw them.
+    actor       text        NOT NULL,
+    db_user     text        NOT NULL DEFAULT current_user,
+    action      text        NOT NULL CHECK (action IN ('replay', 'skip', 'purge')),
+    -- The selection as the operator gave it (filters, ids), and what it touched.
+    selection   jsonb       NOT NULL,
+    affected    bigint      NOT NULL,
+    -- The ids of the rows changed (NULL for purge, which can touch millions).
+    ids         bigint[],
+    reason      text
+);
+
+-- Every version up to this one, so that the table reads the same after a fresh install and
+-- after upgrades (outbox/migrations/).
+INSERT INTO local_message_schema (version) SELECT generate_series(1, 2)
+    ON CONFLICT (version) DO NOTHING;

@@ -1,6 +1,14 @@
-"""Install and check the outbox schema (schema.sql, shipped inside the package)."""
+"""Install, upgrade and check the outbox schema.
+
+A database without the tables gets schema.sql, the whole current schema. A database at an
+older version gets the migrations after its version, in order (outbox/migrations/NNNN_*.sql).
+Both end in the same database: tests/integration/test_schema.py proves it for every version.
+"""
 
 from __future__ import annotations
+
+import re
+from importlib import resources
 
 import psycopg
 from psycopg import sql
@@ -9,7 +17,19 @@ from .errors import SchemaError
 from .sql import schema_sql, validate_identifier
 
 #: The version schema.sql installs.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+_MIGRATION_RE = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
+
+
+def migrations() -> dict[int, str]:
+    """{version: SQL} of every migration shipped in the package."""
+    found = {}
+    for entry in resources.files("outbox").joinpath("migrations").iterdir():
+        match = _MIGRATION_RE.fullmatch(entry.name)
+        if match:
+            found[int(match.group(1))] = entry.read_text("utf-8")
+    return dict(sorted(found.items()))
 
 
 def apply_schema(conn: psycopg.Connection, schema: str | None = None) -> int:
@@ -25,7 +45,18 @@ def apply_schema(conn: psycopg.Connection, schema: str | None = None) -> int:
                 sql.Literal(sql.Identifier(target).as_string(conn))
             )
         )
-        conn.execute(schema_sql())
+        version = installed_version(conn, target)
+        if version is None:
+            conn.execute(schema_sql())
+        elif version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"outbox schema {target!r} is at version {version}, newer than this code's "
+                f"{SCHEMA_VERSION}: upgrade outbox-relay"
+            )
+        else:
+            for number, body in migrations().items():
+                if version < number <= SCHEMA_VERSION:
+                    conn.execute(body)
     return installed_version(conn, target)
 
 

@@ -15,8 +15,8 @@ def catalog(conn, schema):
             "generation_expression FROM information_schema.columns WHERE table_schema = %s "
             "ORDER BY 1, 2", (schema,)).fetchall(),
         "indexes": conn.execute(
-            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s ORDER BY 1",
-            (schema,)).fetchall(),
+            "SELECT indexname, replace(indexdef, %s, '') FROM pg_indexes WHERE schemaname = %s "
+            "ORDER BY 1", (f" {schema}.", schema)).fetchall(),
         "constraints": conn.execute(
             "SELECT conname, pg_get_constraintdef(c.oid) FROM pg_constraint c "
             "JOIN pg_namespace n ON n.oid = c.connamespace WHERE n.nspname = %s ORDER BY 1",
@@ -25,6 +25,10 @@ def catalog(conn, schema):
             "SELECT tgname, tgenabled FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
             "AND NOT tgisinternal ORDER BY 1", (schema,)).fetchall(),
+        "functions": conn.execute(
+            "SELECT p.proname, replace(pg_get_functiondef(p.oid), %s, '') FROM pg_proc p "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s ORDER BY 1",
+            (schema, schema)).fetchall(),
         "options": conn.execute(
             "SELECT relname, reloptions FROM pg_class c JOIN pg_namespace n "
             "ON n.oid = c.relnamespace WHERE n.nspname = %s AND relkind = 'r' ORDER BY 1",
@@ -62,8 +66,8 @@ def test_require_schema_says_what_to_do(empty_dsn):
         with pytest.raises(SchemaError, match="run `outbox migrate`"):
             outbox.require_schema(conn)
         outbox.apply_schema(conn)
-        conn.execute("UPDATE local_message_schema SET version = 0")
-        with pytest.raises(SchemaError, match="version 0"):
+        conn.execute("DELETE FROM local_message_schema WHERE version > 1")
+        with pytest.raises(SchemaError, match="version 1 in 'public', this code needs"):
             outbox.require_schema(conn)
 
 
@@ -76,3 +80,44 @@ def test_bucket_column_matches_the_python_hash(conn):
             outbox.publish(conn, topic="t", key=k, payload={})
     for row_id, key, bucket in conn.execute("SELECT id, key, bucket FROM local_message"):
         assert bucket == bucket_of(key, row_id)
+
+
+@pytest.mark.parametrize("start", range(1, outbox.SCHEMA_VERSION))
+def test_upgrade_from_every_older_version_equals_a_fresh_install(admin_dsn, start):
+    from outbox.schema import migrations
+    from tests.conftest import with_dbname
+
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute("DROP DATABASE IF EXISTS outbox_upgrade_test WITH (FORCE)")
+        admin.execute("CREATE DATABASE outbox_upgrade_test")
+    try:
+        with psycopg.connect(with_dbname(admin_dsn, "outbox_upgrade_test"),
+                             autocommit=True) as conn:
+            conn.execute("CREATE SCHEMA fresh; CREATE SCHEMA upgraded")
+            outbox.apply_schema(conn, "fresh")
+            with conn.transaction():
+                conn.execute("SET LOCAL search_path = upgraded")
+                for number, body in migrations().items():
+                    if number <= start:
+                        conn.execute(body)
+            assert outbox.installed_version(conn, "upgraded") == start
+            with conn.transaction():
+                conn.execute("INSERT INTO upgraded.local_message (topic, payload) "
+                             "VALUES ('kept', 'x')")
+            assert outbox.apply_schema(conn, "upgraded") == outbox.SCHEMA_VERSION
+            assert catalog(conn, "upgraded") == catalog(conn, "fresh")
+            versions = "SELECT array_agg(version ORDER BY version) FROM {}.local_message_schema"
+            assert conn.execute(versions.format("upgraded")).fetchone() == \
+                conn.execute(versions.format("fresh")).fetchone()
+            assert conn.execute("SELECT topic FROM upgraded.local_message").fetchall() == [("kept",)]
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute("DROP DATABASE IF EXISTS outbox_upgrade_test WITH (FORCE)")
+
+
+def test_newer_database_than_the_code_is_refused(empty_dsn):
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        outbox.apply_schema(conn)
+        conn.execute("INSERT INTO local_message_schema (version) VALUES (99)")
+        with pytest.raises(SchemaError, match="newer than this code"):
+            outbox.apply_schema(conn)

@@ -7,6 +7,7 @@ from sqlalchemy import ForeignKey, String, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+import outbox
 import outbox.sqlalchemy as osa
 from outbox import InvalidTopic, NotInTransaction
 
@@ -163,6 +164,6 @@ def test_schema_ddl_in_a_users_own_migration(empty_dsn):
         with eng.begin() as conn:
             conn.execute(text(osa.create_schema_sql("billing")))  # again: no change
             version = conn.execute(text("SELECT max(version) FROM billing.local_message_schema"))
-            assert version.scalar() == 1
+            assert version.scalar() == outbox.SCHEMA_VERSION
     finally:
         eng.dispose()

@@ -1,0 +1,123 @@
+-- Migration 1: the initial schema (version 1), kept as it was released. Never edit a
+-- released migration: add the next one, and change schema.sql to match.
+-- The version this file installs; `outbox migrate` and the relay refuse a mismatch.
+CREATE TABLE IF NOT EXISTS local_message_schema (
+    version    integer     PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per event. A delivered event costs one INSERT (the application) and one UPDATE (the
+-- relay, to CONFIRMED): the relay's ownership of a row is recorded on its bucket, not on the row.
+CREATE TABLE IF NOT EXISTS local_message (
+    id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- Fixed at insert and sent as the `message_id` Kafka header: consumers deduplicate on it.
+    message_id      uuid        NOT NULL DEFAULT gen_random_uuid(),
+    topic           text        NOT NULL,
+    -- The Kafka key and the ordering key. NULL: no key, no ordering promise.
+    key             bytea,
+    -- Exactly the bytes the application gave (UTF-8 JSON when it gave a dict or a list).
+    payload         bytea       NOT NULL,
+    -- Kafka headers as a JSON array of [name, value] pairs; a value is a JSON string, or
+    -- {"base64": "..."} for bytes that are not NUL-free UTF-8, or null.
+    headers         jsonb,
+    -- Which of the 256 buckets the row belongs to. Buckets are leased to relays; one bucket
+    -- holds every row of a key, so one relay at a time delivers a key. The hash is the first
+    -- byte of md5(key): any client can compute it. Keyless rows are spread by id.
+    bucket          smallint    NOT NULL GENERATED ALWAYS AS (
+                        CASE WHEN key IS NULL THEN (id % 256)::smallint
+                             ELSE get_byte(decode(md5(key), 'hex'), 0)::smallint END
+                    ) STORED,
+    -- PENDING: waiting for delivery (possibly in backoff until next_attempt_at).
+    -- SENT: claimed by one relay in row-claim mode, until claim_expires_at.
+    -- CONFIRMED: Kafka acknowledged it (acks=all); kafka_partition/kafka_offset say where.
+    -- FAILED: gave up after a permanent error or max attempts; it holds back later rows of
+    --         its key until an operator replays or skips it.
+    -- SKIPPED: a FAILED row that an operator chose not to deliver (audited).
+    status          text        NOT NULL DEFAULT 'PENDING',
+    attempts        integer     NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz,
+    last_error      text,
+    claim_token     uuid,
+    claim_expires_at timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    delivered_at    timestamptz,
+    kafka_partition integer,
+    kafka_offset    bigint,
+    -- Optional idempotency key from the application: a second event with the same key is
+    -- not written (publish() returns the first one's ids).
+    dedup_key       text,
+    CONSTRAINT local_message_status_check
+        CHECK (status IN ('PENDING', 'SENT', 'CONFIRMED', 'FAILED', 'SKIPPED')),
+    -- Kafka's topic name rules, so that a bad topic is refused at write time by any client.
+    CONSTRAINT local_message_topic_check
+        CHECK (topic ~ '^[a-zA-Z0-9._-]{1,249}$' AND topic NOT IN ('.', '..')),
+    CONSTRAINT local_message_attempts_check CHECK (attempts >= 0)
+);
+
+CREATE UNIQUE INDEX IF NOT EXISTS local_message_message_id_key
+    ON local_message (message_id);
+
+CREATE UNIQUE INDEX IF NOT EXISTS local_message_dedup_key_key
+    ON local_message (dedup_key) WHERE dedup_key IS NOT NULL;
+
+-- The relay's claim query walks this in id order; it holds only undelivered rows, so it stays
+-- small however large the table grows.
+CREATE INDEX IF NOT EXISTS local_message_pending_idx
+    ON local_message (bucket, id) WHERE status = 'PENDING';
+
+-- Rows that block their key (FAILED) or wait for a retry, and expired row claims: all small.
+CREATE INDEX IF NOT EXISTS local_message_blocking_idx
+    ON local_message (bucket, key, id)
+    WHERE status IN ('FAILED', 'SENT') OR (status = 'PENDING' AND next_attempt_at IS NOT NULL);
+
+-- Retention: created_at grows with id, so a BRIN index finds old rows at almost no write cost.
+CREATE INDEX IF NOT EXISTS local_message_created_at_brin
+    ON local_message USING brin (created_at);
+
+-- A queue table churns: vacuum it early and without throttling, so that dead tuples left by
+-- the UPDATE to CONFIRMED do not slow the claim query (see docs/operations.md).
+ALTER TABLE local_message SET (
+    autovacuum_vacuum_scale_factor = 0.01,
+    autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_insert_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.02,
+    autovacuum_vacuum_cost_delay = 0
+);
+
+-- Relays alive. A relay heartbeats its row; one whose lease has expired is dead, and its
+-- buckets go to the others.
+CREATE TABLE IF NOT EXISTS local_message_relay (
+    relay_id     uuid        PRIMARY KEY,
+    name         text        NOT NULL,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    lease_until  timestamptz NOT NULL
+);
+
+-- Bucket leases: which relay may deliver the rows of a bucket, until when.
+CREATE TABLE IF NOT EXISTS local_message_bucket (
+    bucket      smallint    PRIMARY KEY CHECK (bucket BETWEEN 0 AND 255),
+    owner       uuid,
+    lease_until timestamptz
+);
+INSERT INTO local_message_bucket (bucket)
+    SELECT b FROM generate_series(0, 255) AS b
+    ON CONFLICT (bucket) DO NOTHING;
+
+-- Wake-up hint for idle relays: one NOTIFY per inserting statement (not per row), collapsed by
+-- PostgreSQL within a transaction. Polling stays the source of truth. NOTIFY serialises commits
+-- on a global lock; to switch it off:
+--     ALTER TABLE local_message DISABLE TRIGGER local_message_notify;
+CREATE OR REPLACE FUNCTION local_message_notify() RETURNS trigger
+    LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+BEGIN
+    PERFORM pg_notify('outbox_local_message', TG_TABLE_SCHEMA);
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER local_message_notify
+    AFTER INSERT ON local_message
+    FOR EACH STATEMENT EXECUTE FUNCTION local_message_notify();
+
+INSERT INTO local_message_schema (version) VALUES (1) ON CONFLICT (version) DO NOTHING;
