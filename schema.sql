@@ -121,9 +121,17 @@ BEGIN
 END;
 $$;
 
-CREATE OR REPLACE TRIGGER local_message_notify
-    AFTER INSERT ON local_message
-    FOR EACH STATEMENT EXECUTE FUNCTION local_message_notify();
+-- Created only if missing: CREATE OR REPLACE would switch a disabled trigger back on.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgname = 'local_message_notify'
+                                            AND tgrelid = 'local_message'::regclass) THEN
+        CREATE TRIGGER local_message_notify
+            AFTER INSERT ON local_message
+            FOR EACH STATEMENT EXECUTE FUNCTION local_message_notify();
+    END IF;
+END
+$$;
 
 -- The operators' audit trail: every replay, skip and purge, with who, when and what.
 CREATE TABLE IF NOT EXISTS local_message_audit (

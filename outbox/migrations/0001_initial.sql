@@ -116,8 +116,16 @@ BEGIN
 END;
 $$;
 
-CREATE OR REPLACE TRIGGER local_message_notify
-    AFTER INSERT ON local_message
-    FOR EACH STATEMENT EXECUTE FUNCTION local_message_notify();
+-- Created only if missing: CREATE OR REPLACE would switch a disabled trigger back on.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgname = 'local_message_notify'
+                                            AND tgrelid = 'local_message'::regclass) THEN
+        CREATE TRIGGER local_message_notify
+            AFTER INSERT ON local_message
+            FOR EACH STATEMENT EXECUTE FUNCTION local_message_notify();
+    END IF;
+END
+$$;
 
 INSERT INTO local_message_schema (version) VALUES (1) ON CONFLICT (version) DO NOTHING;

@@ -121,3 +121,26 @@ def test_newer_database_than_the_code_is_refused(empty_dsn):
         conn.execute("INSERT INTO local_message_schema (version) VALUES (99)")
         with pytest.raises(SchemaError, match="newer than this code"):
             outbox.apply_schema(conn)
+
+
+def test_reapplying_the_schema_keeps_a_disabled_notify_trigger_disabled(empty_dsn):
+    from outbox.sql import schema_sql
+
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        outbox.apply_schema(conn)
+        conn.execute("ALTER TABLE local_message DISABLE TRIGGER local_message_notify")
+        conn.execute(schema_sql())  # what `psql -f schema.sql` does
+        enabled = conn.execute("SELECT tgenabled FROM pg_trigger "
+                               "WHERE tgname = 'local_message_notify'").fetchone()
+        assert enabled == ("D",)
+
+
+def test_insert_notifies_once_per_transaction_with_the_schema_name(dsn):
+    with psycopg.connect(dsn, autocommit=True) as listener, psycopg.connect(dsn) as writer:
+        listener.execute("LISTEN outbox_local_message")
+        with writer.transaction():
+            outbox.publish_many(writer, [dict(topic="t", payload={})] * 3)
+            outbox.publish(writer, topic="t", payload={})
+        notes = list(listener.notifies(timeout=5, stop_after=1))
+        assert [(n.channel, n.payload) for n in notes] == [("outbox_local_message", "public")]
+        assert list(listener.notifies(timeout=0.3)) == [], "collapsed into one per transaction"
