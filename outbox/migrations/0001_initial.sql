@@ -60,10 +60,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS local_message_message_id_key
 CREATE UNIQUE INDEX IF NOT EXISTS local_message_dedup_key_key
     ON local_message (dedup_key) WHERE dedup_key IS NOT NULL;
 
--- The relay's claim query walks this in id order; it holds only undelivered rows, so it stays
--- small however large the table grows.
+-- The relay's claim query walks this in id order (and filters on its buckets); it holds only
+-- undelivered rows, so it stays small however large the table grows.
 CREATE INDEX IF NOT EXISTS local_message_pending_idx
-    ON local_message (bucket, id) WHERE status = 'PENDING';
+    ON local_message (id) INCLUDE (bucket) WHERE status = 'PENDING';
 
 -- Rows that block their key (FAILED) or wait for a retry, and expired row claims: all small.
 CREATE INDEX IF NOT EXISTS local_message_blocking_idx
