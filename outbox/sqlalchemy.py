@@ -39,7 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, registry
 
 from . import writer as _writer
 from .errors import OutboxError
@@ -83,6 +83,21 @@ def local_message_table(metadata: MetaData, schema: str | None = None) -> Table:
         schema=schema,
         info={"outbox": True},
     )
+
+
+class LocalMessage:
+    """An ORM class mapped to public.local_message (in a registry of its own, so that it never
+    joins your metadata's create_all()), for reading the outbox with the ORM:
+
+        session.scalars(select(LocalMessage).where(LocalMessage.status == "FAILED"))
+    """
+
+    __table__: Table
+
+
+_registry = registry()
+LocalMessage.__table__ = local_message_table(_registry.metadata)
+_registry.map_imperatively(LocalMessage, LocalMessage.__table__)
 
 
 def create_schema_sql(schema: str | None = None) -> str:

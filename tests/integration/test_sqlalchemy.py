@@ -154,6 +154,17 @@ def test_core_table_reads_the_outbox(engine, dsn):
     assert row[:4] == ("orders", b"\x00k", b"raw", "PENDING")
 
 
+def test_mapped_class_reads_rows_with_the_orm(engine):
+    from sqlalchemy import select
+
+    with Session(engine) as s, s.begin():
+        p = osa.publish(s, topic="orders", key="k", payload={"n": 1})
+    with Session(engine) as s:
+        (row,) = s.scalars(select(osa.LocalMessage).where(osa.LocalMessage.status == "PENDING"))
+        assert (row.id, row.message_id, row.payload, row.attempts) == (
+            p.id, p.message_id, b'{"n":1}', 0)
+
+
 def test_schema_ddl_in_a_users_own_migration(empty_dsn):
     eng = engine_for(empty_dsn)
     try:
