@@ -4,6 +4,17 @@
 are in or the flush deadline passes, and returns one outcome per message. A message with no
 report by then is purged from the producer and reported UNKNOWN: it may still be in Kafka, so
 it is retried (a duplicate is possible) but never treated as failed-and-safe.
+
+Order on failure. The idempotent producer keeps a partition's order through retries, but when
+the broker rejects one request for good (a message too large for its topic, say), librdkafka
+goes on with the partition's later requests: a later message of the same key could land while
+the rejected one waits for a retry. So a message that may be rejected is never sent alongside
+later ones: a missing topic is found in the metadata before producing; a message larger than
+its topic's ``max.message.bytes`` (before compression), and every message the relay asks to
+isolate, is sent alone, after everything before it was acknowledged, and its outcome is known
+before the next message of the batch is produced. When it fails, the later messages of its key
+are held back (send_in_key_order). A request rejected with several messages in it does not
+say which one was at fault: those messages come back ISOLATE, to be sent alone next time.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, ConfigResource
 
 from .model import Delivered, Failed, FailureKind, Outcome, PendingMessage, send_in_key_order
 
@@ -47,7 +59,6 @@ _PERMANENT = {
     KafkaError._UNKNOWN_TOPIC,
     KafkaError._UNKNOWN_PARTITION,
     KafkaError._INVALID_ARG,
-    KafkaError._MSG_SIZE_TOO_LARGE if hasattr(KafkaError, "_MSG_SIZE_TOO_LARGE") else -10**6,
 }
 
 # Errors that say "the cluster is not reachable or not taking writes now".
@@ -88,12 +99,41 @@ def describe(err: KafkaError) -> str:
     return f"{err.name()}: {err.str()}"
 
 
+#: Room for the record and batch framing around a message's own bytes.
+_FRAMING_BYTES = 512
+
+#: Settings an AdminClient shares with the producer (connection and security).
+_CLIENT_PREFIXES = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "client.", "broker.",
+                    "metadata.", "reconnect.", "connections.", "api.", "debug")
+
+
+def message_size(message: PendingMessage) -> int:
+    """The bytes of a message before compression: payload, key and headers."""
+    return (
+        len(message.payload)
+        + len(message.key or b"")
+        + sum(len(name) + len(value or b"") for name, value in message.headers)
+        + 10 + 36  # the message_id header
+    )
+
+
 class Sink(Protocol):
     """Where the relay sends messages (relay.testing has a recording one)."""
 
-    def send(self, batch: Sequence[PendingMessage]) -> list[Outcome]: ...
+    def send(
+        self, batch: Sequence[PendingMessage], alone: frozenset[int] = frozenset()
+    ) -> list[Outcome]:
+        """One outcome per message, in batch order. Messages whose id is in ALONE are sent
+        alone (see the module's docstring)."""
 
     def close(self, timeout: float) -> None: ...
+
+
+class _Topic:
+    __slots__ = ("problem", "max_bytes", "until")
+
+    def __init__(self, problem: Failed | None, max_bytes: int | None, until: float):
+        self.problem, self.max_bytes, self.until = problem, max_bytes, until
 
 
 class KafkaSink:
@@ -101,7 +141,8 @@ class KafkaSink:
         self._config = {**DEFAULT_PRODUCER_CONFIG, **config, **REQUIRED_PRODUCER_CONFIG}
         self._flush_timeout = flush_timeout
         self._producer: Producer | None = None
-        self._known_topics: dict[str, float] = {}
+        self._admin: AdminClient | None = None
+        self._topics: dict[str, _Topic] = {}
         self._fatal = False
         self.resets = 0
 
@@ -127,7 +168,7 @@ class KafkaSink:
             self._producer.purge()
             self._producer.flush(0)
             self._producer = None
-            self._known_topics.clear()
+            self._topics.clear()
             self.resets += 1
 
     def close(self, timeout: float) -> None:
@@ -135,54 +176,67 @@ class KafkaSink:
             self._producer.flush(timeout)
             self._producer = None
 
-    def _topic_problem(self, topic: str) -> Failed | None:
-        """A missing topic is a message-specific permanent error; find it before producing,
-        so that later messages of the same keys are held back (send_in_key_order) instead of
-        being delivered ahead of it. Known topics are cached for a minute."""
+    # -- topics
+
+    def _topic(self, topic: str) -> _Topic:
+        """Whether TOPIC exists and its max.message.bytes, cached for a minute."""
         now = time.monotonic()
-        if self._known_topics.get(topic, 0.0) > now:
-            return None
-        md = self.producer.list_topics(topic, timeout=10).topics.get(topic)
+        known = self._topics.get(topic)
+        if known is not None and known.until > now:
+            return known
+        try:
+            md = self.producer.list_topics(topic, timeout=10).topics.get(topic)
+        except KafkaException as exc:
+            err = exc.args[0]
+            # Not cached: the cluster may be back at the next batch.
+            return _Topic(Failed(0, classify(err), describe(err)), None, 0.0)
         err = md.error if md is not None else None
         if md is None or (err is not None and err.code() in _PERMANENT):
             why = describe(err) if err is not None else "topic not in metadata"
-            return Failed(0, FailureKind.PERMANENT, f"{why} (topic {topic!r})")
-        if err is not None:
-            return Failed(0, classify(err), describe(err))
-        self._known_topics[topic] = now + 60.0
-        return None
+            info = _Topic(Failed(0, FailureKind.PERMANENT, f"{why} (topic {topic!r})"), None,
+                          now + 5.0)
+        elif err is not None:
+            info = _Topic(Failed(0, classify(err), describe(err)), None, 0.0)
+        else:
+            info = _Topic(None, self._max_message_bytes(topic), now + 60.0)
+        self._topics[topic] = info
+        return info
 
-    def send(self, batch: Sequence[PendingMessage]) -> list[Outcome]:
+    def _max_message_bytes(self, topic: str) -> int | None:
+        try:
+            if self._admin is None:
+                settings = {k: v for k, v in self._config.items() if k.startswith(_CLIENT_PREFIXES)}
+                self._admin = AdminClient({**settings, "error_cb": self._on_error}, logger=log)
+            resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+            configs = self._admin.describe_configs([resource], request_timeout=10)
+            entries = configs[resource].result(timeout=10)
+            return int(entries["max.message.bytes"].value)
+        except Exception as exc:  # noqa: BLE001 - no DescribeConfigs right: just no pre-check
+            log.debug("cannot read max.message.bytes of %s: %s", topic, exc)
+            return None
+
+    # -- sending
+
+    def send(
+        self, batch: Sequence[PendingMessage], alone: frozenset[int] = frozenset()
+    ) -> list[Outcome]:
         producer = self.producer
         outcomes: dict[int, Outcome] = {}
-        fatal_seen = False
+        sent_alone: set[int] = set()
+        deadline = time.monotonic() + self._flush_timeout
 
         def on_delivery(row_id: int):
             # Runs inside poll()/flush() on this thread (confluent-kafka-python #417): no
             # locking needed, and no poll() in here (#457).
             def report(err: KafkaError | None, msg) -> None:
-                nonlocal fatal_seen
                 if err is None:
                     outcomes[row_id] = Delivered(row_id, msg.partition(), msg.offset())
                 else:
-                    fatal_seen = fatal_seen or err.fatal()
                     outcomes[row_id] = Failed(row_id, classify(err), describe(err), err.fatal())
 
             return report
 
-        deadline = time.monotonic() + self._flush_timeout
-        topic_problems: dict[str, Failed | None] = {}
-
-        def produce_one(message: PendingMessage) -> Failed | None:
-            if message.topic not in topic_problems:
-                try:
-                    topic_problems[message.topic] = self._topic_problem(message.topic)
-                except KafkaException as exc:
-                    err = exc.args[0]
-                    topic_problems[message.topic] = Failed(0, classify(err), describe(err))
-            problem = topic_problems[message.topic]
-            if problem is not None:
-                return Failed(message.id, problem.kind, problem.error)
+        def produce(message: PendingMessage) -> Failed | None:
             headers = [("message_id", str(message.message_id).encode())]
             headers.extend(message.headers)
             while True:
@@ -205,17 +259,42 @@ class KafkaSink:
                     err = exc.args[0]
                     return Failed(message.id, classify(err), describe(err), err.fatal())
 
+        def produce_one(message: PendingMessage) -> Failed | None:
+            topic = self._topic(message.topic)
+            if topic.problem is not None:
+                return Failed(message.id, topic.problem.kind, topic.problem.error)
+            risky = message.id in alone or (
+                topic.max_bytes is not None
+                and message_size(message) > topic.max_bytes - _FRAMING_BYTES
+            )
+            if not risky:
+                return produce(message)
+            # Alone: everything before it acknowledged first, its own outcome known before
+            # the next message is produced.
+            producer.flush(max(0.0, deadline - time.monotonic()))
+            sent_alone.add(message.id)
+            failure = produce(message)
+            if failure is not None:
+                return failure
+            producer.flush(max(0.0, deadline - time.monotonic()))
+            outcome = outcomes.pop(message.id, None)
+            if isinstance(outcome, Failed):
+                return outcome
+            if outcome is not None:
+                outcomes[message.id] = outcome
+            return None
+
         outcomes.update(send_in_key_order(batch, produce_one))
 
         # flush() returns how many are still queued instead of raising (#762).
         remaining = producer.flush(max(0.0, deadline - time.monotonic()))
-        fatal_seen = fatal_seen or self._fatal
-        if remaining or fatal_seen:
+        fatal = self._fatal or any(isinstance(o, Failed) and o.fatal for o in outcomes.values())
+        if remaining or fatal:
             # No report yet: take them back out of the producer, so that they cannot reach
             # Kafka later behind newer messages, and report them as unknown.
             producer.purge(in_queue=True, in_flight=True)
             producer.flush(5.0)
-        if fatal_seen:
+        if fatal:
             self.reset()
         result: list[Outcome] = []
         for message in batch:
@@ -224,5 +303,10 @@ class KafkaSink:
                 outcome = Failed(
                     message.id, FailureKind.UNKNOWN, "no delivery report before the flush deadline"
                 )
+            elif (isinstance(outcome, Failed) and outcome.kind is FailureKind.PERMANENT
+                  and message.id not in sent_alone):
+                # Rejected in a request shared with other messages: which one was at fault is
+                # not known. Nobody's attempt is counted; the relay sends them alone next time.
+                outcome = Failed(message.id, FailureKind.ISOLATE, outcome.error)
             result.append(outcome)
         return result

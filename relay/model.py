@@ -36,6 +36,9 @@ class FailureKind(Enum):
     #: Not sent: an earlier message of its key failed before it in the same batch. Sent again
     #: once that one is resolved (head-of-key order); nothing is written for it.
     DEFERRED = "deferred"
+    #: Rejected for good in a request it shared with other messages, so which one was at fault
+    #: is not known: sent alone next time, and only then counted. Nothing is written.
+    ISOLATE = "isolate"
 
 
 @dataclass(frozen=True)

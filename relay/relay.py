@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from .clock import Clock, SystemClock
 from .kafka import Sink
-from .model import Delivered, Failed, FailureKind
-from .retry import CircuitBreaker, RetryPolicy
+from .model import Delivered, Failed, FailureKind, Outcome
+from .retry import NO_WRITE, CircuitBreaker, RetryPolicy
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,9 @@ class Relay:
         self.buckets: frozenset[int] = frozenset()
         self._lease_valid_until = float("-inf")
         self._next_heartbeat = float("-inf")
-        self.stats = {"delivered": 0, "failed": 0, "retried": 0, "batches": 0}
+        self.stats = {"delivered": 0, "failed": 0, "retried": 0, "batches": 0,
+                      "order_inversions": 0}
+        self._alone: set[int] = set()
         self.last_progress = self.clock.monotonic()
 
     # -- leases
@@ -82,7 +84,7 @@ class Relay:
         self.last_progress = self.clock.monotonic()
         if not batch:
             return 0
-        outcomes = self.sink.send(batch)
+        outcomes = self.sink.send(batch, frozenset(self._alone.intersection(m.id for m in batch)))
         delivered = [o for o in outcomes if isinstance(o, Delivered)]
         failed = [o for o in outcomes if isinstance(o, Failed)]
         confirmed = self.store.mark_confirmed(self.relay_id, delivered)
@@ -95,6 +97,8 @@ class Relay:
             )
         updates = self.retry.updates(failed, {m.id: m for m in batch})
         self.store.record_failures(self.relay_id, updates)
+        self._track_isolation(outcomes)
+        self._check_order(batch, outcomes)
         outage = sum(1 for f in failed if f.kind in (FailureKind.OUTAGE, FailureKind.UNKNOWN))
         self.stats["batches"] += 1
         self.stats["delivered"] += confirmed
@@ -105,6 +109,35 @@ class Relay:
         self._pause = self.breaker.record(len(delivered), outage)
         self.last_progress = self.clock.monotonic()
         return len(batch)
+
+    def _track_isolation(self, outcomes: list[Outcome]) -> None:
+        """Rows rejected together with others are sent alone until they have an outcome of
+        their own (see relay.kafka)."""
+        for outcome in outcomes:
+            if isinstance(outcome, Failed) and outcome.kind is FailureKind.ISOLATE:
+                self._alone.add(outcome.id)
+            elif isinstance(outcome, Delivered) or outcome.kind not in NO_WRITE:
+                self._alone.discard(outcome.id)
+        if len(self._alone) > 100_000:  # bounded: forgetting costs a re-isolation, not a row
+            self._alone.clear()
+
+    def _check_order(self, batch, outcomes: list[Outcome]) -> None:
+        """Count deliveries that overtook an earlier, undelivered message of their key. The
+        sink is built so that this does not happen; if it ever does, it is loud."""
+        first_undelivered: dict[bytes, int] = {}
+        for message, outcome in zip(batch, outcomes):
+            if message.key is None:
+                continue
+            if isinstance(outcome, Delivered):
+                if message.key in first_undelivered:
+                    self.stats["order_inversions"] += 1
+                    log.error(
+                        "order inversion: row %d of key %r was delivered while row %d of the "
+                        "same key was not", message.id, message.key[:40],
+                        first_undelivered[message.key],
+                    )
+            else:
+                first_undelivered.setdefault(message.key, message.id)
 
     _pause = 0.0
 

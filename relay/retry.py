@@ -10,7 +10,9 @@ from .model import Failed, FailureKind, FailureUpdate, PendingMessage
 
 
 #: Failures that leave the row untouched: not the message's fault, or not even tried.
-NO_WRITE = frozenset({FailureKind.OUTAGE, FailureKind.UNKNOWN, FailureKind.DEFERRED})
+NO_WRITE = frozenset(
+    {FailureKind.OUTAGE, FailureKind.UNKNOWN, FailureKind.DEFERRED, FailureKind.ISOLATE}
+)
 
 
 @dataclass(frozen=True)

@@ -163,10 +163,15 @@ class RecordingSink:
 
     def __init__(self, script: Callable[[PendingMessage], Outcome | None] | None = None):
         self.sent: list[PendingMessage] = []
+        self.alone_requests: list[frozenset[int]] = []
         self.script = script
         self._offsets = itertools.count()
 
-    def send(self, batch: Sequence[PendingMessage]) -> list[Outcome]:
+    def send(
+        self, batch: Sequence[PendingMessage], alone: frozenset[int] = frozenset()
+    ) -> list[Outcome]:
+        self.alone_requests.append(alone)
+
         def produce_one(message: PendingMessage) -> Failed | None:
             outcome = self.script(message) if self.script else None
             if isinstance(outcome, Failed):

@@ -184,3 +184,34 @@ def test_run_survives_store_errors_and_backs_off():
 def test_bucket_hash_is_md5_first_byte(key):
     import hashlib
     assert bucket_of(key, 1) == hashlib.md5(key).digest()[0]
+
+
+def test_rows_rejected_together_are_sent_alone_next_time_and_only_then_counted():
+    poison = {"id": None}
+
+    def script(m):
+        return None
+
+    clock, store, sink, relay = make(script)
+    rows = [store.insert("t", f"k{i}".encode(), b"x") for i in range(3)]
+    poison["id"] = rows[1].id
+
+    def first_round(m):
+        return Failed(m.id, FailureKind.ISOLATE, "MSG_SIZE_TOO_LARGE: batch rejected")
+
+    def alone_round(m):
+        if m.id == poison["id"]:
+            return Failed(m.id, FailureKind.PERMANENT, "MSG_SIZE_TOO_LARGE: too large")
+        return None
+
+    sink.script = first_round
+    relay.run_once()
+    assert all(r.attempts == 0 and r.status == "PENDING" for r in rows)
+    sink.script = alone_round
+    relay.run_once()
+    assert sink.alone_requests[-1] == frozenset(r.id for r in rows)
+    assert rows[0].status == rows[2].status == "CONFIRMED"
+    assert rows[1].attempts == 1 and "too large" in rows[1].last_error
+    clock.advance(10)
+    relay.run_once()
+    assert sink.alone_requests[-1] == frozenset(), "a row with its own outcome is not isolated"

@@ -1,0 +1,85 @@
+"""Message-specific failures against the real broker: a message too large for its topic fails
+alone, holds its key, and costs no other message an attempt."""
+
+import json
+import os
+import time
+
+import psycopg
+
+import outbox
+from relay.runner import build_relay
+from tests.integration.test_relay_kafka import relay_config, statuses
+from tests.kafka_helpers import create_topic, delete_topic, read_all
+
+
+def run_until(relay, condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        relay.run_once()
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+def test_too_large_for_its_topic_fails_alone_holds_its_key_and_others_flow(dsn, bootstrap):
+    topic = f"t.small.{os.getpid()}.{time.monotonic_ns()}"
+    create_topic(bootstrap, topic, partitions=1, config={"max.message.bytes": "3000"})
+    try:
+        with psycopg.connect(dsn) as conn, conn.transaction():
+            first = outbox.publish(conn, topic=topic, key="K", payload={"n": 1})
+            big = outbox.publish(conn, topic=topic, key="K", payload=os.urandom(5000))
+            held = outbox.publish(conn, topic=topic, key="K", payload={"n": 3})
+            other = outbox.publish(conn, topic=topic, key="other", payload={"n": 4})
+        relay, _ = build_relay(relay_config(dsn, bootstrap, max_attempts=2, backoff_base=0.05))
+        try:
+            rows = lambda: {r[0]: r for r in statuses(dsn)}  # noqa: E731
+            run_until(relay, lambda: rows()[big.id][1] == "FAILED")
+            final = rows()
+        finally:
+            relay._shutdown()
+            relay.sink.close(5)
+            relay.store.close()
+        assert final[first.id][1] == "CONFIRMED" and final[other.id][1] == "CONFIRMED"
+        assert final[big.id][4] == 2 and "MSG_SIZE_TOO_LARGE" in final[big.id][5]
+        assert final[held.id][1] == "PENDING" and final[held.id][4] == 0
+        assert final[first.id][4] == final[other.id][4] == 0
+        got = [json.loads(m.value) for m in read_all(bootstrap, topic, expected=2)]
+        assert got == [{"n": 1}, {"n": 4}]
+        assert relay.stats["order_inversions"] == 0
+    finally:
+        delete_topic(bootstrap, topic)
+
+
+def test_request_rejected_as_a_whole_costs_no_attempts_and_everything_arrives(dsn, bootstrap,
+                                                                            caplog):
+    """Each message fits the topic, several together do not: the broker rejects the shared
+    request, the relay sends them alone, all arrive in key order and no attempt is counted."""
+    topic = f"t.pack.{os.getpid()}.{time.monotonic_ns()}"
+    create_topic(bootstrap, topic, partitions=1, config={"max.message.bytes": "4000"})
+    try:
+        with psycopg.connect(dsn) as conn, conn.transaction():
+            outbox.publish_many(conn, [
+                dict(topic=topic, key=f"k{i % 3}", payload=os.urandom(1500)) for i in range(9)
+            ])
+        relay, _ = build_relay(relay_config(dsn, bootstrap))
+        try:
+            run_until(relay, lambda: all(r[1] == "CONFIRMED" for r in statuses(dsn)))
+        finally:
+            relay._shutdown()
+            relay.sink.close(5)
+            relay.store.close()
+        assert "failed (isolate): MSG_SIZE_TOO_LARGE" in caplog.text, "the shared request failed"
+        assert all(r[4] == 0 for r in statuses(dsn)), "no attempt counted"
+        received = read_all(bootstrap, topic, expected=9)
+        assert len(received) >= 9
+        ids = [int(r[0]) for r in statuses(dsn)]
+        assert relay.stats["order_inversions"] == 0
+        with psycopg.connect(dsn) as c:
+            offsets = dict(c.execute("SELECT id, kafka_offset FROM local_message").fetchall())
+        for k in range(3):
+            mine = [i for n, i in enumerate(ids) if n % 3 == k]
+            assert [offsets[i] for i in mine] == sorted(offsets[i] for i in mine)
+    finally:
+        delete_topic(bootstrap, topic)
