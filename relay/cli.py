@@ -140,10 +140,15 @@ def status(dsn: str, schema: str, as_json: bool) -> None:
 @click.option("--name", default=None, help="Relay name in status and logs [host-pid].")
 @click.option("--batch-size", type=int, default=None, help="Rows per batch [2000].")
 @click.option("--no-listen", is_flag=True, help="Do not LISTEN for NOTIFY; poll only.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve /metrics, /healthz and /readyz on this port [off].")
+@click.option("--dead-letter-topic", default=None, help="Copy rows that become FAILED here.")
+@click.option("--retention", "retention_seconds", type=float, default=None, metavar="SECONDS",
+              help="Delete CONFIRMED rows older than this, in small batches [keep all].")
 @click.option("--once", is_flag=True, help="Deliver until nothing is pending, then exit.")
 @click.option("--log-json", is_flag=True, default=None, help="One JSON object per log line.")
-def relay(dsn, schema, bootstrap_servers, kafka_settings, name, batch_size, no_listen, once,
-          log_json) -> None:
+def relay(dsn, schema, bootstrap_servers, kafka_settings, name, batch_size, no_listen,
+          metrics_port, dead_letter_topic, retention_seconds, once, log_json) -> None:
     """Deliver pending events to Kafka until SIGTERM or SIGINT.
 
     Every option also reads an OUTBOX_* environment variable (OUTBOX_BATCH_SIZE,
@@ -169,7 +174,8 @@ def relay(dsn, schema, bootstrap_servers, kafka_settings, name, batch_size, no_l
         cfg = RelayConfig.from_env(
             dsn=dsn or None, schema=schema, bootstrap_servers=bootstrap_servers or None,
             name=name, batch_size=batch_size, listen=False if no_listen else None,
-            log_json=log_json, kafka=kafka,
+            metrics_port=metrics_port, dead_letter_topic=dead_letter_topic,
+            retention_seconds=retention_seconds, log_json=log_json, kafka=kafka,
         )
     except ConfigError as exc:
         _fail(f"invalid configuration: {exc}")

@@ -35,7 +35,9 @@ class RelayConfig:
     name: str = field(default_factory=_default_name)
     #: Rows read, produced and confirmed together.
     batch_size: int = 2000
-    #: Longest wait between polls when idle (NOTIFY wakes the relay sooner).
+    #: Idle polls start this often and slow down to idle_poll_interval while nothing comes
+    #: (NOTIFY, when on, wakes the relay at once).
+    idle_poll_min: float = 0.01
     idle_poll_interval: float = 1.0
     #: LISTEN for the insert trigger's NOTIFY; polling stays the source of truth.
     listen: bool = True
@@ -50,6 +52,10 @@ class RelayConfig:
     backoff_max: float = 300.0
     #: Longest wait for in-flight deliveries on SIGTERM.
     shutdown_timeout: float = 30.0
+    #: Copy rows that become FAILED to this Kafka topic ("" = off).
+    dead_letter_topic: str = ""
+    #: Delete CONFIRMED rows older than this many seconds, in small batches (0 = keep all).
+    retention_seconds: float = 0.0
     #: Serve /metrics, /healthz and /readyz on this port (0: off).
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
@@ -98,7 +104,18 @@ class RelayConfig:
         for name in ("batch_size", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
-        for name in ("idle_poll_interval", "lease_seconds", "heartbeat_interval", "flush_timeout",
+        if self.retention_seconds < 0:
+            raise ConfigError("retention_seconds must not be negative")
+        if self.dead_letter_topic:
+            from outbox.message import validate_topic
+
+            try:
+                validate_topic(self.dead_letter_topic)
+            except ValueError as exc:
+                raise ConfigError(f"dead_letter_topic: {exc}") from None
+        if self.idle_poll_min > self.idle_poll_interval:
+            raise ConfigError("idle_poll_min must not exceed idle_poll_interval")
+        for name in ("idle_poll_min", "idle_poll_interval", "lease_seconds", "heartbeat_interval", "flush_timeout",
                      "backoff_base", "backoff_max", "shutdown_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")

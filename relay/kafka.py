@@ -310,3 +310,17 @@ class KafkaSink:
                 outcome = Failed(message.id, FailureKind.ISOLATE, outcome.error)
             result.append(outcome)
         return result
+
+
+def check_kafka(config: Mapping[str, str], timeout: float = 5.0) -> str | None:
+    """None when a broker answers a metadata request with CONFIG's connection settings, else
+    why not (for /readyz and `outbox doctor`)."""
+    settings = {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
+    problems: list[str] = []
+    try:
+        admin = AdminClient({**settings, "error_cb": lambda e: problems.append(describe(e))},
+                            logger=log)
+        admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        return describe(exc.args[0]) + (f" ({problems[-1]})" if problems else "")
+    return None

@@ -82,3 +82,23 @@ UPDATE {table} m
        {bucket_table} b
  WHERE m.id = f.id AND m.status = 'PENDING'
    AND b.bucket = m.bucket AND b.owner = %(relay_id)s
+
+-- name: pending_stats
+-- For the gauges: rows waiting in this relay's buckets, and the age of the oldest one that may
+-- be sent now (rows in backoff are not lag: they wait on purpose).
+SELECT count(*),
+       extract(epoch FROM now() - min(created_at) FILTER (
+           WHERE next_attempt_at IS NULL OR next_attempt_at <= now()))::double precision
+  FROM {table}
+ WHERE status = 'PENDING' AND bucket = ANY(%(buckets)s::smallint[])
+
+-- name: delete_confirmed
+-- Retention, one small batch at a time: short locks, and rows another relay is deleting are
+-- skipped rather than waited for.
+DELETE FROM {table}
+ WHERE id IN (SELECT id FROM {table}
+               WHERE status = 'CONFIRMED'
+                 AND created_at < now() - make_interval(secs => %(older_than_seconds)s)
+               ORDER BY id
+               LIMIT %(limit)s
+                 FOR UPDATE SKIP LOCKED)

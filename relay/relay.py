@@ -7,18 +7,44 @@ no transaction is ever open while the relay waits on Kafka.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from .clock import Clock, SystemClock
 from .kafka import Sink
-from .model import Delivered, Failed, FailureKind, Outcome
+from .metrics import RelayMetrics
+from .model import Delivered, Failed, FailureKind, FailureUpdate, Outcome, PendingMessage
 from .retry import NO_WRITE, CircuitBreaker, RetryPolicy
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+#: commit-to-ack latency is observed on at most this many messages per batch (evenly spread):
+#: the histogram stays right, and a 2,000-row batch does not pay 2,000 observations.
+_LATENCY_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    batch_size: int = 2000
+    lease_seconds: float = 90.0
+    heartbeat_interval: float = 10.0
+    flush_timeout: float = 35.0
+    #: Idle waits start at idle_poll_min and double up to idle_poll_interval while nothing
+    #: comes; any work resets them. NOTIFY (when on) ends a wait at once.
+    idle_poll_min: float = 0.01
+    idle_poll_interval: float = 1.0
+    #: Copy rows that become FAILED to this topic ("" = off).
+    dead_letter_topic: str = ""
+    #: Delete CONFIRMED rows older than this (0 = keep them), in batches of retention_batch.
+    retention_seconds: float = 0.0
+    retention_batch: int = 1000
+    retention_interval: float = 60.0
 
 
 class Relay:
@@ -28,89 +54,120 @@ class Relay:
         sink: Sink,
         *,
         name: str = "relay",
-        batch_size: int = 2000,
-        lease_seconds: float = 90.0,
-        heartbeat_interval: float = 10.0,
-        flush_timeout: float = 35.0,
-        idle_poll_interval: float = 1.0,
+        settings: LoopSettings | None = None,
         retry: RetryPolicy | None = None,
         clock: Clock | None = None,
+        metrics: RelayMetrics | None = None,
         wait_for_work: Callable[[float], None] | None = None,
+        **overrides,
     ):
         self.store = store
         self.sink = sink
         self.relay_id = uuid.uuid4()
         self.name = name
-        self.batch_size = batch_size
-        self.lease_seconds = lease_seconds
-        self.heartbeat_interval = heartbeat_interval
-        self.flush_timeout = flush_timeout
-        self.idle_poll_interval = idle_poll_interval
+        self.settings = replace(settings or LoopSettings(), **overrides)
         self.retry = retry or RetryPolicy()
         self.clock = clock or SystemClock()
+        self.metrics = metrics or RelayMetrics()
         self.breaker = CircuitBreaker()
         # Blocks up to N seconds or until new rows are announced (LISTEN); None: plain wait.
         self._wait_for_work = wait_for_work
         self.buckets: frozenset[int] = frozenset()
         self._lease_valid_until = float("-inf")
         self._next_heartbeat = float("-inf")
-        self.stats = {"delivered": 0, "failed": 0, "retried": 0, "batches": 0,
-                      "order_inversions": 0}
+        self._next_retention = self.clock.monotonic()
+        self._idle_wait = self.settings.idle_poll_min
+        self._pause = 0.0
         self._alone: set[int] = set()
+        self.stats = Counter()
         self.last_progress = self.clock.monotonic()
 
     # -- leases
 
     def _heartbeat_if_due(self) -> None:
         now = self.clock.monotonic()
+        s = self.settings
         # Produce only while the lease outlives every message this batch could leave in flight.
-        if now < self._next_heartbeat and now + self.flush_timeout < self._lease_valid_until:
+        if now < self._next_heartbeat and now + s.flush_timeout < self._lease_valid_until:
             return
         started = self.clock.monotonic()
-        buckets = self.store.heartbeat(self.relay_id, self.name, self.lease_seconds)
+        buckets = self.store.heartbeat(self.relay_id, self.name, s.lease_seconds)
         if buckets != self.buckets:
             log.info("relay %s owns %d buckets", self.name, len(buckets))
         self.buckets = buckets
         # Count the lease from before the call: the database may have started it earlier.
-        self._lease_valid_until = started + self.lease_seconds
-        self._next_heartbeat = started + self.heartbeat_interval
+        self._lease_valid_until = started + s.lease_seconds
+        self._next_heartbeat = started + s.heartbeat_interval
+        self.metrics.buckets_owned.set(len(buckets))
+        pending, oldest_age = self.store.pending_stats(buckets)
+        self.metrics.pending.set(pending)
+        self.metrics.oldest_claimable_age.set(oldest_age or 0.0)
 
     # -- one iteration
 
     def run_once(self) -> int:
         """Deliver one batch; return how many rows it held (0: nothing to do)."""
         self._heartbeat_if_due()
-        batch = self.store.fetch_pending(self.buckets, self.batch_size)
+        self._retention_if_due()
+        started = self.clock.monotonic()
+        batch = self.store.fetch_pending(self.buckets, self.settings.batch_size)
         self.last_progress = self.clock.monotonic()
         if not batch:
             return 0
         outcomes = self.sink.send(batch, frozenset(self._alone.intersection(m.id for m in batch)))
+        acked_at = dt.datetime.now(dt.timezone.utc)
         delivered = [o for o in outcomes if isinstance(o, Delivered)]
         failed = [o for o in outcomes if isinstance(o, Failed)]
         confirmed = self.store.mark_confirmed(self.relay_id, delivered)
         if confirmed != len(delivered):
             # The rows were delivered, but this relay lost their buckets meanwhile: the new
             # owner will send them again (a documented duplicate), and we must not write.
+            self.metrics.lease_lost.inc(len(delivered) - confirmed)
             log.warning(
                 "%d delivered rows were not confirmed: their bucket lease moved to another relay",
                 len(delivered) - confirmed,
             )
-        updates = self.retry.updates(failed, {m.id: m for m in batch})
+        by_id = {m.id: m for m in batch}
+        updates = self.retry.updates(failed, by_id)
         self.store.record_failures(self.relay_id, updates)
+        self._dead_letter([u for u in updates if u.give_up], by_id)
         self._track_isolation(outcomes)
         self._check_order(batch, outcomes)
+        self._observe(batch, outcomes, updates, acked_at, started)
         outage = sum(1 for f in failed if f.kind in (FailureKind.OUTAGE, FailureKind.UNKNOWN))
-        self.stats["batches"] += 1
-        self.stats["delivered"] += confirmed
-        self.stats["failed"] += sum(1 for u in updates if u.give_up)
-        self.stats["retried"] += sum(1 for u in updates if not u.give_up) + outage
         for f in failed[:5]:
             log.warning("delivery of row %d failed (%s): %s", f.id, f.kind.value, f.error)
         self._pause = self.breaker.record(len(delivered), outage)
         self.last_progress = self.clock.monotonic()
         return len(batch)
 
-    def _track_isolation(self, outcomes: list[Outcome]) -> None:
+    def _observe(self, batch: Sequence[PendingMessage], outcomes: Sequence[Outcome],
+                 updates: Sequence[FailureUpdate], acked_at: dt.datetime, started: float) -> None:
+        m = self.metrics
+        published: Counter = Counter()
+        failures: Counter = Counter()
+        for message, outcome in zip(batch, outcomes):
+            if isinstance(outcome, Delivered):
+                published[message.topic] += 1
+            else:
+                failures[(message.topic, outcome.kind.value)] += 1
+        for topic, n in published.items():
+            m.published.labels(topic).inc(n)
+        for (topic, kind), n in failures.items():
+            m.failures.labels(topic, kind).inc(n)
+        step = max(1, len(batch) // _LATENCY_SAMPLES)
+        for message, outcome in list(zip(batch, outcomes))[::step]:
+            if isinstance(outcome, Delivered):
+                m.commit_to_ack.observe(max(0.0, (acked_at - message.created_at).total_seconds()))
+        m.batch_size.observe(len(batch))
+        m.batch_duration.observe(self.clock.monotonic() - started)
+        given_up = sum(1 for u in updates if u.give_up)
+        self.stats["batches"] += 1
+        self.stats["delivered"] += sum(published.values())
+        self.stats["failed"] += given_up
+        self.stats["retried"] += sum(failures.values()) - given_up
+
+    def _track_isolation(self, outcomes: Sequence[Outcome]) -> None:
         """Rows rejected together with others are sent alone until they have an outcome of
         their own (see relay.kafka)."""
         for outcome in outcomes:
@@ -121,7 +178,7 @@ class Relay:
         if len(self._alone) > 100_000:  # bounded: forgetting costs a re-isolation, not a row
             self._alone.clear()
 
-    def _check_order(self, batch, outcomes: list[Outcome]) -> None:
+    def _check_order(self, batch: Sequence[PendingMessage], outcomes: Sequence[Outcome]) -> None:
         """Count deliveries that overtook an earlier, undelivered message of their key. The
         sink is built so that this does not happen; if it ever does, it is loud."""
         first_undelivered: dict[bytes, int] = {}
@@ -131,6 +188,7 @@ class Relay:
             if isinstance(outcome, Delivered):
                 if message.key in first_undelivered:
                     self.stats["order_inversions"] += 1
+                    self.metrics.order_inversions.inc()
                     log.error(
                         "order inversion: row %d of key %r was delivered while row %d of the "
                         "same key was not", message.id, message.key[:40],
@@ -139,7 +197,44 @@ class Relay:
             else:
                 first_undelivered.setdefault(message.key, message.id)
 
-    _pause = 0.0
+    def _dead_letter(self, given_up: Sequence[FailureUpdate], by_id: dict) -> None:
+        """Copy rows that just became FAILED to the dead-letter topic. The row stays FAILED
+        (it blocks its key until an operator acts) whether or not the copy arrives."""
+        topic = self.settings.dead_letter_topic
+        if not topic or not given_up:
+            return
+        copies = []
+        for update in given_up:
+            original = by_id[update.id]
+            headers = list(original.headers) + [
+                ("outbox_original_topic", original.topic.encode()),
+                ("outbox_error", update.error.encode("utf-8", "replace")[:1000]),
+                ("outbox_row_id", str(original.id).encode()),
+            ]
+            copies.append(replace(original, topic=topic, headers=headers))
+        for copy, outcome in zip(copies, self.sink.send(copies)):
+            if isinstance(outcome, Delivered):
+                self.metrics.dead_lettered.labels(by_id[copy.id].topic).inc()
+            else:
+                log.error("row %d could not be copied to dead-letter topic %s: %s",
+                          copy.id, topic, outcome.error)
+
+    def _retention_if_due(self) -> None:
+        s = self.settings
+        if s.retention_seconds <= 0 or self.clock.monotonic() < self._next_retention:
+            return
+        self._next_retention = self.clock.monotonic() + s.retention_interval
+        deleted = 0
+        for _ in range(100):  # bounded: at most 100 small batches per round
+            n = self.store.delete_confirmed(s.retention_seconds, s.retention_batch)
+            deleted += n
+            if n < s.retention_batch:
+                break
+        if deleted:
+            log.info("retention: deleted %d CONFIRMED rows older than %gs", deleted,
+                     s.retention_seconds)
+
+    # -- the loop
 
     def run(self, stop: threading.Event) -> None:
         """Loop until STOP is set; then release the leases. Errors of the database or the
@@ -163,18 +258,25 @@ class Relay:
                     log.warning("Kafka unreachable: pausing %.1fs before the next batch", self._pause)
                     if self.clock.wait(stop, self._pause):
                         break
-                elif count < self.batch_size:
+                elif count == 0:
                     self._idle(stop)
+                    self._idle_wait = min(self._idle_wait * 2, self.settings.idle_poll_interval)
+                else:
+                    self._idle_wait = self.settings.idle_poll_min
+                    if count < self.settings.batch_size:
+                        # A partial batch: more rows are likely on their way; a short wait
+                        # lets them gather instead of spinning on one row at a time.
+                        self._idle(stop)
         finally:
-            self._shutdown()
+            self.shutdown()
 
     def _idle(self, stop: threading.Event) -> None:
         if stop.is_set():
             return
         if self._wait_for_work is not None:
-            self._wait_for_work(self.idle_poll_interval)
+            self._wait_for_work(self._idle_wait)
         else:
-            self.clock.wait(stop, self.idle_poll_interval)
+            self.clock.wait(stop, self._idle_wait)
 
     def _on_error(self) -> None:
         # A lost connection is reopened by the store on its next call; until a heartbeat
@@ -182,7 +284,8 @@ class Relay:
         self._lease_valid_until = float("-inf")
         self._next_heartbeat = float("-inf")
 
-    def _shutdown(self) -> None:
+    def shutdown(self) -> None:
+        """Release the bucket leases, so that other relays take over at once."""
         try:
             self.store.release(self.relay_id)
         except Exception as exc:  # noqa: BLE001

@@ -1,4 +1,4 @@
-"""Wires a Relay from a RelayConfig: the real store, sink and listener, startup checks."""
+"""Wires a Relay from a RelayConfig: the real store, sink, listener and health server."""
 
 from __future__ import annotations
 
@@ -6,19 +6,15 @@ import logging
 import threading
 
 import psycopg
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_delay,
-    wait_exponential,
-)
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from outbox.errors import OutboxError
 
 from .config import RelayConfig, redact_dsn, redact_text, secrets_of
-from .kafka import KafkaSink
+from .health import HealthServer
+from .kafka import KafkaSink, check_kafka
 from .listener import Listener
-from .relay import Relay
+from .relay import LoopSettings, Relay
 from .retry import RetryPolicy
 from .store import PostgresStore
 
@@ -33,7 +29,13 @@ def _retryable(exc: BaseException) -> bool:
     )
 
 
+def _first_line(exc: BaseException, cfg: RelayConfig) -> str:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return redact_text(first, *secrets_of(cfg))
+
+
 def connect_store(cfg: RelayConfig, startup_timeout: float = 30.0) -> PostgresStore:
+    """A connected store; PostgreSQL not up yet is retried (tenacity) for STARTUP_TIMEOUT."""
     store = PostgresStore(cfg.dsn, cfg.schema)
     try:
         for attempt in Retrying(
@@ -43,32 +45,55 @@ def connect_store(cfg: RelayConfig, startup_timeout: float = 30.0) -> PostgresSt
             reraise=True,
             before_sleep=lambda rs: log.warning(
                 "PostgreSQL not reachable yet (%s), retrying",
-                redact_text(str(rs.outcome.exception()).strip(), *secrets_of(cfg)),
+                _first_line(rs.outcome.exception(), cfg),
             ),
         ):
             with attempt:
                 store.connect()
     except psycopg.Error as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise OutboxError(
-            f"cannot connect to {redact_dsn(cfg.dsn)}: {redact_text(first, *secrets_of(cfg))}"
+            f"cannot connect to {redact_dsn(cfg.dsn)}: {_first_line(exc, cfg)}"
         ) from None
     return store
+
+
+def readiness(cfg: RelayConfig):
+    """A check of PostgreSQL and Kafka for /readyz: {name: None if fine, else why not}."""
+
+    def check() -> dict[str, str | None]:
+        result: dict[str, str | None] = {}
+        try:
+            with psycopg.connect(cfg.dsn, connect_timeout=2, autocommit=True) as conn:
+                conn.execute("SELECT 1")
+            result["postgresql"] = None
+        except Exception as exc:  # noqa: BLE001
+            result["postgresql"] = _first_line(exc, cfg)
+        problem = check_kafka(cfg.producer_config(), timeout=2.0)
+        result["kafka"] = redact_text(problem, *secrets_of(cfg)) if problem else None
+        return result
+
+    return check
 
 
 def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
     store = connect_store(cfg)
     sink = KafkaSink(cfg.producer_config(), flush_timeout=cfg.flush_timeout)
     listener = Listener(cfg.dsn, cfg.schema) if cfg.listen else None
-    relay = Relay(
-        store,
-        sink,
-        name=cfg.name,
+    settings = LoopSettings(
         batch_size=cfg.batch_size,
         lease_seconds=cfg.lease_seconds,
         heartbeat_interval=cfg.heartbeat_interval,
         flush_timeout=cfg.flush_timeout,
+        idle_poll_min=cfg.idle_poll_min,
         idle_poll_interval=cfg.idle_poll_interval,
+        dead_letter_topic=cfg.dead_letter_topic,
+        retention_seconds=cfg.retention_seconds,
+    )
+    relay = Relay(
+        store,
+        sink,
+        name=cfg.name,
+        settings=settings,
         retry=RetryPolicy(cfg.max_attempts, cfg.backoff_base, cfg.backoff_max),
         wait_for_work=listener.wait if listener else None,
     )
@@ -77,11 +102,21 @@ def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
 
 def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False) -> int:
     relay, listener = build_relay(cfg)
+    health = None
+    if cfg.metrics_port:
+        health = HealthServer(
+            cfg.metrics_host, cfg.metrics_port, relay.metrics.registry,
+            seconds_since_progress=lambda: relay.clock.monotonic() - relay.last_progress,
+            readiness=readiness(cfg),
+            stuck_after=max(60.0, cfg.flush_timeout * 2),
+        ).start()
     try:
         if until_idle:
-            while not stop.is_set() and relay.run_once() > 0:
-                pass
-            relay._shutdown()
+            try:
+                while not stop.is_set() and relay.run_once() > 0:
+                    pass
+            finally:
+                relay.shutdown()
         else:
             relay.run(stop)
     finally:
@@ -89,4 +124,6 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
         relay.store.close()
         if listener:
             listener.close()
+        if health:
+            health.stop()
     return 0

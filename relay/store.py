@@ -32,6 +32,11 @@ class Store(Protocol):
 
     def release(self, relay_id: uuid.UUID) -> None: ...
 
+    def pending_stats(self, buckets: frozenset[int]) -> tuple[int, float | None]:
+        """(PENDING rows in BUCKETS, age in seconds of the oldest one that may be sent now)."""
+
+    def delete_confirmed(self, older_than_seconds: float, limit: int) -> int: ...
+
     def close(self) -> None: ...
 
 
@@ -172,5 +177,19 @@ class PostgresStore:
                 "give_up": give_up,
                 "delays": delays,
             },
+        )
+        return cur.rowcount
+
+    # -- gauges and retention
+
+    def pending_stats(self, buckets: frozenset[int]) -> tuple[int, float | None]:
+        if not buckets:
+            return 0, None
+        count, age = self._execute("pending_stats", {"buckets": sorted(buckets)}).fetchone()
+        return count, age
+
+    def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
+        cur = self._execute(
+            "delete_confirmed", {"older_than_seconds": older_than_seconds, "limit": limit}
         )
         return cur.rowcount

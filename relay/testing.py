@@ -153,6 +153,25 @@ class InMemoryStore:
                 n += 1
             return n
 
+    def pending_stats(self, buckets: frozenset[int]) -> tuple[int, float | None]:
+        with self._lock:
+            now_wall = dt.datetime.now(dt.timezone.utc)
+            now = self._now()
+            pending = [r for r in self.rows.values()
+                       if r.status == "PENDING" and r.bucket in buckets]
+            ready = [r for r in pending if r.next_attempt_at is None or r.next_attempt_at <= now]
+            oldest = min((r.created_at for r in ready), default=None)
+            return len(pending), (now_wall - oldest).total_seconds() if oldest else None
+
+    def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
+        with self._lock:
+            cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_seconds)
+            old = [r.id for r in sorted(self.rows.values(), key=lambda r: r.id)
+                   if r.status == "CONFIRMED" and r.created_at < cutoff][:limit]
+            for row_id in old:
+                del self.rows[row_id]
+            return len(old)
+
     def close(self) -> None:
         pass
 

@@ -38,7 +38,7 @@ def test_too_large_for_its_topic_fails_alone_holds_its_key_and_others_flow(dsn, 
             run_until(relay, lambda: rows()[big.id][1] == "FAILED")
             final = rows()
         finally:
-            relay._shutdown()
+            relay.shutdown()
             relay.sink.close(5)
             relay.store.close()
         assert final[first.id][1] == "CONFIRMED" and final[other.id][1] == "CONFIRMED"
@@ -67,7 +67,7 @@ def test_request_rejected_as_a_whole_costs_no_attempts_and_everything_arrives(ds
         try:
             run_until(relay, lambda: all(r[1] == "CONFIRMED" for r in statuses(dsn)))
         finally:
-            relay._shutdown()
+            relay.shutdown()
             relay.sink.close(5)
             relay.store.close()
         assert "failed (isolate): MSG_SIZE_TOO_LARGE" in caplog.text, "the shared request failed"
