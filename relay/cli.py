@@ -12,7 +12,7 @@ import click
 import psycopg
 
 from outbox.errors import OutboxError
-from outbox.schema import SCHEMA_VERSION, apply_schema, installed_version
+from outbox.schema import apply_schema, installed_version
 from outbox.sql import schema_sql
 
 from .config import ConfigError, RelayConfig, redact_dsn, redact_text, secrets_of

@@ -141,7 +141,7 @@ class RelayConfig:
             if k in self.kafka and self.kafka[k] not in ("true", "all", "-1"):
                 raise ConfigError(f"{k}={self.kafka[k]} would give up delivery guarantees")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR")
+            raise ConfigError("log_level must be DEBUG, INFO, WARNING or ERROR")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError("metrics_port must be between 0 and 65535")
 

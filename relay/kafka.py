@@ -284,7 +284,9 @@ class KafkaSink:
                 outcomes[message.id] = outcome
             return None
 
-        outcomes.update(send_in_key_order(batch, produce_one))
+        # Failures found before or while producing (missing topic, refused by the producer, a
+        # message sent alone): each is this message's own. Reports come into `outcomes`.
+        early = send_in_key_order(batch, produce_one)
 
         # flush() returns how many are still queued instead of raising (#762).
         remaining = producer.flush(max(0.0, deadline - time.monotonic()))
@@ -298,13 +300,13 @@ class KafkaSink:
             self.reset()
         result: list[Outcome] = []
         for message in batch:
-            outcome = outcomes.get(message.id)
+            outcome = early.get(message.id) or outcomes.get(message.id)
             if outcome is None:
                 outcome = Failed(
                     message.id, FailureKind.UNKNOWN, "no delivery report before the flush deadline"
                 )
             elif (isinstance(outcome, Failed) and outcome.kind is FailureKind.PERMANENT
-                  and message.id not in sent_alone):
+                  and message.id not in early and message.id not in sent_alone):
                 # Rejected in a request shared with other messages: which one was at fault is
                 # not known. Nobody's attempt is counted; the relay sends them alone next time.
                 outcome = Failed(message.id, FailureKind.ISOLATE, outcome.error)

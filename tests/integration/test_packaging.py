@@ -4,7 +4,6 @@ there (run outside the source tree, so nothing can come from the checkout)."""
 import subprocess
 import sys
 import venv
-from pathlib import Path
 
 import psycopg
 

@@ -10,7 +10,6 @@ import threading
 import time
 
 import psycopg
-import pytest
 
 import outbox
 from relay.config import RelayConfig
@@ -26,8 +25,16 @@ def relay_config(dsn, bootstrap, **kw):
     )
 
 
-def drain(dsn, bootstrap, **kw):
-    assert run_relay(relay_config(dsn, bootstrap, **kw), threading.Event(), until_idle=True) == 0
+def drain(dsn, bootstrap, timeout=60.0, **kw):
+    """Run the relay until nothing is deliverable (or TIMEOUT, a failure)."""
+    stop = threading.Event()
+    timer = threading.Timer(timeout, stop.set)
+    timer.start()
+    try:
+        assert run_relay(relay_config(dsn, bootstrap, **kw), stop, until_idle=True) == 0
+    finally:
+        timer.cancel()
+    assert not stop.is_set(), f"the relay was still busy after {timeout}s"
 
 
 def statuses(dsn):

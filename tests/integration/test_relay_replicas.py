@@ -1,51 +1,15 @@
 """The relay daemon as real processes against the real pair: replicas, SIGKILL, SIGSTOP past the
 lease, SIGTERM while busy. Every test ends with the independent verifier."""
 
-import json
 import signal
 import threading
 import time
 
 import psycopg
-import pytest
 
-import outbox
-from tests.relay_process import RelayProcess, wait_for
+from tests.integration.conftest import all_confirmed, counts, write
+from tests.relay_process import wait_for
 from tests.verify import verify
-
-
-@pytest.fixture
-def relays(dsn, bootstrap, tmp_path):
-    started: list[RelayProcess] = []
-
-    def start(name: str, **env) -> RelayProcess:
-        proc = RelayProcess(name, dsn, bootstrap, tmp_path, **env)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.alive():
-            proc.kill()
-
-
-def counts(dsn):
-    with psycopg.connect(dsn) as c:
-        return dict(c.execute("SELECT status, count(*) FROM local_message GROUP BY 1").fetchall())
-
-
-def all_confirmed(dsn, total):
-    return counts(dsn).get("CONFIRMED", 0) == total
-
-
-def write(dsn, topic, n, keys, start=0, per_tx=100):
-    with psycopg.connect(dsn) as conn:
-        for base in range(start, start + n, per_tx):
-            with conn.transaction():
-                outbox.publish_many(conn, [
-                    dict(topic=topic, key=f"key-{i % keys}", payload={"i": i})
-                    for i in range(base, min(base + per_tx, start + n))
-                ])
 
 
 def test_three_replicas_deliver_10k_messages_over_100_keys_in_order(dsn, bootstrap, topic,

@@ -1,6 +1,5 @@
 """The lease rules of PostgresStore, step by step against the real server."""
 
-import time
 import uuid
 
 import psycopg
