@@ -79,6 +79,7 @@ class Relay:
         self._idle_wait = self.settings.idle_poll_min
         self._pause = 0.0
         self._alone: set[int] = set()
+        self._resets_seen = 0
         self.stats = Counter()
         self.last_progress = self.clock.monotonic()
 
@@ -159,6 +160,10 @@ class Relay:
         for message, outcome in list(zip(batch, outcomes))[::step]:
             if isinstance(outcome, Delivered):
                 m.commit_to_ack.observe(max(0.0, (acked_at - message.created_at).total_seconds()))
+        resets = getattr(self.sink, "resets", 0)
+        if resets > self._resets_seen:
+            m.producer_resets.inc(resets - self._resets_seen)
+            self._resets_seen = resets
         m.batch_size.observe(len(batch))
         m.batch_duration.observe(self.clock.monotonic() - started)
         given_up = sum(1 for u in updates if u.give_up)
