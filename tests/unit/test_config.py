@@ -59,3 +59,27 @@ def test_describe_never_shows_secrets():
 )
 def test_redact_dsn(dsn, shown):
     assert redact_dsn(dsn) == shown
+
+
+def test_every_setting_is_documented_with_its_environment_variable():
+    from dataclasses import fields
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    for f in fields(RelayConfig):
+        if f.name == "kafka":
+            continue
+        assert f"| {f.name} | `OUTBOX_{f.name.upper()}` |" in doc, f.name
+
+
+def test_invalid_configuration_exits_2_with_one_line():
+    from click.testing import CliRunner
+
+    from relay.cli import main
+
+    result = CliRunner().invoke(main, ["relay"], env={
+        "OUTBOX_DSN": "postgresql://u:topsecret@127.0.0.1:1/x",
+        "OUTBOX_BOOTSTRAP_SERVERS": "127.0.0.1:1", "OUTBOX_BATCH_SIZE": "-3"})
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: invalid configuration: batch_size must be at least 1"
+    assert "topsecret" not in result.output
