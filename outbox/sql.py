@@ -50,11 +50,17 @@ def table_ident(schema: str | None, table: str = TABLE) -> sql.Identifier:
 @functools.cache
 def query(package: str, filename: str, name: str, schema: str | None) -> sql.Composed:
     """The block NAME with its identifiers quoted for SCHEMA (None: the search_path)."""
-    body = read_blocks(package, filename)[name]
+    return compose(read_blocks(package, filename)[name], schema)
+
+
+def compose(body: str, schema: str | None, **fragments: sql.Composable) -> sql.Composed:
+    """BODY with {table} and the other table names quoted for SCHEMA, and FRAGMENTS (already
+    safe SQL, such as an operator's selection) put in their places."""
     idents = {
         "table": table_ident(schema),
         "bucket_table": table_ident(schema, "local_message_bucket"),
         "relay_table": table_ident(schema, "local_message_relay"),
         "schema_table": table_ident(schema, "local_message_schema"),
+        "audit_table": table_ident(schema, "local_message_audit"),
     }
-    return sql.SQL(body).format(**idents)
+    return sql.SQL(body).format(**idents, **fragments)

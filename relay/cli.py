@@ -1,45 +1,148 @@
-"""The `outbox` command: what operators run."""
+"""The `outbox` command: what operators run.
+
+Exit codes: 0 ok, 1 a check or condition failed (or an expected failure such as an unreachable
+database), 2 usage or configuration error. Expected failures print one line, never a traceback,
+and never a password.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
+import getpass
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
+from typing import Any
 
 import click
 import psycopg
 
 from outbox.errors import OutboxError
-from outbox.schema import apply_schema, installed_version
+from outbox.schema import apply_schema, installed_version, require_schema
 from outbox.sql import schema_sql
 
 from .config import ConfigError, RelayConfig, redact_dsn, redact_text, secrets_of
+from .selection import Selection, SelectionError, parse_duration, parse_ref
 
 EXIT_OK, EXIT_CONDITION, EXIT_USAGE = 0, 1, 2
 
 
-def _fail(message: str, code: int = EXIT_USAGE) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
+class Failure(Exception):
+    """An expected failure: one line for the operator, and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_CONDITION):
+        super().__init__(message)
+        self.code = code
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def expected_failures(func):
+    """Turn the failures an operator can meet into one clean line and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        dsn = kwargs.get("dsn") or ""
+        secrets = secrets_of(RelayConfig(dsn=dsn)) if dsn else []
+        try:
+            return func(*args, **kwargs)
+        except Failure as exc:
+            message, code = str(exc), exc.code
+        except SelectionError as exc:
+            message, code = str(exc), EXIT_USAGE
+        except ConfigError as exc:
+            message, code = f"invalid configuration: {exc}", EXIT_USAGE
+        except (OutboxError, psycopg.Error) as exc:
+            message, code = _first_line(exc), EXIT_CONDITION
+        click.echo(f"error: {redact_text(message, *secrets)}", err=True)
+        sys.exit(code)
+
+    return wrapper
 
 
 def _connect(dsn: str) -> psycopg.Connection:
     if not dsn:
-        _fail("no database: set --dsn or OUTBOX_DSN")
+        raise Failure("no database: set --dsn or OUTBOX_DSN", EXIT_USAGE)
     try:
         return psycopg.connect(dsn, autocommit=True, connect_timeout=10,
                                application_name="outbox-cli")
     except psycopg.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _fail(f"cannot connect to {redact_dsn(dsn)}: {redact_text(first, *_dsn_secrets(dsn))}",
-              EXIT_CONDITION)
+        raise Failure(f"cannot connect to {redact_dsn(dsn)}: {_first_line(exc)}") from None
 
 
-def _dsn_secrets(dsn: str) -> list[str]:
-    return secrets_of(RelayConfig(dsn=dsn))
+def _default_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
 
+
+def _show_key(key: bytes | None) -> str:
+    if key is None:
+        return "-"
+    try:
+        text = key.decode("utf-8")
+        if text.isprintable():
+            return text
+    except UnicodeDecodeError:
+        pass
+    return "0x" + key.hex()
+
+
+def _show_payload(payload: bytes) -> str:
+    try:
+        return json.dumps(json.loads(payload), indent=2, ensure_ascii=False)
+    except (ValueError, UnicodeDecodeError):
+        pass
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = payload[:512].hex(" ")
+        return f"({len(payload)} bytes, not UTF-8) {shown}{' ...' if len(payload) > 512 else ''}"
+
+
+def _age(when: dt.datetime | None) -> str:
+    if when is None:
+        return "-"
+    seconds = (dt.datetime.now(dt.timezone.utc) - when).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if abs(seconds) >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return _show_key(value)
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (int, float, str, bool)):
+        return value
+    return str(value)
+
+
+def _confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise Failure("not a terminal: add --yes to confirm", EXIT_USAGE)
+    if not click.confirm(question, default=False, err=True):
+        raise Failure("nothing done", EXIT_CONDITION)
+
+
+# --------------------------------------------------------------------------- options
 
 dsn_option = click.option(
     "--dsn", envvar="OUTBOX_DSN", default="", show_envvar=True,
@@ -49,17 +152,74 @@ schema_option = click.option(
     "--schema", envvar="OUTBOX_SCHEMA", default="public", show_default=True, show_envvar=True,
     help="Schema that holds local_message.",
 )
+bootstrap_option = click.option(
+    "--bootstrap-servers", "-b", envvar="OUTBOX_BOOTSTRAP_SERVERS", default="",
+    show_envvar=True, help="Kafka bootstrap servers.",
+)
+kafka_option = click.option(
+    "-X", "kafka_settings", multiple=True, metavar="KEY=VALUE",
+    help="librdkafka setting, repeatable (security.protocol, sasl.*, ssl.* ...).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def selection_options(func):
+    """The selection shared by list, replay and skip."""
+    options = [
+        click.argument("refs", nargs=-1, metavar="[ID|MESSAGE_ID]..."),
+        click.option("--status", "statuses", multiple=True, metavar="STATUS",
+                     help="PENDING, SENT, CONFIRMED, FAILED or SKIPPED; repeatable."),
+        click.option("--topic", default=None, help="Only this topic."),
+        click.option("--key", default=None, help="Only this key (text)."),
+        click.option("--key-hex", default=None, help="Only this key (hex, for binary keys)."),
+        click.option("--since", default=None, metavar="TIME",
+                     help="Created at or after TIME: ISO time, or an age like 2h."),
+        click.option("--until", default=None, metavar="TIME", help="Created before TIME."),
+        click.option("--error", default=None, metavar="TEXT",
+                     help="last_error contains TEXT (any case)."),
+        click.option("--expired-claims", is_flag=True,
+                     help="SENT rows whose row claim has expired."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _selection(refs, statuses, topic, key, key_hex, since, until, error, expired_claims):
+    return Selection.from_cli(refs, statuses, topic, key, key_hex, since, until, error,
+                              expired_claims)
+
+
+def _kafka_settings(items) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise Failure(f"-X needs KEY=VALUE, got {item.split('=')[0]!r}", EXIT_USAGE)
+        out[key.strip()] = value
+    return out
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
     """Transactional outbox for PostgreSQL, delivered to Kafka.
 
     \b
+    Every command reads OUTBOX_DSN and OUTBOX_SCHEMA (or --dsn, --schema).
+    Exit codes: 0 ok, 1 a check or condition failed, 2 usage or configuration error.
+
+    \b
     Examples:
-      outbox migrate                     create or upgrade the tables
-      outbox relay                       deliver pending events to Kafka
-      outbox status                      counts by status and the oldest pending age
+      outbox migrate                       create or upgrade the tables
+      outbox relay -b kafka:9092           deliver pending events to Kafka
+      outbox status                        counts, lag, blocked keys, relays
+      outbox list --status FAILED          what is stuck, and why
+      outbox show 1234                     one message, whole
+      outbox replay 1234 --yes             send it again
+      outbox doctor -b kafka:9092          check the set-up, with advice
     """
 
 
@@ -68,6 +228,7 @@ def main() -> None:
 @schema_option
 @click.option("--print", "print_sql", is_flag=True,
               help="Write the schema's SQL to stdout instead of applying it.")
+@expected_failures
 def migrate(dsn: str, schema: str, print_sql: bool) -> None:
     """Create or upgrade the outbox tables and print the schema version.
 
@@ -80,63 +241,369 @@ def migrate(dsn: str, schema: str, print_sql: bool) -> None:
     if print_sql:
         click.echo(schema_sql(), nl=False)
         return
-    conn = _connect(dsn)
-    try:
+    with _connect(dsn) as conn:
         before = installed_version(conn, schema)
         version = apply_schema(conn, schema)
-    except (OutboxError, psycopg.Error) as exc:
-        _fail(str(exc).strip().splitlines()[0], EXIT_CONDITION)
-    finally:
-        conn.close()
     if before == version:
-        click.echo(f"outbox schema {schema!s}: version {version} (already up to date)")
+        click.echo(f"outbox schema {schema}: version {version} (already up to date)")
     else:
-        click.echo(f"outbox schema {schema!s}: version {version} (was {before or 'absent'})")
+        click.echo(f"outbox schema {schema}: version {version} (was {before or 'absent'})")
 
 
 @main.command()
 @dsn_option
 @schema_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(dsn: str, schema: str, as_json: bool) -> None:
-    """Counts by status and topic, and the age of the oldest pending row.
+@json_option
+@click.option("--fail-if-lag", type=float, default=None, metavar="SECONDS",
+              help="Exit 1 if the oldest claimable PENDING row is older than SECONDS.")
+@click.option("--fail-if-failed", is_flag=True, help="Exit 1 if any row is FAILED.")
+@expected_failures
+def status(dsn: str, schema: str, as_json: bool, fail_if_lag, fail_if_failed) -> None:
+    """Counts by status and topic, lag, keys blocked by FAILED rows, relays alive.
+
+    The lag is the age of the oldest PENDING row that may be sent now (rows waiting for a
+    retry are not lag). For cron jobs and probes, --fail-if-lag and --fail-if-failed set the
+    exit code.
 
     \b
     Examples:
       outbox status
-      outbox status --json | jq .counts
+      outbox status --json | jq .oldest_pending_age_seconds
+      outbox status --fail-if-lag 60 --fail-if-failed     # exit 1 when unhealthy
     """
     from .status import read_status
 
-    conn = _connect(dsn)
-    try:
+    with _connect(dsn) as conn:
         report = read_status(conn, schema)
-    except (OutboxError, psycopg.Error) as exc:
-        _fail(str(exc).strip().splitlines()[0], EXIT_CONDITION)
-    finally:
-        conn.close()
-    if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
-        return
-    click.echo(f"schema {schema}: version {report['schema_version']}")
-    for st, count in report["counts"].items():
-        click.echo(f"  {st:<10} {count}")
+    problems = []
     age = report["oldest_pending_age_seconds"]
-    click.echo(f"oldest pending: {'-' if age is None else f'{age:.1f}s'}")
+    if fail_if_lag is not None and age is not None and age > fail_if_lag:
+        problems.append(f"lag {age:.1f}s > {fail_if_lag:g}s")
+    if fail_if_failed and report["counts"]["FAILED"]:
+        problems.append(f"{report['counts']['FAILED']} FAILED rows")
+    report["problems"] = problems
+    if as_json:
+        click.echo(json.dumps(_jsonable(report), indent=2))
+    else:
+        _print_status(report)
+    if problems:
+        sys.exit(EXIT_CONDITION)
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    click.echo(f"schema {report['schema']}: version {report['schema_version']}")
+    click.echo("  " + "  ".join(f"{st} {n}" for st, n in report["counts"].items()))
+    age = report["oldest_pending_age_seconds"]
+    click.echo(f"lag (oldest claimable PENDING): {'-' if age is None else f'{age:.1f}s'}"
+               f"   waiting for a retry: {report['in_backoff']}")
     for topic, counts in report["by_topic"].items():
         click.echo(f"  topic {topic}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    blocked = report["blocked_keys"]
+    click.echo(f"keys blocked by a FAILED row: {report['blocked_key_count']}")
+    for b in blocked:
+        click.echo(f"  key {b['key']}: FAILED row {b['first_failed']}, {b['held']} rows held "
+                   f"behind it  (outbox show {b['first_failed']})")
     click.echo(f"relays alive: {len(report['relays'])}")
     for r in report["relays"]:
-        click.echo(f"  {r['name']} ({r['relay_id']}): {r['buckets']} buckets")
+        click.echo(f"  {r['name']}: {r['buckets']} buckets, heartbeat {_age(r['heartbeat_at'])} ago")
+    for p in report.get("problems", []):
+        click.echo(f"PROBLEM: {p}")
+
+
+@main.command(name="list")
+@dsn_option
+@schema_option
+@selection_options
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--after-id", type=int, default=0, help="Page on: rows with a larger id.")
+@json_option
+@expected_failures
+def list_command(dsn, schema, refs, statuses, topic, key, key_hex, since, until, error,
+                 expired_claims, limit, after_id, as_json) -> None:
+    """List messages, oldest first, filtered.
+
+    \b
+    Examples:
+      outbox list --status FAILED
+      outbox list --status PENDING --topic payments --since 2h
+      outbox list --key account-42 --limit 20
+      outbox list --error MSG_SIZE_TOO_LARGE --json
+      outbox list --status CONFIRMED --after-id 120000     # next page
+    """
+    from .operations import list_rows
+
+    selection = _selection(refs, statuses, topic, key, key_hex, since, until, error,
+                           expired_claims)
+    with _connect(dsn) as conn:
+        require_schema(conn, schema)
+        rows = list_rows(conn, schema, selection, limit, after_id)
+    if as_json:
+        click.echo(json.dumps(_jsonable(rows), indent=2))
+        return
+    if not rows:
+        click.echo("no messages match")
+        return
+    click.echo(f"{'ID':>10}  {'STATUS':<9} {'TOPIC':<24} {'KEY':<20} {'TRIES':>5} {'AGE':>7}  "
+               "LAST ERROR")
+    for r in rows:
+        err = (r["last_error"] or "").replace("\n", " ")
+        click.echo(f"{r['id']:>10}  {r['status']:<9} {r['topic'][:24]:<24} "
+                   f"{_show_key(r['key'])[:20]:<20} {r['attempts']:>5} "
+                   f"{_age(r['created_at']):>7}  {err[:60]}")
+    if len(rows) == limit:
+        click.echo(f"(more: --after-id {rows[-1]['id']})")
 
 
 @main.command()
 @dsn_option
 @schema_option
-@click.option("--bootstrap-servers", "-b", envvar="OUTBOX_BOOTSTRAP_SERVERS", default="",
-              show_envvar=True, help="Kafka bootstrap servers.")
-@click.option("-X", "kafka_settings", multiple=True, metavar="KEY=VALUE",
-              help="librdkafka producer setting, repeatable (sasl.*, ssl.*, linger.ms ...).")
+@click.argument("ref", metavar="ID|MESSAGE_ID")
+@json_option
+@expected_failures
+def show(dsn, schema, ref, as_json) -> None:
+    """Show one message whole: payload, headers, attempts, error, where it went.
+
+    \b
+    Examples:
+      outbox show 1234
+      outbox show 01a217f4-2439-76cc-80ca-42a17b83b829
+    """
+    from .operations import get_row
+
+    parsed = parse_ref(ref)  # a usage error before any connection
+    with _connect(dsn) as conn:
+        require_schema(conn, schema)
+        row = get_row(conn, schema, parsed)
+    if row is None:
+        raise Failure(f"no message {ref}")
+    if as_json:
+        out = dict(row)
+        out["payload"] = _show_payload(row["payload"])
+        out["headers"] = [[k, _show_key(v) if v is not None else None]
+                          for k, v in row["headers"]]
+        click.echo(json.dumps(_jsonable(out), indent=2))
+        return
+    lines = [
+        ("id", row["id"]), ("message_id", row["message_id"]), ("status", row["status"]),
+        ("topic", row["topic"]), ("key", _show_key(row["key"])), ("bucket", row["bucket"]),
+        ("attempts", row["attempts"]),
+        ("next attempt", row["next_attempt_at"] or "-"),
+        ("last error", row["last_error"] or "-"),
+        ("created", f"{row['created_at']} ({_age(row['created_at'])} ago)"),
+        ("delivered", row["delivered_at"] or "-"),
+        ("kafka", f"partition {row['kafka_partition']}, offset {row['kafka_offset']}"
+         if row["kafka_offset"] is not None else "-"),
+        ("dedup key", row["dedup_key"] or "-"),
+    ]
+    for name, value in lines:
+        click.echo(f"{name + ':':<14}{value}")
+    if row["held_behind"]:
+        click.echo(f"{'blocking:':<14}{row['held_behind']} later rows of this key wait behind "
+                   "it (outbox replay / outbox skip)")
+    click.echo("headers:")
+    for k, v in row["headers"] or []:
+        click.echo(f"  {k}: {_show_key(v) if v is not None else '(null)'}")
+    click.echo("payload:")
+    click.echo(_show_payload(row["payload"]))
+
+
+def _change_command(action: str):
+    """replay and skip: the same selection, dry run, confirmation, batches, audit."""
+
+    def run(dsn, schema, refs, statuses, topic, key, key_hex, since, until, error,
+            expired_claims, dry_run, yes, actor, reason):
+        from . import operations
+
+        selection = _selection(refs, statuses, topic, key, key_hex, since, until, error,
+                               expired_claims)
+        if selection.is_empty():
+            raise Failure(f"say what to {action}: ids, --status, --topic, --key, --since ...",
+                          EXIT_USAGE)
+        if action == "skip" and selection.statuses and selection.statuses != ["FAILED"]:
+            raise Failure("skip changes FAILED rows only", EXIT_USAGE)
+        with _connect(dsn) as conn:
+            require_schema(conn, schema)
+            counts = operations.count_rows(conn, schema, selection)
+            eligible = (("FAILED",) if action == "skip"
+                        else ("FAILED", "SKIPPED", "CONFIRMED", "PENDING", "SENT"))
+            total = sum(n for st, n in counts.items() if st in eligible)
+            sample = operations.list_rows(conn, schema, selection, limit=5)
+            click.echo(f"{action}: {total} messages match "
+                       f"({', '.join(f'{st} {n}' for st, n in counts.items()) or 'none'})")
+            for r in sample:
+                click.echo(f"  {r['id']:>10} {r['status']:<9} {r['topic']} "
+                           f"{_show_key(r['key'])} {(r['last_error'] or '')[:60]}")
+            if dry_run or total == 0:
+                return
+            _confirm(f"{action.capitalize()} these {total} messages?", yes)
+            with click.progressbar(length=total, label=action, file=sys.stderr) as bar:
+                do = operations.replay if action == "replay" else operations.skip
+                changed = do(conn, schema, selection, actor or _default_actor(), reason,
+                             progress=bar.update)
+        click.echo(f"{action}: {len(changed)} messages "
+                   f"{'back to PENDING' if action == 'replay' else 'SKIPPED'} "
+                   "(recorded in the audit trail: outbox audit)")
+
+    return run
+
+
+def _change_options(func):
+    for option in reversed([
+        dsn_option, schema_option, selection_options,
+        click.option("--dry-run", is_flag=True, help="Show the count and a sample; change nothing."),
+        click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation."),
+        click.option("--actor", default=None, help="Who does it, for the audit trail [user@host]."),
+        click.option("--reason", default=None, help="Why, for the audit trail."),
+        expected_failures,
+    ]):
+        func = option(func)
+    return func
+
+
+@main.command()
+@_change_options
+def replay(**kwargs) -> None:
+    """Send selected messages again: back to PENDING, attempts and backoff cleared.
+
+    Takes FAILED and SKIPPED rows, PENDING rows waiting for a retry (sent at once), SENT rows
+    whose claim expired, and CONFIRMED rows (sent once more: consumers see a duplicate, which
+    they drop by message_id). Works in batches of 1,000, each with its audit row.
+
+    \b
+    Examples:
+      outbox replay 1234 --yes
+      outbox replay --status FAILED --topic payments --dry-run
+      outbox replay --status FAILED --error UNKNOWN_TOPIC --reason "topic created" --yes
+      outbox replay --status CONFIRMED --topic ledger --since 2026-11-26T09:00 --until 1h
+    """
+    _change_command("replay")(**kwargs)
+
+
+@main.command()
+@_change_options
+def skip(**kwargs) -> None:
+    """Mark selected FAILED messages SKIPPED, on purpose, to unblock their keys.
+
+    A skipped message is never sent (unless replayed); the later messages of its key go on.
+
+    \b
+    Examples:
+      outbox skip 1234 --reason "malformed, re-issued as 1301" --yes
+      outbox skip --status FAILED --key account-42 --dry-run
+    """
+    _change_command("skip")(**kwargs)
+
+
+@main.command()
+@dsn_option
+@schema_option
+@click.option("--older-than", required=True, metavar="AGE",
+              help="Delete rows created more than AGE ago (30m, 12h, 7d ...).")
+@click.option("--include-skipped", is_flag=True, help="Delete SKIPPED rows too.")
+@click.option("--dry-run", is_flag=True, help="Count only.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--actor", default=None, help="Who does it, for the audit trail [user@host].")
+@expected_failures
+def purge(dsn, schema, older_than, include_skipped, dry_run, yes, actor) -> None:
+    """Delete old CONFIRMED (and, if asked, SKIPPED) rows in small batches.
+
+    Never PENDING, SENT or FAILED rows. Each batch of 1,000 is its own short transaction.
+
+    \b
+    Examples:
+      outbox purge --older-than 7d --dry-run
+      outbox purge --older-than 30d --include-skipped --yes
+    """
+    from . import operations
+
+    cutoff = dt.datetime.now(dt.timezone.utc) - parse_duration(older_than)
+    statuses = ["CONFIRMED"] + (["SKIPPED"] if include_skipped else [])
+    with _connect(dsn) as conn:
+        require_schema(conn, schema)
+        total = operations.purge_count(conn, schema, statuses, cutoff)
+        click.echo(f"purge: {total} {' and '.join(statuses)} rows created before "
+                   f"{cutoff.isoformat(timespec='seconds')}")
+        if dry_run or total == 0:
+            return
+        _confirm(f"Delete these {total} rows?", yes)
+        with click.progressbar(length=total, label="purge", file=sys.stderr) as bar:
+            deleted = operations.purge(conn, schema, statuses, cutoff,
+                                       actor or _default_actor(), progress=bar.update)
+    click.echo(f"purge: {deleted} rows deleted")
+
+
+@main.command()
+@dsn_option
+@schema_option
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@json_option
+@expected_failures
+def audit(dsn, schema, limit, as_json) -> None:
+    """The audit trail: every replay, skip and purge, newest first.
+
+    \b
+    Examples:
+      outbox audit
+      outbox audit --limit 500 --json > audit.json
+    """
+    from .operations import audit_log
+
+    with _connect(dsn) as conn:
+        require_schema(conn, schema)
+        entries = audit_log(conn, schema, limit)
+    if as_json:
+        click.echo(json.dumps(_jsonable(entries), indent=2))
+        return
+    for e in entries:
+        ids = e["ids"] or []
+        shown = ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else "")
+        click.echo(f"{e['at']:%Y-%m-%d %H:%M:%S%z}  {e['action']:<6} {e['affected']:>7} rows  "
+                   f"by {e['actor']} ({e['db_user']})  {json.dumps(e['selection'])}"
+                   + (f"  reason: {e['reason']}" if e["reason"] else "")
+                   + (f"  ids: {shown}" if ids else ""))
+
+
+@main.command()
+@dsn_option
+@schema_option
+@bootstrap_option
+@kafka_option
+@json_option
+@expected_failures
+def doctor(dsn, schema, bootstrap_servers, kafka_settings, as_json) -> None:
+    """Check the set-up and say what to do about each problem.
+
+    Checks PostgreSQL and Kafka connectivity, the schema version, the expected indexes, that
+    the topics of pending messages exist, the table's autovacuum settings, transactions old
+    enough to hold back vacuum, dead rows, FAILED rows and live relays. Exit 1 if any check
+    fails (warnings alone exit 0).
+
+    \b
+    Examples:
+      outbox doctor -b kafka:9092
+      outbox doctor --json
+    """
+    from .doctor import run_checks
+
+    kafka = _kafka_settings(kafka_settings)
+    if bootstrap_servers:
+        kafka["bootstrap.servers"] = bootstrap_servers
+    findings = run_checks(dsn, schema, kafka)
+    secrets = secrets_of(RelayConfig(dsn=dsn, kafka=kafka))
+    if as_json:
+        click.echo(redact_text(json.dumps([f.as_dict() for f in findings], indent=2), *secrets))
+    else:
+        for f in findings:
+            click.echo(redact_text(f.line(), *secrets))
+    if any(f.level == "fail" for f in findings):
+        sys.exit(EXIT_CONDITION)
+
+
+@main.command()
+@dsn_option
+@schema_option
+@bootstrap_option
+@kafka_option
 @click.option("--name", default=None, help="Relay name in status and logs [host-pid].")
 @click.option("--batch-size", type=int, default=None, help="Rows per batch [2000].")
 @click.option("--no-listen", is_flag=True, help="Do not LISTEN for NOTIFY; poll only.")
@@ -147,38 +614,31 @@ def status(dsn: str, schema: str, as_json: bool) -> None:
               help="Delete CONFIRMED rows older than this, in small batches [keep all].")
 @click.option("--once", is_flag=True, help="Deliver until nothing is pending, then exit.")
 @click.option("--log-json", is_flag=True, default=None, help="One JSON object per log line.")
+@expected_failures
 def relay(dsn, schema, bootstrap_servers, kafka_settings, name, batch_size, no_listen,
           metrics_port, dead_letter_topic, retention_seconds, once, log_json) -> None:
     """Deliver pending events to Kafka until SIGTERM or SIGINT.
 
-    Every option also reads an OUTBOX_* environment variable (OUTBOX_BATCH_SIZE,
+    Every setting also reads an OUTBOX_* environment variable (OUTBOX_BATCH_SIZE,
     OUTBOX_LEASE_SECONDS ...); librdkafka settings read OUTBOX_KAFKA_* (OUTBOX_KAFKA_SASL_USERNAME
-    is sasl.username).
+    is sasl.username). See docs/configuration.md.
 
     \b
     Examples:
-      outbox relay -b kafka:9092
+      outbox relay -b kafka:9092 --metrics-port 9108
       outbox relay -X security.protocol=SASL_SSL -X sasl.mechanisms=PLAIN \\
                    -X sasl.username=relay -X sasl.password=...
     """
     from .logs import configure_logging
     from .runner import run_relay
 
-    kafka = {}
-    for item in kafka_settings:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            _fail(f"-X needs KEY=VALUE, got {item.split('=')[0]!r}")
-        kafka[key.strip()] = value
-    try:
-        cfg = RelayConfig.from_env(
-            dsn=dsn or None, schema=schema, bootstrap_servers=bootstrap_servers or None,
-            name=name, batch_size=batch_size, listen=False if no_listen else None,
-            metrics_port=metrics_port, dead_letter_topic=dead_letter_topic,
-            retention_seconds=retention_seconds, log_json=log_json, kafka=kafka,
-        )
-    except ConfigError as exc:
-        _fail(f"invalid configuration: {exc}")
+    cfg = RelayConfig.from_env(
+        dsn=dsn or None, schema=schema, bootstrap_servers=bootstrap_servers or None,
+        name=name, batch_size=batch_size, listen=False if no_listen else None,
+        metrics_port=metrics_port, dead_letter_topic=dead_letter_topic,
+        retention_seconds=retention_seconds, log_json=log_json,
+        kafka=_kafka_settings(kafka_settings),
+    )
     configure_logging(cfg.log_level, cfg.log_json, secrets_of(cfg))
     logging.getLogger("relay").info("configuration: %s", cfg.describe())
     stop = threading.Event()
@@ -192,7 +652,7 @@ def relay(dsn, schema, bootstrap_servers, kafka_settings, name, batch_size, no_l
     try:
         code = run_relay(cfg, stop, until_idle=once)
     except OutboxError as exc:
-        _fail(redact_text(str(exc), *secrets_of(cfg)), EXIT_CONDITION)
+        raise Failure(redact_text(str(exc), *secrets_of(cfg))) from None
     sys.exit(code)
 
 

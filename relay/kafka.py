@@ -326,3 +326,12 @@ def check_kafka(config: Mapping[str, str], timeout: float = 5.0) -> str | None:
     except KafkaException as exc:
         return describe(exc.args[0]) + (f" ({problems[-1]})" if problems else "")
     return None
+
+
+def missing_topics(config: Mapping[str, str], topics: Sequence[str]) -> list[str]:
+    """Which of TOPICS the cluster does not have."""
+    if not topics:
+        return []
+    settings = {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
+    existing = AdminClient(settings, logger=log).list_topics(timeout=10).topics
+    return sorted(t for t in topics if t not in existing)

@@ -9,6 +9,8 @@ import psycopg
 from outbox.schema import require_schema
 from outbox.sql import query
 
+from . import operations
+
 STATUSES = ("PENDING", "SENT", "CONFIRMED", "FAILED", "SKIPPED")
 
 
@@ -30,11 +32,31 @@ def read_status(conn: psycopg.Connection, schema: str) -> dict[str, Any]:
             for rid, name, hb, buckets in conn.execute(q("relays"))
         ]
         version = conn.execute(q("schema_version")).fetchone()[0]
+        (in_backoff,) = conn.execute(q("in_backoff")).fetchone()
+        blocked = operations.blocked_keys(conn, schema, limit=10)
+        blocked_count = operations.blocked_key_count(conn, schema)
     return {
         "schema": schema,
         "schema_version": version,
         "counts": counts,
         "by_topic": by_topic,
         "oldest_pending_age_seconds": age,
+        "in_backoff": in_backoff,
+        "blocked_key_count": blocked_count,
+        "blocked_keys": [
+            {"key": _key_text(b["key"]), "first_failed": b["first_failed"],
+             "failed": b["failed"], "held": b["held"]}
+            for b in blocked
+        ],
         "relays": relays,
     }
+
+
+def _key_text(key: bytes) -> str:
+    try:
+        text = key.decode("utf-8")
+        if text.isprintable():
+            return text
+    except UnicodeDecodeError:
+        pass
+    return "0x" + key.hex()

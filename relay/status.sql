@@ -19,3 +19,7 @@ SELECT r.relay_id, r.name, r.heartbeat_at,
 
 -- name: schema_version
 SELECT max(version) FROM {schema_table}
+
+-- name: in_backoff
+SELECT count(*) FROM {table}
+ WHERE status = 'PENDING' AND next_attempt_at IS NOT NULL AND next_attempt_at > now()

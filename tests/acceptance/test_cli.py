@@ -1,0 +1,217 @@
+"""The `outbox` command, through click's runner and as a real process, against the real
+PostgreSQL (and Kafka where it matters)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+import outbox
+from relay.cli import main
+from tests.integration.test_relay_kafka import drain
+from tests.kafka_helpers import create_topic, delete_topic, read_all
+
+
+def cli(*args, env=None, input=None):
+    return CliRunner().invoke(main, list(args), env=env or {}, input=input,
+                              catch_exceptions=False)
+
+
+def run(*args, env=None, timeout=60):
+    """The installed command, as an operator types it."""
+    return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def set_status(dsn, status, where="true", **cols):
+    with psycopg.connect(dsn) as c:
+        c.execute(f"UPDATE local_message SET status = %s WHERE {where}", (status,))
+
+
+def test_stuck_message_found_understood_and_replayed(dsn, bootstrap, topic):
+    """The 3 a.m. story: a topic is missing, its message FAILED and holds its key. The operator
+    finds it, sees why, creates the topic, replays it, and the key flows in order."""
+    missing = topic + ".late"
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        stuck = outbox.publish(conn, topic=missing, key="acct-7", payload={"n": 1})
+        outbox.publish(conn, topic=topic, key="acct-7", payload={"n": 2})
+        outbox.publish(conn, topic=topic, key="acct-8", payload={"n": 3})
+    drain(dsn, bootstrap, max_attempts=1)
+    env = {"OUTBOX_DSN": dsn}
+
+    status = run("status", "--fail-if-failed", env=env)
+    assert status.returncode == 1
+    assert "keys blocked by a FAILED row: 1" in status.stdout
+    assert f"key acct-7: FAILED row {stuck.id}, 1 rows held behind it" in status.stdout
+    assert "PROBLEM: 1 FAILED rows" in status.stdout
+
+    listed = run("list", "--status", "FAILED", env=env)
+    assert listed.returncode == 0 and str(stuck.id) in listed.stdout
+    assert "UNKNOWN_TOPIC" in listed.stdout
+
+    shown = run("show", str(stuck.message_id), env=env)
+    assert "status:       FAILED" in shown.stdout and missing in shown.stdout
+    assert "1 later rows of this key wait behind it" in shown.stdout
+    assert '"n": 1' in shown.stdout
+
+    create_topic(bootstrap, missing, partitions=1)
+    try:
+        dry = run("replay", "--status", "FAILED", "--error", "unknown_topic", "--dry-run",
+                  env=env)
+        assert "replay: 1 messages match (FAILED 1)" in dry.stdout
+        refused = run("replay", "--status", "FAILED", env=env)  # no terminal, no --yes
+        assert refused.returncode == 2 and "--yes" in refused.stderr
+        done = run("replay", "--status", "FAILED", "--error", "UNKNOWN_TOPIC", "--yes",
+                   "--actor", "oncall@pager", "--reason", "topic created", env=env)
+        assert done.returncode == 0, done.stderr
+        assert "replay: 1 messages back to PENDING" in done.stdout
+        drain(dsn, bootstrap)
+        assert [json.loads(m.value) for m in read_all(bootstrap, missing, expected=1)] == \
+            [{"n": 1}]
+        assert sorted(json.loads(m.value)["n"] for m in read_all(bootstrap, topic, 2)) == [2, 3]
+        with psycopg.connect(dsn) as c:
+            rows = c.execute("SELECT id, status, delivered_at FROM local_message ORDER BY id"
+                             ).fetchall()
+        assert [r[1] for r in rows] == ["CONFIRMED"] * 3
+        assert rows[0][2] <= rows[1][2], "the held row did not go out before the replayed one"
+        trail = json.loads(run("audit", "--json", env=env).stdout)
+        assert trail[0]["action"] == "replay" and trail[0]["actor"] == "oncall@pager"
+        assert trail[0]["ids"] == [stuck.id] and trail[0]["reason"] == "topic created"
+        assert trail[0]["selection"] == {"statuses": ["FAILED"], "error": "UNKNOWN_TOPIC"}
+        assert run("status", "--fail-if-failed", "--fail-if-lag", "60", env=env).returncode == 0
+    finally:
+        delete_topic(bootstrap, missing)
+
+
+def test_skip_unblocks_a_key_and_is_audited(dsn, bootstrap, topic):
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        poison = outbox.publish(conn, topic=topic + ".nope", key="k", payload={"n": 1})
+        outbox.publish(conn, topic=topic, key="k", payload={"n": 2})
+    drain(dsn, bootstrap, max_attempts=1)
+    env = {"OUTBOX_DSN": dsn}
+    result = cli("skip", str(poison.id), "--yes", "--reason", "bad topic name", env=env)
+    assert result.exit_code == 0, result.output
+    assert "skip: 1 messages SKIPPED" in result.output
+    drain(dsn, bootstrap)
+    assert [json.loads(m.value) for m in read_all(bootstrap, topic, expected=1)] == [{"n": 2}]
+    assert cli("skip", "--status", "CONFIRMED", "--yes", env=env).exit_code == 2
+    entries = json.loads(cli("audit", "--json", env=env).output)
+    assert entries[0]["action"] == "skip" and entries[0]["ids"] == [poison.id]
+
+
+def test_list_filters_and_pages(conn, dsn):
+    with conn.transaction():
+        outbox.publish_many(conn, [dict(topic="a" if i % 2 else "b", key=f"k{i % 3}",
+                                        payload={"i": i}) for i in range(30)])
+    env = {"OUTBOX_DSN": dsn}
+    page = json.loads(cli("list", "--topic", "a", "--limit", "5", "--json", env=env).output)
+    assert [r["topic"] for r in page] == ["a"] * 5
+    after = page[-1]["id"]
+    nxt = json.loads(cli("list", "--topic", "a", "--limit", "5", "--after-id", str(after),
+                         "--json", env=env).output)
+    assert nxt[0]["id"] > after and len(nxt) == 5
+    assert len(json.loads(cli("list", "--key", "k1", "--limit", "100", "--json",
+                              env=env).output)) == 10
+    assert json.loads(cli("list", "--since", "1h", "--until", "2h", "--json", env=env).output) == []
+    assert "(more: --after-id" in cli("list", "--limit", "3", env=env).output
+    bad = cli("list", "--since", "yesterday", env=env)
+    assert bad.exit_code == 2 and "not a time" in bad.output
+
+
+def test_replay_of_confirmed_rows_resends_them(conn, dsn):
+    with conn.transaction():
+        ids = [p.id for p in outbox.publish_many(conn, [dict(topic="t", payload={})] * 3)]
+    set_status(dsn, "CONFIRMED")
+    env = {"OUTBOX_DSN": dsn}
+    assert cli("replay", env=env).exit_code == 2, "an empty selection is refused"
+    result = cli("replay", "--status", "CONFIRMED", str(ids[0]), "--yes", env=env)
+    assert result.exit_code == 0 and "1 messages back to PENDING" in result.output
+    with psycopg.connect(dsn) as c:
+        assert c.execute("SELECT status FROM local_message ORDER BY id").fetchall() == [
+            ("PENDING",), ("CONFIRMED",), ("CONFIRMED",)]
+
+
+def test_replay_in_batches_with_one_audit_row_per_batch(conn, dsn):
+    with conn.transaction():
+        outbox.publish_many(conn, [dict(topic="t", payload={})] * 2500)
+    set_status(dsn, "FAILED")
+    result = cli("replay", "--status", "FAILED", "--yes", env={"OUTBOX_DSN": dsn})
+    assert "replay: 2500 messages back to PENDING" in result.output
+    with psycopg.connect(dsn) as c:
+        assert c.execute("SELECT affected FROM local_message_audit ORDER BY id").fetchall() == [
+            (1000,), (1000,), (500,)]
+
+
+def test_purge_deletes_only_old_confirmed_and_skipped_rows(conn, dsn):
+    with conn.transaction():
+        outbox.publish_many(conn, [dict(topic="t", payload={})] * 2500)
+    with psycopg.connect(dsn) as c:
+        c.execute("UPDATE local_message SET created_at = now() - interval '10 days', "
+                  "status = CASE WHEN id % 5 = 0 THEN 'PENDING' WHEN id % 5 = 1 THEN 'FAILED' "
+                  "WHEN id % 5 = 2 THEN 'SKIPPED' ELSE 'CONFIRMED' END")
+        c.execute("INSERT INTO local_message (topic, payload, status) VALUES ('t', 'x', 'CONFIRMED')")
+    env = {"OUTBOX_DSN": dsn}
+    dry = cli("purge", "--older-than", "7d", "--dry-run", env=env)
+    assert "purge: 1000 CONFIRMED rows created before" in dry.output
+    done = cli("purge", "--older-than", "7d", "--include-skipped", "--yes", env=env)
+    assert "purge: 1500 rows deleted" in done.output, done.output
+    with psycopg.connect(dsn) as c:
+        left = dict(c.execute("SELECT status, count(*) FROM local_message GROUP BY 1").fetchall())
+        audit = c.execute("SELECT action, affected FROM local_message_audit").fetchall()
+    assert left == {"PENDING": 500, "FAILED": 500, "CONFIRMED": 1}
+    assert audit == [("purge", 1500)]
+
+
+def test_status_json_fields(conn, dsn):
+    with conn.transaction():
+        outbox.publish(conn, topic="t", key="k", payload={})
+    report = json.loads(cli("status", "--json", env={"OUTBOX_DSN": dsn}).output)
+    assert set(report) >= {"schema", "schema_version", "counts", "by_topic",
+                           "oldest_pending_age_seconds", "in_backoff", "blocked_key_count",
+                           "blocked_keys", "relays", "problems"}
+    assert report["counts"]["PENDING"] == 1 and report["by_topic"] == {"t": {"PENDING": 1}}
+    lagging = cli("status", "--fail-if-lag", "0", env={"OUTBOX_DSN": dsn})
+    assert lagging.exit_code == 1 and "PROBLEM: lag" in lagging.output
+
+
+def test_expected_failures_are_one_line_without_traceback_or_password(empty_dsn):
+    bad = "postgresql://outbox:wr0ngpass@127.0.0.1:1/none"
+    for args in (["status"], ["list"], ["migrate"], ["show", "1"], ["replay", "1", "--yes"]):
+        r = run(*args, env={"OUTBOX_DSN": bad})
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr.startswith("error: cannot connect to postgresql://outbox:***@127.0.0.1:1")
+        assert "Traceback" not in r.stderr and "wr0ngpass" not in r.stderr + r.stdout
+        assert len(r.stderr.strip().splitlines()) == 1
+    missing = run("status", env={"OUTBOX_DSN": empty_dsn})
+    assert missing.returncode == 1 and "run `outbox migrate`" in missing.stderr
+    assert run("show", "not-an-id", env={"OUTBOX_DSN": empty_dsn}).returncode == 2
+    assert run("status", env={"OUTBOX_DSN": ""}).returncode == 2
+
+
+def test_migrate_then_doctor(empty_dsn, bootstrap):
+    env = {"OUTBOX_DSN": empty_dsn}
+    before = run("doctor", "-b", bootstrap, env=env)
+    assert before.returncode == 1 and "FAIL] schema: no outbox tables" in before.stdout
+    assert "-> run: outbox migrate --schema public" in before.stdout
+    assert run("migrate", env=env).stdout.strip() == "outbox schema public: version 2 (was absent)"
+    assert "already up to date" in run("migrate", env=env).stdout
+    with psycopg.connect(empty_dsn) as c:
+        c.execute("INSERT INTO local_message (topic, payload) VALUES ('no.such.topic', 'x')")
+    after = run("doctor", "-b", bootstrap, "--json", env=env)
+    findings = {f["check"]: f for f in json.loads(after.stdout)}
+    assert findings["topics"]["level"] == "fail" and "no.such.topic" in findings["topics"]["message"]
+    assert findings["relays"]["level"] == "fail"
+    assert findings["indexes"]["level"] == "ok" and findings["kafka"]["level"] == "ok"
+    down = run("doctor", "-b", "127.0.0.1:1", env=env, timeout=90)
+    assert "FAIL] kafka: not reachable" in down.stdout
+
+
+def test_every_command_has_help_with_examples():
+    for command in main.commands:
+        result = cli(command, "--help")
+        assert result.exit_code == 0 and "Examples:" in result.output, command
