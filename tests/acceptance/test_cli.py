@@ -5,10 +5,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import psycopg
-import pytest
 from click.testing import CliRunner
 
 import outbox
