@@ -4,6 +4,7 @@ source of truth, so a lost notification or a dead listener costs latency, never 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import psycopg
@@ -38,22 +39,24 @@ class Listener:
             self._retry_at = time.monotonic() + 10.0
             return None
 
-    def wait(self, timeout: float) -> None:
-        """Return after a notification for our schema, or after TIMEOUT seconds."""
+    def wait(self, timeout: float, stop: threading.Event | None = None) -> None:
+        """Return after a notification for our schema, after TIMEOUT seconds, or soon after
+        STOP is set (it is looked at every quarter second)."""
+        stop = stop or threading.Event()
         deadline = time.monotonic() + timeout
         conn = self._connect()
         if conn is None:
-            time.sleep(timeout)
+            stop.wait(timeout)
             return
         try:
-            while (left := deadline - time.monotonic()) > 0:
-                for note in conn.notifies(timeout=left, stop_after=1):
+            while (left := deadline - time.monotonic()) > 0 and not stop.is_set():
+                for note in conn.notifies(timeout=min(left, 0.25), stop_after=1):
                     if note.payload == self._schema:
                         return
         except psycopg.Error as exc:
             log.warning("LISTEN connection lost: %s", exc)
             self.close()
-            time.sleep(max(0.0, deadline - time.monotonic()))
+            stop.wait(max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
         if self._conn is not None:

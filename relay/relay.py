@@ -58,7 +58,7 @@ class Relay:
         retry: RetryPolicy | None = None,
         clock: Clock | None = None,
         metrics: RelayMetrics | None = None,
-        wait_for_work: Callable[[float], None] | None = None,
+        wait_for_work: Callable[[float, threading.Event], None] | None = None,
         **overrides,
     ):
         self.store = store
@@ -70,7 +70,8 @@ class Relay:
         self.clock = clock or SystemClock()
         self.metrics = metrics or RelayMetrics()
         self.breaker = CircuitBreaker()
-        # Blocks up to N seconds or until new rows are announced (LISTEN); None: plain wait.
+        # Blocks up to N seconds, until new rows are announced (LISTEN) or until the stop event
+        # is set; None: a plain wait on the clock.
         self._wait_for_work = wait_for_work
         self.buckets: frozenset[int] = frozenset()
         self._lease_valid_until = float("-inf")
@@ -279,7 +280,7 @@ class Relay:
         if stop.is_set():
             return
         if self._wait_for_work is not None:
-            self._wait_for_work(self._idle_wait)
+            self._wait_for_work(self._idle_wait, stop)
         else:
             self.clock.wait(stop, self._idle_wait)
 

@@ -62,3 +62,14 @@ def test_unreachable_broker_is_an_outage_not_a_message_failure():
         assert outcomes[0].kind in (FailureKind.OUTAGE, FailureKind.UNKNOWN)
     finally:
         sink.close(0)
+
+
+def test_full_producer_queue_is_served_and_retried(bootstrap, topic):
+    sink = KafkaSink({"bootstrap.servers": bootstrap, "queue.buffering.max.messages": "10",
+                      "linger.ms": "50"})
+    try:
+        outcomes = sink.send([message(i, topic, key=b"k%d" % (i % 3)) for i in range(200)])
+        assert all(isinstance(o, Delivered) for o in outcomes)
+        assert len(read_all(bootstrap, topic, expected=200)) == 200
+    finally:
+        sink.close(5)

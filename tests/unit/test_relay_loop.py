@@ -79,7 +79,7 @@ def test_outage_burns_no_attempts_and_pauses_the_relay():
     clock, store, sink, relay = make(script)
     row = store.insert("t", b"k", b"x")
     stop = threading.Event()
-    relay._wait_for_work = lambda t: None
+    relay._wait_for_work = lambda t, s: None
 
     for _ in range(4):
         relay.run_once()
@@ -154,7 +154,7 @@ def test_run_stops_on_the_event_and_releases_leases():
     clock, store, sink, relay = make()
     store.insert("t", b"k", b"x")
     stop = threading.Event()
-    relay._wait_for_work = lambda t: stop.set()
+    relay._wait_for_work = lambda t, s: stop.set()
     relay.run(stop)
     assert store.owners == {} and relay.relay_id not in store.relays
     assert sink.sent and sink.sent[0].payload == b"x"
@@ -174,7 +174,7 @@ def test_run_survives_store_errors_and_backs_off():
     store.fetch_pending = flaky
     row = store.insert("t", b"k", b"x")
     stop = threading.Event()
-    relay._wait_for_work = lambda t: stop.set()
+    relay._wait_for_work = lambda t, s: stop.set()
     relay.run(stop)
     assert clock.waits[:3] == [0.5, 1.0, 2.0]
     assert row.status == "CONFIRMED"
