@@ -26,7 +26,7 @@ from outbox.schema import apply_schema, installed_version, require_schema
 from outbox.sql import schema_sql
 
 from .config import ConfigError, RelayConfig, redact_dsn, redact_text, secrets_of
-from .selection import Selection, SelectionError, parse_duration, parse_ref
+from .selection import Selection, SelectionError, key_text, parse_duration, parse_ref
 
 EXIT_OK, EXIT_CONDITION, EXIT_USAGE = 0, 1, 2
 
@@ -85,18 +85,6 @@ def _default_actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _show_key(key: bytes | None) -> str:
-    if key is None:
-        return "-"
-    try:
-        text = key.decode("utf-8")
-        if text.isprintable():
-            return text
-    except UnicodeDecodeError:
-        pass
-    return "0x" + key.hex()
-
-
 def _show_payload(payload: bytes) -> str:
     try:
         return json.dumps(json.loads(payload), indent=2, ensure_ascii=False)
@@ -121,7 +109,7 @@ def _age(when: dt.datetime | None) -> str:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
-        return _show_key(value)
+        return key_text(value)
     if isinstance(value, (dt.datetime, dt.date)):
         return value.isoformat()
     if isinstance(value, dict):
@@ -348,7 +336,7 @@ def list_command(dsn, schema, refs, statuses, topic, key, key_hex, since, until,
     for r in rows:
         err = (r["last_error"] or "").replace("\n", " ")
         click.echo(f"{r['id']:>10}  {r['status']:<9} {r['topic'][:24]:<24} "
-                   f"{_show_key(r['key'])[:20]:<20} {r['attempts']:>5} "
+                   f"{key_text(r['key'])[:20]:<20} {r['attempts']:>5} "
                    f"{_age(r['created_at']):>7}  {err[:60]}")
     if len(rows) == limit:
         click.echo(f"(more: --after-id {rows[-1]['id']})")
@@ -379,13 +367,13 @@ def show(dsn, schema, ref, as_json) -> None:
     if as_json:
         out = dict(row)
         out["payload"] = _show_payload(row["payload"])
-        out["headers"] = [[k, _show_key(v) if v is not None else None]
+        out["headers"] = [[k, key_text(v) if v is not None else None]
                           for k, v in row["headers"]]
         click.echo(json.dumps(_jsonable(out), indent=2))
         return
     lines = [
         ("id", row["id"]), ("message_id", row["message_id"]), ("status", row["status"]),
-        ("topic", row["topic"]), ("key", _show_key(row["key"])), ("bucket", row["bucket"]),
+        ("topic", row["topic"]), ("key", key_text(row["key"])), ("bucket", row["bucket"]),
         ("attempts", row["attempts"]),
         ("next attempt", row["next_attempt_at"] or "-"),
         ("last error", row["last_error"] or "-"),
@@ -402,7 +390,7 @@ def show(dsn, schema, ref, as_json) -> None:
                    "it (outbox replay / outbox skip)")
     click.echo("headers:")
     for k, v in row["headers"] or []:
-        click.echo(f"  {k}: {_show_key(v) if v is not None else '(null)'}")
+        click.echo(f"  {k}: {key_text(v) if v is not None else '(null)'}")
     click.echo("payload:")
     click.echo(_show_payload(row["payload"]))
 
@@ -432,7 +420,7 @@ def _change_command(action: str):
                        f"({', '.join(f'{st} {n}' for st, n in counts.items()) or 'none'})")
             for r in sample:
                 click.echo(f"  {r['id']:>10} {r['status']:<9} {r['topic']} "
-                           f"{_show_key(r['key'])} {(r['last_error'] or '')[:60]}")
+                           f"{key_text(r['key'])} {(r['last_error'] or '')[:60]}")
             if dry_run or total == 0:
                 return
             _confirm(f"{action.capitalize()} these {total} messages?", yes)

@@ -51,6 +51,20 @@ def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
+def key_text(key: bytes | None) -> str:
+    """A key as an operator reads and types it: the text if it is printable UTF-8, else 0x-hex
+    (what --key-hex takes)."""
+    if key is None:
+        return "-"
+    try:
+        text = key.decode("utf-8")
+        if text.isprintable():
+            return text
+    except UnicodeDecodeError:
+        pass
+    return "0x" + key.hex()
+
+
 def parse_ref(text: str) -> int | uuid.UUID:
     """A row id or a message_id."""
     text = text.strip()

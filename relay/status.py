@@ -10,6 +10,7 @@ from outbox.schema import require_schema
 from outbox.sql import query
 
 from . import operations
+from .selection import key_text
 
 STATUSES = ("PENDING", "SENT", "CONFIRMED", "FAILED", "SKIPPED")
 
@@ -44,19 +45,10 @@ def read_status(conn: psycopg.Connection, schema: str) -> dict[str, Any]:
         "in_backoff": in_backoff,
         "blocked_key_count": blocked_count,
         "blocked_keys": [
-            {"key": _key_text(b["key"]), "first_failed": b["first_failed"],
+            {"key": key_text(b["key"]), "first_failed": b["first_failed"],
              "failed": b["failed"], "held": b["held"]}
             for b in blocked
         ],
         "relays": relays,
     }
 
-
-def _key_text(key: bytes) -> str:
-    try:
-        text = key.decode("utf-8")
-        if text.isprintable():
-            return text
-    except UnicodeDecodeError:
-        pass
-    return "0x" + key.hex()
