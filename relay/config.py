@@ -37,7 +37,7 @@ class RelayConfig:
     batch_size: int = 2000
     #: Idle polls start this often and slow down to idle_poll_interval while nothing comes
     #: (NOTIFY, when on, wakes the relay at once).
-    idle_poll_min: float = 0.01
+    idle_poll_min: float = 0.002
     idle_poll_interval: float = 1.0
     #: LISTEN for the insert trigger's NOTIFY; polling stays the source of truth.
     listen: bool = True

@@ -37,7 +37,7 @@ class LoopSettings:
     flush_timeout: float = 35.0
     #: Idle waits start at idle_poll_min and double up to idle_poll_interval while nothing
     #: comes; any work resets them. NOTIFY (when on) ends a wait at once.
-    idle_poll_min: float = 0.01
+    idle_poll_min: float = 0.002
     idle_poll_interval: float = 1.0
     #: Copy rows that become FAILED to this topic ("" = off).
     dead_letter_topic: str = ""

@@ -1,0 +1,513 @@
+"""Benchmarks of outbox-relay against its peers, in one run, on the local PostgreSQL and Kafka.
+
+    eval "$(scripts/services env)"
+    .venv/bin/python bench/run.py                  # the full run (about half an hour)
+    .venv/bin/python bench/run.py --smoke          # about a minute: keeps the harness working
+    .venv/bin/python bench/run.py --only drain --peers ours,naive
+
+Workloads (256-byte JSON payloads, 1,000 keys, 6 partitions, acks=all, idempotent producer,
+PostgreSQL with fsync and synchronous_commit on):
+  drain    a backlog of committed messages; messages/s until all are acknowledged and recorded,
+           relay CPU per 10,000 messages, WAL and row writes per message, peak memory
+  steady   a writer committing at fixed rates; commit-to-consumer latency p50/p95/p99 measured
+           by an independent consumer, and whether the relay keeps up
+  scaling  1, 2 and 4 relays; and a table already holding 5,000,000 CONFIRMED rows
+  profile  where our relay spends its time at full speed (py-spy)
+
+Peers: `naive` (bench/naive_relay.py: one message at a time), `debezium` (bench/debezium:
+the embedded engine with the PostgreSQL connector and the outbox EventRouter), `ours` (default
+settings) and `ours-fast` (larger batches and linger). Results go to bench/results/<time>/
+(results.json, report.md, *.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import outbox  # noqa: E402
+from tests.kafka_helpers import create_topic, delete_topic  # noqa: E402
+
+PAYLOAD_BYTES = 256
+KEYS = 1000
+PARTITIONS = 6
+PY = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+OURS_ENV = {"OUTBOX_IDLE_POLL_INTERVAL": "0.2"}
+PEERS = {
+    "ours": {},
+    "ours-fast": {"OUTBOX_BATCH_SIZE": "10000", "OUTBOX_KAFKA_LINGER_MS": "20",
+                  "OUTBOX_KAFKA_BATCH_SIZE": "2000000"},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+@dataclass
+class Env:
+    admin_dsn: str
+    bootstrap: str
+
+    def dsn(self, db: str) -> str:
+        return psycopg.conninfo.make_conninfo(self.admin_dsn, dbname=db)
+
+    def fresh_db(self, name: str, schema: bool = True) -> str:
+        with psycopg.connect(self.admin_dsn, autocommit=True) as c:
+            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        dsn = self.dsn(name)
+        if schema:
+            with psycopg.connect(dsn, autocommit=True) as c:
+                outbox.apply_schema(c)
+                # The relays poll; the benchmark measures them without NOTIFY's commit cost.
+                c.execute("ALTER TABLE local_message DISABLE TRIGGER local_message_notify")
+        return dsn
+
+    def fresh_topic(self, name: str) -> str:
+        delete_topic(self.bootstrap, name)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                create_topic(self.bootstrap, name, partitions=PARTITIONS)
+                return name
+            except Exception:  # noqa: BLE001 - deletion still in progress
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+
+def payload_sql(i: str) -> str:
+    """SQL for a 256-byte JSON payload numbered by expression I."""
+    pad = PAYLOAD_BYTES - 25
+    return (f"convert_to('{{\"i\":\"' || lpad(({i})::text, 8, '0') || '\",\"pad\":\"' || "
+            f"repeat('x', {pad}) || '\"}}', 'UTF8')")
+
+
+def fill(dsn: str, topic: str, n: int, status: str = "PENDING", start: int = 0) -> None:
+    """N committed rows, keys spread over KEYS, in transactions of 50,000."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for lo in range(start, start + n, 50_000):
+            hi = min(lo + 50_000, start + n)
+            c.execute(
+                "INSERT INTO local_message (topic, key, payload, status) "
+                f"SELECT %s, convert_to('key-' || (i %% {KEYS}), 'UTF8'), {payload_sql('i')}, %s "
+                "FROM generate_series(%s::bigint, %s::bigint) AS i", (topic, status, lo, hi - 1))
+        c.execute("VACUUM ANALYZE local_message")
+
+
+def db_counters(dsn: str) -> dict[str, int]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("SELECT pg_stat_force_next_flush()")
+        lsn = c.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
+        ins, upd, dele = c.execute(
+            "SELECT n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables "
+            "WHERE relname = 'local_message'").fetchone()
+    return {"wal": int(lsn), "writes": ins + upd + dele, "ins": ins, "upd": upd}
+
+
+def confirmed(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return c.execute("SELECT count(*) FROM local_message WHERE status = 'CONFIRMED'"
+                         ).fetchone()[0]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_ours(env: Env, dsn: str, peer: str, name: str, extra: dict | None = None):
+    environ = {**os.environ, **OURS_ENV, **PEERS[peer], **(extra or {}),
+               "OUTBOX_DSN": dsn, "OUTBOX_BOOTSTRAP_SERVERS": env.bootstrap}
+    return subprocess.Popen([PY, "-m", "relay", "relay", "--name", name, "--no-listen"],
+                            env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def start_naive(env: Env, dsn: str):
+    return subprocess.Popen([PY, str(ROOT / "bench" / "naive_relay.py"), "--dsn", dsn,
+                             "--bootstrap", env.bootstrap],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+# --------------------------------------------------------------------------- drain
+
+
+def drain_ours_like(env: Env, peer: str, n: int, replicas: int = 1, confirmed_rows: int = 0,
+                    profile_to: Path | None = None) -> dict:
+    dsn = env.fresh_db("bench_drain")
+    topic = env.fresh_topic("bench.drain")
+    if confirmed_rows:
+        log(f"  filling {confirmed_rows:,} CONFIRMED rows first")
+        fill(dsn, topic + ".old", confirmed_rows, status="CONFIRMED")
+    fill(dsn, topic, n, start=confirmed_rows)
+    before = db_counters(dsn)
+    started = time.monotonic()
+    if peer == "naive":
+        procs = [start_naive(env, dsn)]
+    else:
+        procs = [start_ours(env, dsn, peer, f"{peer}-{i}") for i in range(replicas)]
+    spy = None
+    if profile_to is not None and shutil.which("py-spy", path=str(Path(PY).parent)):
+        spy = subprocess.Popen([str(Path(PY).parent / "py-spy"), "record", "--format", "raw",
+                                "--rate", "200", "--pid", str(procs[0].pid), "--output",
+                                str(profile_to), "--nonblocking"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = None
+    deadline = started + max(600, n / 50)
+    cpu = {p.pid: 0.0 for p in procs}
+    rss = {p.pid: 0.0 for p in procs}
+    while True:
+        done = confirmed(dsn)
+        now = time.monotonic()
+        for p in procs:
+            if p.poll() is None:
+                cpu[p.pid] = cpu_seconds(p.pid)
+                rss[p.pid] = peak_rss_mb(p.pid)
+        if done and first is None:
+            first = now
+        if done >= n:
+            break
+        if now > deadline or all(p.poll() is not None for p in procs):
+            raise RuntimeError(f"{peer}: {done}/{n} confirmed, relays "
+                               f"{[p.poll() for p in procs]}: {procs[0].stderr.read()[-2000:]!r}")
+        time.sleep(0.05)
+    ended = time.monotonic()
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(30)
+    for p in procs:
+        stop(p)
+    after = db_counters(dsn)
+    return {
+        "peer": peer, "messages": n, "replicas": replicas, "confirmed_rows_before": confirmed_rows,
+        "seconds": ended - started, "seconds_after_first": ended - (first or started),
+        "msgs_per_s": n / (ended - (first or started)),
+        "msgs_per_s_incl_startup": n / (ended - started),
+        "relay_cpu_s_per_10k": sum(cpu.values()) / n * 10_000,
+        "wal_bytes_per_msg": (after["wal"] - before["wal"]) / n,
+        "row_writes_per_msg_relay": (after["writes"] - before["writes"]) / n,
+        "peak_rss_mb": max(rss.values()),
+    }
+
+
+# --------------------------------------------------------------------------- steady state
+
+
+def _writer(dsn: str, topic: str, rate: int, seconds: float, table: str, counter) -> None:
+    """Commit RATE messages/s for SECONDS: a transaction every 10 ms carrying rate/100 events,
+    each stamped with the wall time just before COMMIT."""
+    per_tx = max(1, math.ceil(rate / 100))
+    interval = per_tx / rate
+    pad = "x" * (PAYLOAD_BYTES - 40)
+    with psycopg.connect(dsn) as conn:
+        next_at = time.monotonic()
+        end = next_at + seconds
+        i = 0
+        while next_at < end:
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            stamp = time.time()
+            if table == "local_message":
+                outbox.publish_many(conn, [
+                    {"topic": topic, "key": f"key-{(i + j) % KEYS}",
+                     "payload": {"t": f"{stamp:.6f}", "pad": pad}} for j in range(per_tx)])
+            else:  # the Debezium outbox table
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO outbox_event (id, aggregatetype, aggregateid, type, payload)"
+                        " VALUES (%s, 'drain', %s, 'Event', %s)",
+                        [(uuid.uuid4(), f"key-{(i + j) % KEYS}",
+                          json.dumps({"t": f"{stamp:.6f}", "pad": pad})) for j in range(per_tx)])
+            conn.commit()
+            i += per_tx
+            next_at += interval
+        counter.value = i
+
+
+def _consumer(bootstrap: str, topic: str, expected, ready, result, timeout: float) -> None:
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}",
+                  "enable.auto.commit": False, "fetch.wait.max.ms": 5,
+                  "isolation.level": "read_committed"})
+    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+    c.assign([TopicPartition(topic, p, 0) for p in parts])
+    ready.set()
+    latencies = []
+    seen = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if expected.value and len(seen) >= expected.value:
+            break
+        # poll(), not consume(n, timeout): consume waits for n messages or the whole timeout,
+        # which would add up to the timeout to every latency measured.
+        msg = c.poll(0.05)
+        if msg is not None and not msg.error():
+            now = time.time()
+            body = json.loads(msg.value())
+            if isinstance(body, str):  # Debezium without expand.json.payload
+                body = json.loads(body)
+            mid = dict(msg.headers() or []).get("message_id") or msg.key() + str(body["t"]).encode()
+            if mid not in seen:
+                seen.add(mid)
+                latencies.append(now - float(body["t"]))
+    c.close()
+    result.put({"received": len(seen), "latencies": sorted(latencies)})
+
+
+def steady(env: Env, peer: str, rate: int, seconds: float) -> dict:
+    ctx = mp.get_context("spawn")
+    if peer == "debezium":
+        from bench.debezium_peer import Debezium
+
+        dsn = env.fresh_db("bench_steady", schema=False)
+        topic = env.fresh_topic("bench.steady")
+        dbz = Debezium(env, dsn, topic)
+        dbz.start()
+        table = "outbox_event"
+    else:
+        dsn = env.fresh_db("bench_steady")
+        topic = env.fresh_topic("bench.steady")
+        proc = start_naive(env, dsn) if peer == "naive" else start_ours(env, dsn, peer, peer)
+        table = "local_message"
+    expected, count = ctx.Value("i", 0), ctx.Value("i", 0)
+    ready, result = ctx.Event(), ctx.Queue()
+    consumer = ctx.Process(target=_consumer, args=(env.bootstrap, topic, expected, ready, result,
+                                                   seconds + 60))
+    consumer.start()
+    ready.wait(30)
+    writer = ctx.Process(target=_writer, args=(dsn, topic, rate, seconds, table, count))
+    writer.start()
+    writer.join(seconds + 60)
+    expected.value = count.value
+    out = result.get(timeout=seconds + 120)
+    consumer.join(30)
+    if peer == "debezium":
+        dbz.stop()
+    else:
+        stop(proc)
+    lat = out["latencies"]
+
+    def pct(p):
+        return lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1000 if lat else float("nan")
+
+    return {"peer": peer, "rate": rate, "seconds": seconds, "written": count.value,
+            "received": out["received"], "keeps_up": out["received"] >= count.value and
+            (pct(99) < 1000),
+            "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99), "max_ms": pct(100)}
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def summarize_profile(raw: Path, top: int = 15) -> list[tuple[str, float]]:
+    """Self time per function from py-spy's raw (collapsed stack) output."""
+    self_time: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        leaf = stack.split(";")[-1]
+        self_time[leaf] = self_time.get(leaf, 0) + int(count)
+        total += int(count)
+    ranked = sorted(self_time.items(), key=lambda kv: -kv[1])[:top]
+    return [(name, 100.0 * n / total) for name, n in ranked]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(results: dict, out: Path) -> None:
+    lines = [f"# Benchmark run {results['started']}", "",
+             f"Machine: {results['machine']}", f"Command: `{results['command']}`", ""]
+    drains = results.get("drain", [])
+    if drains:
+        base = {d["peer"]: d for d in drains}
+        lines += ["## Drain", "",
+                  "| peer | messages | msgs/s | vs naive | vs debezium | relay CPU s / 10k | "
+                  "WAL B / msg | row writes / msg (relay) | peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for d in drains:
+            vs = []
+            for other in ("naive", "debezium"):
+                o = base.get(other)
+                vs.append(f"{d['msgs_per_s'] / o['msgs_per_s']:.1f}x" if o and o is not d else "-")
+            lines.append(
+                f"| {d['peer']} | {d['messages']:,} | {d['msgs_per_s']:,.0f} | {vs[0]} | {vs[1]} "
+                f"| {d['relay_cpu_s_per_10k']:.2f} | {d['wal_bytes_per_msg']:.0f} | "
+                f"{d['row_writes_per_msg_relay']:.2f} | {d['peak_rss_mb']:.0f} |")
+        lines.append("")
+    if results.get("steady"):
+        lines += ["## Steady state (commit to consumer)", "",
+                  "| peer | rate msg/s | p50 ms | p95 ms | p99 ms | max ms | keeps up |",
+                  "|---|---|---|---|---|---|---|"]
+        for s in results["steady"]:
+            lines.append(f"| {s['peer']} | {s['rate']:,} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} "
+                         f"| {s['p99_ms']:.1f} | {s['max_ms']:.1f} | "
+                         f"{'yes' if s['keeps_up'] else 'NO'} ({s['received']:,}/{s['written']:,}) |")
+        lines.append("")
+    if results.get("scaling"):
+        lines += ["## Scaling (our relay, default settings)", "",
+                  "| relays | CONFIRMED rows already in the table | msgs/s |", "|---|---|---|"]
+        for s in results["scaling"]:
+            lines.append(f"| {s['replicas']} | {s['confirmed_rows_before']:,} | "
+                         f"{s['msgs_per_s']:,.0f} |")
+        lines.append("")
+    if results.get("profile"):
+        lines += ["## Profile of `ours-fast` at full speed (py-spy, self time)", "",
+                  "| function | % of samples |", "|---|---|"]
+        for name, share in results["profile"]:
+            lines.append(f"| `{name}` | {share:.1f} |")
+        lines.append("")
+    (out / "report.md").write_text("\n".join(lines))
+    plot(results, out)
+
+
+def plot(results: dict, out: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no plots (pip install -e '.[bench]')")
+        return
+    drains = results.get("drain", [])
+    if drains:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.bar([d["peer"] for d in drains], [d["msgs_per_s"] for d in drains],
+               color=["#999" if d["peer"] in ("naive", "debezium") else "#2a7" for d in drains])
+        ax.set_ylabel("messages/s (drain)")
+        ax.set_title("Drain throughput, same machine, same run")
+        for i, d in enumerate(drains):
+            ax.text(i, d["msgs_per_s"], f"{d['msgs_per_s']:,.0f}", ha="center", va="bottom")
+        fig.tight_layout()
+        fig.savefig(out / "drain.png", dpi=110)
+    if results.get("steady"):
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for peer in sorted({s["peer"] for s in results["steady"]}):
+            rows = [s for s in results["steady"] if s["peer"] == peer]
+            ax.plot([s["rate"] for s in rows], [s["p99_ms"] for s in rows], marker="o",
+                    label=f"{peer} p99")
+            ax.plot([s["rate"] for s in rows], [s["p50_ms"] for s in rows], marker=".",
+                    linestyle="--", label=f"{peer} p50")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("committed messages/s")
+        ax.set_ylabel("commit-to-consumer latency, ms")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "latency.png", dpi=110)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--only", default="drain,steady,scaling,profile")
+    parser.add_argument("--peers", default="naive,debezium,ours,ours-fast")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    env = Env(os.environ["OUTBOX_DSN"], os.environ["OUTBOX_BOOTSTRAP_SERVERS"])
+    only, peers = args.only.split(","), args.peers.split(",")
+    out = Path(args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                   f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**30} GiB, "
+                   f"Python {platform.python_version()}",
+        "command": " ".join(["bench/run.py"] + sys.argv[1:]),
+    }
+    n = 20_000 if args.smoke else 200_000
+    naive_n = 2_000 if args.smoke else 20_000
+    if "drain" in only:
+        results["drain"] = []
+        for peer in peers:
+            log(f"drain: {peer}")
+            if peer == "debezium":
+                from bench.debezium_peer import drain_debezium
+                results["drain"].append(drain_debezium(env, n))
+            else:
+                results["drain"].append(drain_ours_like(env, peer, naive_n if peer == "naive"
+                                                        else n))
+            log(f"  {results['drain'][-1]['msgs_per_s']:,.0f} msgs/s")
+    if "steady" in only:
+        results["steady"] = []
+        rates = [500] if args.smoke else [500, 2000, 5000, 10000, 20000]
+        seconds = 5 if args.smoke else 60
+        for peer in [p for p in peers if p != "ours-fast"]:
+            for rate in rates:
+                if peer == "naive" and rate > 2000:
+                    continue  # it cannot: one acknowledgement per message
+                log(f"steady: {peer} at {rate}/s for {seconds}s")
+                r = steady(env, peer, rate, seconds)
+                results["steady"].append(r)
+                log(f"  p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, keeps up: {r['keeps_up']}")
+                if not r["keeps_up"]:
+                    break
+    if "scaling" in only and "ours" in peers:
+        results["scaling"] = []
+        for replicas, old in ([(1, 0), (2, 0)] if args.smoke
+                              else [(1, 0), (2, 0), (4, 0), (1, 5_000_000)]):
+            log(f"scaling: {replicas} relays, {old:,} CONFIRMED rows already")
+            results["scaling"].append(drain_ours_like(env, "ours", n, replicas, old))
+    if "profile" in only and "ours-fast" in peers:
+        raw = out / "profile.txt"
+        log("profile: ours-fast")
+        drain_ours_like(env, "ours-fast", n, profile_to=raw)
+        if raw.exists():
+            results["profile"] = summarize_profile(raw)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    report(results, out)
+    print((out / "report.md").read_text())
+    log(f"results in {out}")
+
+
+if __name__ == "__main__":
+    main()
