@@ -301,8 +301,9 @@ def _consumer(bootstrap: str, topic: str, expected, ready, result, timeout: floa
 def steady(env: Env, peer: str, rate: int, seconds: float) -> dict:
     ctx = mp.get_context("spawn")
     if peer == "debezium":
-        from bench.debezium_peer import Debezium
+        from bench.debezium_peer import Debezium, drop_slot
 
+        drop_slot(env.admin_dsn)
         dsn = env.fresh_db("bench_steady", schema=False)
         topic = env.fresh_topic("bench.steady")
         dbz = Debezium(env, dsn, topic)
