@@ -318,18 +318,23 @@ def steady(env: Env, peer: str, rate: int, seconds: float) -> dict:
     ready, result = ctx.Event(), ctx.Queue()
     consumer = ctx.Process(target=_consumer, args=(env.bootstrap, topic, expected, ready, result,
                                                    seconds + 60))
-    consumer.start()
-    ready.wait(30)
-    writer = ctx.Process(target=_writer, args=(dsn, topic, rate, seconds, table, count))
-    writer.start()
-    writer.join(seconds + 60)
-    expected.value = count.value
-    out = result.get(timeout=seconds + 120)
-    consumer.join(30)
-    if peer == "debezium":
-        dbz.stop()
-    else:
-        stop(proc)
+    try:
+        consumer.start()
+        ready.wait(30)
+        writer = ctx.Process(target=_writer, args=(dsn, topic, rate, seconds, table, count))
+        writer.start()
+        writer.join(seconds + 60)
+        expected.value = count.value
+        out = result.get(timeout=seconds + 120)
+        consumer.join(30)
+    finally:  # never leave a relay behind: it would join the next run's database
+        for child in (consumer, locals().get("writer")):
+            if child is not None and child.is_alive():
+                child.kill()
+        if peer == "debezium":
+            dbz.stop()
+        else:
+            stop(proc)
     lat = out["latencies"]
 
     def pct(p):
@@ -465,6 +470,9 @@ def main() -> None:
                    f"Python {platform.python_version()}",
         "command": " ".join(["bench/run.py"] + sys.argv[1:]),
     }
+    def save() -> None:  # after every workload, so that a failure later keeps what was measured
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+
     n = 20_000 if args.smoke else 200_000
     naive_n = 2_000 if args.smoke else 20_000
     if "drain" in only:
@@ -478,6 +486,7 @@ def main() -> None:
                 results["drain"].append(drain_ours_like(env, peer, naive_n if peer == "naive"
                                                         else n))
             log(f"  {results['drain'][-1]['msgs_per_s']:,.0f} msgs/s")
+            save()
     if "steady" in only:
         results["steady"] = []
         rates = [500] if args.smoke else [500, 2000, 5000, 10000, 20000]
@@ -490,6 +499,7 @@ def main() -> None:
                 r = steady(env, peer, rate, seconds)
                 results["steady"].append(r)
                 log(f"  p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, keeps up: {r['keeps_up']}")
+                save()
                 if not r["keeps_up"]:
                     break
     if "scaling" in only and "ours" in peers:
@@ -498,13 +508,14 @@ def main() -> None:
                               else [(1, 0), (2, 0), (4, 0), (1, 5_000_000)]):
             log(f"scaling: {replicas} relays, {old:,} CONFIRMED rows already")
             results["scaling"].append(drain_ours_like(env, "ours", n, replicas, old))
+            save()
     if "profile" in only and "ours-fast" in peers:
         raw = out / "profile.txt"
         log("profile: ours-fast")
         drain_ours_like(env, "ours-fast", n, profile_to=raw)
         if raw.exists():
             results["profile"] = summarize_profile(raw)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    save()
     report(results, out)
     print((out / "report.md").read_text())
     log(f"results in {out}")

@@ -588,6 +588,35 @@ def doctor(dsn, schema, bootstrap_servers, kafka_settings, as_json) -> None:
 
 
 @main.command()
+@schema_option
+@click.option("--role", required=True, help="The database role to grant to.")
+@click.option("--for", "kind", type=click.Choice(["relay", "writer", "operator"]),
+              default="relay", show_default=True, help="What the role does.")
+@click.option("--retention", is_flag=True, help="The relay runs with --retention (DELETE).")
+@expected_failures
+def grants(schema, role, kind, retention) -> None:
+    """Print the least GRANTs a role needs, for a DBA to review and run.
+
+    \b
+    Examples:
+      outbox grants --role outbox_relay | psql "$ADMIN_DSN"
+      outbox grants --role payments_app --for writer
+      outbox grants --role oncall --for operator --schema billing
+    """
+    from psycopg import sql as pgsql
+
+    from outbox.sql import read_blocks, validate_identifier
+
+    names = [kind] + (["relay_retention"] if retention and kind == "relay" else [])
+    blocks = read_blocks("relay", "grants.sql")
+    for name in names:
+        text = pgsql.SQL(blocks[name]).format(
+            schema=pgsql.Identifier(validate_identifier(schema)),
+            role=pgsql.Identifier(validate_identifier(role, "role")))
+        click.echo(text.as_string(None))
+
+
+@main.command()
 @dsn_option
 @schema_option
 @bootstrap_option

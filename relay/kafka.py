@@ -109,12 +109,10 @@ _CLIENT_PREFIXES = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "clie
 
 def message_size(message: PendingMessage) -> int:
     """The bytes of a message before compression: payload, key and headers."""
-    return (
-        len(message.payload)
-        + len(message.key or b"")
-        + sum(len(name) + len(value or b"") for name, value in message.headers)
-        + 10 + 36  # the message_id header
-    )
+    size = len(message.payload) + len(message.key or b"") + 10 + 36  # + the message_id header
+    if message.headers:
+        size += sum(len(name) + len(value or b"") for name, value in message.headers)
+    return size
 
 
 class Sink(Protocol):
@@ -236,9 +234,13 @@ class KafkaSink:
 
             return report
 
+        produced = 0
+
         def produce(message: PendingMessage) -> Failed | None:
+            nonlocal produced
             headers = [("message_id", str(message.message_id).encode())]
-            headers.extend(message.headers)
+            if message.headers:
+                headers.extend(message.headers)
             while True:
                 try:
                     producer.produce(
@@ -248,7 +250,9 @@ class KafkaSink:
                         headers=headers,
                         on_delivery=on_delivery(message.id),
                     )
-                    producer.poll(0)
+                    produced += 1
+                    if produced % 256 == 0:  # serve reports now and then, not per message
+                        producer.poll(0)
                     return None
                 except BufferError:
                     # The local queue is full: serve reports to make room, then try again.

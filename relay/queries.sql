@@ -48,7 +48,7 @@ WITH blockers AS (
             OR (status = 'PENDING' AND next_attempt_at IS NOT NULL AND next_attempt_at > now()))
      GROUP BY key
 )
-SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.attempts, m.created_at
+SELECT m.id, m.message_id::text, m.topic, m.key, m.payload, m.headers, m.attempts, m.created_at
   FROM {table} m
  WHERE m.status = 'PENDING' AND m.bucket = ANY(%(buckets)s::smallint[])
    AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
@@ -58,18 +58,20 @@ SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.attempts, m.c
 
 -- name: mark_confirmed
 -- Only rows of buckets this relay still owns: a relay that lost its lease cannot overwrite
--- the new owner's work.
+-- the new owner's work. The owned buckets are read once (an InitPlan), then each row is found
+-- by its id: a join with the bucket table lets the planner loop over all 256 buckets.
 UPDATE {table} m
    SET status = 'CONFIRMED', delivered_at = now(), kafka_partition = d.kafka_partition,
        kafka_offset = d.kafka_offset, next_attempt_at = NULL
   FROM unnest(%(ids)s::bigint[], %(partitions)s::integer[], %(offsets)s::bigint[])
-       AS d(id, kafka_partition, kafka_offset),
-       {bucket_table} b
+       AS d(id, kafka_partition, kafka_offset)
  WHERE m.id = d.id AND m.status = 'PENDING'
-   AND b.bucket = m.bucket AND b.owner = %(relay_id)s
+   AND m.bucket = ANY(ARRAY(SELECT b.bucket FROM {bucket_table} b
+                             WHERE b.owner = %(relay_id)s))
 
 -- name: record_failures
--- attempts counts message-specific failures only; an outage does not burn attempts.
+-- attempts counts message-specific failures only; an outage does not burn attempts. Same
+-- ownership rule as mark_confirmed.
 UPDATE {table} m
    SET attempts = m.attempts + f.counted,
        last_error = f.error,
@@ -78,10 +80,10 @@ UPDATE {table} m
                               ELSE now() + make_interval(secs => f.delay_seconds) END
   FROM unnest(%(ids)s::bigint[], %(counted)s::integer[], %(errors)s::text[],
               %(give_up)s::boolean[], %(delays)s::double precision[])
-       AS f(id, counted, error, give_up, delay_seconds),
-       {bucket_table} b
+       AS f(id, counted, error, give_up, delay_seconds)
  WHERE m.id = f.id AND m.status = 'PENDING'
-   AND b.bucket = m.bucket AND b.owner = %(relay_id)s
+   AND m.bucket = ANY(ARRAY(SELECT b.bucket FROM {bucket_table} b
+                             WHERE b.owner = %(relay_id)s))
 
 -- name: pending_stats
 -- For the gauges: rows waiting in this relay's buckets, and the age of the oldest one that may

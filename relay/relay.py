@@ -133,8 +133,9 @@ class Relay:
         updates = self.retry.updates(failed, by_id)
         self.store.record_failures(self.relay_id, updates)
         self._dead_letter([u for u in updates if u.give_up], by_id)
-        self._track_isolation(outcomes)
-        self._check_order(batch, outcomes)
+        self._track_isolation(outcomes, bool(failed))
+        if failed:  # with every message delivered there is nothing to overtake
+            self._check_order(batch, outcomes)
         self._observe(batch, outcomes, updates, acked_at, started)
         outage = sum(1 for f in failed if f.kind in (FailureKind.OUTAGE, FailureKind.UNKNOWN))
         for f in failed[:5]:
@@ -173,9 +174,11 @@ class Relay:
         self.stats["failed"] += given_up
         self.stats["retried"] += sum(failures.values()) - given_up
 
-    def _track_isolation(self, outcomes: Sequence[Outcome]) -> None:
+    def _track_isolation(self, outcomes: Sequence[Outcome], any_failed: bool) -> None:
         """Rows rejected together with others are sent alone until they have an outcome of
         their own (see relay.kafka)."""
+        if not any_failed and not self._alone:
+            return
         for outcome in outcomes:
             if isinstance(outcome, Failed) and outcome.kind is FailureKind.ISOLATE:
                 self._alone.add(outcome.id)
@@ -217,7 +220,7 @@ class Relay:
                 ("outbox_error", update.error.encode("utf-8", "replace")[:1000]),
                 ("outbox_row_id", str(original.id).encode()),
             ]
-            copies.append(replace(original, topic=topic, headers=headers))
+            copies.append(original._replace(topic=topic, headers=headers))
         for copy, outcome in zip(copies, self.sink.send(copies)):
             if isinstance(outcome, Delivered):
                 self.metrics.dead_lettered.labels(by_id[copy.id].topic).inc()

@@ -68,6 +68,11 @@ class PostgresStore:
                 connect_timeout=max(1, int(self._connect_timeout)),
                 application_name="outbox-relay",
                 row_factory=tuple_row,
+                # A table locked by someone else must not hang the relay: its statements give
+                # up, the loop logs it and retries. (FIELD-NOTES 10: never idle in a
+                # transaction.)
+                options="-c lock_timeout=5s -c statement_timeout=60s "
+                        "-c idle_in_transaction_session_timeout=60s",
             )
             require_schema(self._conn, self._schema)
         return self._conn
@@ -136,16 +141,8 @@ class PostgresStore:
             return []
         cur = self._execute("fetch_pending", {"buckets": sorted(buckets), "limit": limit})
         return [
-            PendingMessage(
-                id=row[0],
-                message_id=row[1],
-                topic=row[2],
-                key=row[3],
-                payload=row[4],
-                headers=headers_from_json(row[5]),
-                attempts=row[6],
-                created_at=row[7],
-            )
+            PendingMessage(row[0], row[1], row[2], row[3], row[4],
+                           headers_from_json(row[5]) if row[5] else [], row[6], row[7])
             for row in cur
         ]
 

@@ -21,15 +21,19 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _services_env() -> dict[str, str]:
-    """OUTBOX_DSN and OUTBOX_BOOTSTRAP_SERVERS, from the environment or scripts/services."""
-    env = {k: v for k, v in os.environ.items() if k in ("OUTBOX_DSN", "OUTBOX_BOOTSTRAP_SERVERS")}
-    if len(env) < 2:
+    """What scripts/services exports (DSN, bootstrap servers, the test SASL listener), with
+    OUTBOX_* variables already set in the environment taking precedence."""
+    env: dict[str, str] = {}
+    try:
         out = subprocess.run(
             [str(ROOT / "scripts" / "services"), "env"], capture_output=True, text=True, timeout=30
         ).stdout
-        for line in out.splitlines():
-            name, _, value = line.removeprefix("export ").partition("=")
-            env.setdefault(name, value.strip("'"))
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    for line in out.splitlines():
+        name, _, value = line.removeprefix("export ").partition("=")
+        env[name] = value.strip("'")
+    env.update({k: v for k, v in os.environ.items() if k.startswith("OUTBOX_")})
     return env
 
 

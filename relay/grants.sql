@@ -1,0 +1,32 @@
+-- The least privileges of each role, printed by `outbox grants`. {schema} and {role} are
+-- quoted identifiers. tests/integration/test_least_privilege.py runs the relay and the writer
+-- with exactly these grants and nothing more.
+
+-- name: relay
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT SELECT ON {schema}.local_message_schema TO {role};
+-- Read pending rows; write only the delivery columns.
+GRANT SELECT ON {schema}.local_message TO {role};
+GRANT UPDATE (status, attempts, next_attempt_at, last_error, delivered_at, kafka_partition,
+              kafka_offset) ON {schema}.local_message TO {role};
+-- Leases: its own heartbeat row and the bucket owners.
+GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.local_message_relay TO {role};
+GRANT SELECT, UPDATE ON {schema}.local_message_bucket TO {role};
+
+-- name: relay_retention
+-- Only with --retention: the relay deletes old CONFIRMED rows.
+GRANT DELETE ON {schema}.local_message TO {role};
+
+-- name: writer
+-- The application's role: insert events, and read back the ids of a repeated dedup_key.
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT SELECT (id, message_id, dedup_key), INSERT ON {schema}.local_message TO {role};
+
+-- name: operator
+-- `outbox status`, list, show, replay, skip, purge, audit (not migrate, which owns the tables).
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role};
+GRANT UPDATE (status, attempts, next_attempt_at, claim_token, claim_expires_at, delivered_at,
+              kafka_partition, kafka_offset) ON {schema}.local_message TO {role};
+GRANT DELETE ON {schema}.local_message TO {role};
+GRANT INSERT ON {schema}.local_message_audit TO {role};

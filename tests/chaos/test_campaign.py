@@ -1,0 +1,175 @@
+"""The reliability campaign: writers commit while relays are killed, paused and raced, the
+broker and PostgreSQL restart; then an independent verifier reads Kafka from the beginning.
+
+    scripts/test tests/chaos                       # the bounded CI run (>= 10,000 messages)
+    CHAOS_SOAK=1 scripts/test tests/chaos -s       # the soak: >= 100,000 messages
+    CHAOS_SEED=1234 scripts/test tests/chaos -s    # replay a run's fault schedule
+
+The seed is printed at the start; a failing run is replayed with it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import psycopg
+
+import outbox
+from tests.conftest import ROOT
+from tests.kafka_helpers import check_kafka
+from tests.relay_process import RelayProcess, wait_for
+from tests.verify import verify
+
+SOAK = os.environ.get("CHAOS_SOAK") == "1"
+MESSAGES = 100_000 if SOAK else 10_000
+KEYS = 500 if SOAK else 200
+WRITERS = 4
+DURATION = 900 if SOAK else 150  # seconds of writing, faults spread over it
+
+
+def services(*args: str) -> None:
+    subprocess.run([str(ROOT / "scripts" / "services"), *args], check=True, timeout=300,
+                   capture_output=True)
+
+
+class Writers:
+    """WRITERS threads committing MESSAGES events at an even pace over DURATION seconds. Each
+    writer owns KEYS/WRITERS keys and writes them in order with lock_key; a batch whose commit
+    failed (PostgreSQL restarting) is retried with the same dedup keys, so nothing is written
+    twice and nothing is lost."""
+
+    def __init__(self, dsn: str, topic: str):
+        self.dsn, self.topic = dsn, topic
+        self.errors = 0
+        self.written = 0
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(w,), daemon=True)
+                        for w in range(WRITERS)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def join(self, timeout: float) -> None:
+        for t in self.threads:
+            t.join(timeout)
+        assert not any(t.is_alive() for t in self.threads), "writers did not finish"
+
+    def _run(self, w: int) -> None:
+        per_writer = MESSAGES // WRITERS
+        batch = 10
+        interval = DURATION / (per_writer / batch)
+        keys = [f"key-{k}" for k in range(KEYS) if k % WRITERS == w]
+        start = time.monotonic()
+        seq = 0
+        conn = None
+        while seq < per_writer:
+            messages = [dict(topic=self.topic, key=keys[(seq + j) % len(keys)],
+                             payload={"w": w, "seq": seq + j}, dedup_key=f"w{w}-{seq + j}")
+                        for j in range(min(batch, per_writer - seq))]
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg.connect(self.dsn, connect_timeout=5)
+                with conn.transaction():
+                    outbox.publish_many(conn, messages, lock_key=True)
+                seq += len(messages)
+                with self._lock:
+                    self.written += len(messages)
+            except psycopg.Error:
+                with self._lock:
+                    self.errors += 1
+                if conn is not None:
+                    conn.close()
+                conn = None
+                time.sleep(0.5)  # PostgreSQL is restarting: back off, then retry the batch
+                continue
+            pause = start + (seq / batch) * interval - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+        if conn is not None:
+            conn.close()
+
+
+def test_campaign(dsn, bootstrap, topic, tmp_path):
+    seed = int(os.environ.get("CHAOS_SEED", random.randrange(1_000_000)))
+    print(f"\nchaos campaign seed {seed}: CHAOS_SEED={seed} replays it "
+          f"({MESSAGES} messages, {KEYS} keys, {DURATION}s)")
+    rng = random.Random(seed)
+    relays: dict[str, RelayProcess] = {}
+    counter = iter(range(10_000))
+    faults: list[str] = []
+
+    def spawn() -> None:
+        name = f"r{next(counter)}"
+        relays[name] = RelayProcess(name, dsn, bootstrap, tmp_path)
+
+    def living() -> list[RelayProcess]:
+        return [r for r in relays.values() if r.alive()]
+
+    for _ in range(3):
+        spawn()
+    writers = Writers(dsn, topic)
+    writers.start()
+    # The fault schedule: at least 10 kills, one broker restart, one PostgreSQL restart, one
+    # relay paused past its lease; the relay count moves between 1 and 3.
+    plan = ["kill"] * (40 if SOAK else 10) + ["kafka", "pg", "pause"] * (3 if SOAK else 1)
+    rng.shuffle(plan)
+    step = DURATION / (len(plan) + 1)
+    started = time.monotonic()
+    try:
+        for i, fault in enumerate(plan):
+            at = started + step * (i + 1) + rng.uniform(-step / 3, step / 3)
+            time.sleep(max(0.0, at - time.monotonic()))
+            alive = living()
+            if fault == "kill" and alive:
+                victim = rng.choice(alive)
+                victim.kill()
+                faults.append(f"{time.monotonic() - started:.0f}s SIGKILL {victim.name}")
+            elif fault == "kafka":
+                services("down", "kafka")
+                time.sleep(rng.uniform(5, 15))
+                services("up", "kafka")
+                faults.append(f"{time.monotonic() - started:.0f}s broker restarted")
+            elif fault == "pg":
+                services("restart", "pg")
+                faults.append(f"{time.monotonic() - started:.0f}s PostgreSQL restarted (fast)")
+            elif fault == "pause" and alive:
+                victim = rng.choice(alive)
+                victim.signal(signal.SIGSTOP)
+                time.sleep(12 + rng.uniform(0, 5))  # past its 10 s lease
+                victim.signal(signal.SIGCONT)
+                faults.append(f"{time.monotonic() - started:.0f}s SIGSTOP/SIGCONT {victim.name}")
+            while len(living()) < rng.randint(1, 3):
+                spawn()
+        writers.join(DURATION + 300)
+    finally:
+        services("up")  # whatever happened, the services are up again
+    print("faults:", *faults, sep="\n  ")
+    wait_for(lambda: check_kafka(bootstrap) is None, 60, "the broker")
+    if not living():
+        spawn()
+
+    def all_confirmed() -> bool:
+        with psycopg.connect(dsn) as c:
+            return c.execute("SELECT count(*) FILTER (WHERE status <> 'CONFIRMED'), count(*) "
+                             "FROM local_message").fetchone() == (0, MESSAGES)
+
+    wait_for(all_confirmed, 300, "every row CONFIRMED after the faults stopped", interval=1)
+    for r in living():
+        assert r.stop() == 0, r.log()[-2000:]
+    verdict = verify(dsn, bootstrap, topic, timeout=120)
+    print(f"verdict: rows {verdict.rows}, received {verdict.received}, missing "
+          f"{len(verdict.missing)}, duplicates {verdict.duplicates}, inversions "
+          f"{len(verdict.inversions)}, not confirmed {verdict.not_confirmed}, writer retries "
+          f"{writers.errors}")
+    assert writers.written == MESSAGES
+    assert sum(f.startswith(tuple("0123456789")) and "SIGKILL" in f for f in faults) >= 10
+    verdict.assert_clean()
+    with psycopg.connect(dsn) as c:
+        assert c.execute("SELECT count(*) FROM local_message WHERE attempts > 0").fetchone() \
+            == (0,), "no fault of this campaign is the messages' fault"
