@@ -198,7 +198,7 @@ def drain_ours_like(env: Env, peer: str, n: int, replicas: int = 1, confirmed_ro
     cpu = {p.pid: 0.0 for p in procs}
     rss = {p.pid: 0.0 for p in procs}
     while True:
-        done = confirmed(dsn)
+        done = confirmed(dsn) - confirmed_rows  # rows CONFIRMED before the drain do not count
         now = time.monotonic()
         for p in procs:
             if p.poll() is None:

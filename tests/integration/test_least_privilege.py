@@ -38,9 +38,11 @@ def role(admin_dsn, dsn):
         return psycopg.conninfo.make_conninfo(dsn, user=name, password=PASSWORD)
 
     yield make
-    with psycopg.connect(dsn, autocommit=True) as c:
+    with psycopg.connect(dsn, autocommit=True) as c:  # the owner takes its grants back
         for name in made:
-            c.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+            ident = sql.Identifier(name)
+            c.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {}").format(ident))
+            c.execute(sql.SQL("REVOKE ALL ON SCHEMA public FROM {}").format(ident))
     with psycopg.connect(admin_dsn, autocommit=True) as c:
         for name in made:
             c.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
