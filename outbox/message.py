@@ -18,9 +18,20 @@ from typing import Any, Union
 
 from .errors import InvalidMessage, InvalidTopic, MessageTooLarge
 
-#: Kafka's default ``message.max.bytes`` is 1,048,588 bytes for the whole record batch; one
-#: record of 1,000,000 bytes (payload, key and headers) leaves room for the framing.
+#: The largest record, counted as the producer counts it (``record_size``). The relay's
+#: producer runs with ``message.max.bytes`` equal to the same number (``max_message_bytes``),
+#: so what ``publish()`` accepts, the relay can hand to Kafka. A topic needs
+#: ``max.message.bytes`` of at least this plus ``RECORD_BATCH_OVERHEAD`` (Kafka's default,
+#: 1,048,588, is enough); ``outbox doctor`` checks it.
 DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+
+#: librdkafka's upper bound of a v2 record's own framing (RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD:
+#: length, attributes, timestamp and offset deltas, key and value lengths, header count).
+RECORD_OVERHEAD = 5 + 1 + 10 + 5 + 5 + 5 + 5
+#: The record batch header around one or more records (RD_KAFKAP_MSGSET_V2_SIZE).
+RECORD_BATCH_OVERHEAD = 61
+#: The header the relay adds to every record: its name and a UUID as text.
+MESSAGE_ID_HEADER = "message_id"
 
 _TOPIC_RE = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
@@ -157,18 +168,45 @@ def build_message(
         if not dedup_key or "\x00" in dedup_key:
             raise InvalidMessage("dedup_key must be a non-empty str without NUL characters")
     mid = message_id or uuid7()
-    size = (
-        len(body)
-        + len(key_bytes or b"")
-        + sum(len(n.encode()) + len(v or b"") for n, v in header_list)
-        + len("message_id") + 36
-    )
+    size = record_size(key_bytes, body, header_list)
     if size > max_bytes:
         raise MessageTooLarge(
-            f"message to topic {topic!r} is {size} bytes with key and headers, "
-            f"above the maximum of {max_bytes} bytes"
+            f"message to topic {topic!r} is {size} bytes as a Kafka record (payload, key, "
+            f"headers and framing), above the maximum of {max_bytes} bytes"
         )
     return OutboxMessage(mid, topic, key_bytes, body, header_list, dedup_key)
+
+
+def _varint_size(n: int) -> int:
+    """Bytes of N as a zigzag varint, as Kafka's record format writes lengths."""
+    z = (n << 1) ^ (n >> 63)
+    size = 1
+    while z >= 0x80:
+        z >>= 7
+        size += 1
+    return size
+
+
+def _header_size(name: bytes, value: bytes | None) -> int:
+    value_len = 0 if value is None else len(value)
+    return len(name) + _varint_size(len(name)) + value_len + _varint_size(value_len)
+
+
+#: The message_id header's share of every record (a UUID as text is 36 bytes).
+_MESSAGE_ID_SIZE = _header_size(MESSAGE_ID_HEADER.encode(), b"0" * 36)
+
+
+def record_size(
+    key: bytes | None, payload: bytes, headers: Iterable[tuple[str, bytes | None]] = ()
+) -> int:
+    """A message's size as librdkafka checks it against ``message.max.bytes`` at produce time:
+    the record framing bound, key, payload and serialised headers, the relay's message_id
+    header included. The writer refuses above its limit by this count, so the relay's producer
+    (configured with the same limit) never refuses a stored row for its size."""
+    size = RECORD_OVERHEAD + len(key or b"") + len(payload) + _MESSAGE_ID_SIZE
+    for name, value in headers:
+        size += _header_size(name.encode("utf-8") if isinstance(name, str) else name, value)
+    return size
 
 
 def headers_from_json(raw: Any) -> list[tuple[str, bytes | None]]:

@@ -10,7 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit, urlunsplit
 
+from outbox.message import DEFAULT_MAX_MESSAGE_BYTES
 from outbox.sql import validate_identifier
+
+from .model import SEND_MARGIN
 
 ENV_PREFIX = "OUTBOX_"
 KAFKA_ENV_PREFIX = "OUTBOX_KAFKA_"
@@ -44,8 +47,14 @@ class RelayConfig:
     #: A relay that has not renewed its bucket leases for this long is taken over.
     lease_seconds: float = 90.0
     heartbeat_interval: float = 10.0
-    #: Longest wait for a batch's delivery reports; must exceed message.timeout.ms.
+    #: The batch's deadline: what has no delivery report by then is taken back from the
+    #: producer and sent again later (the producer has no timeout of its own).
     flush_timeout: float = 35.0
+    #: Longest wait for the metadata of a batch's topics not seen in the last minute.
+    metadata_timeout: float = 10.0
+    #: The largest record (payload, key, headers, framing) the producer takes; publish()'s
+    #: default limit is the same number (outbox.message.DEFAULT_MAX_MESSAGE_BYTES).
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Message-specific failures before a row becomes FAILED.
     max_attempts: int = 12
     backoff_base: float = 1.0
@@ -119,23 +128,23 @@ class RelayConfig:
                      "backoff_base", "backoff_max", "shutdown_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        timeout_ms = self.producer_config().get("message.timeout.ms", "30000")
-        try:
-            message_timeout = int(timeout_ms) / 1000.0
-        except ValueError:
-            raise ConfigError(f"message.timeout.ms must be a number, not {timeout_ms!r}") from None
-        if message_timeout <= 0 or message_timeout >= self.flush_timeout:
+        if self.metadata_timeout >= self.flush_timeout:
             raise ConfigError(
-                f"flush_timeout ({self.flush_timeout:g}s) must exceed the producer's "
-                f"message.timeout.ms ({message_timeout:g}s), so that every message gets a report"
+                f"metadata_timeout ({self.metadata_timeout:g}s) must be below flush_timeout "
+                f"({self.flush_timeout:g}s): the lookup is part of the batch"
             )
+        for key, why in _OWNED_PRODUCER_SETTINGS.items():
+            if key in self.kafka:
+                raise ConfigError(f"{key} is set by the relay: {why}")
+        if self.max_message_bytes < 1000:
+            raise ConfigError("max_message_bytes must be at least 1000")
         # A relay must see its lease expire only after everything it produced has been
-        # delivered or timed out; otherwise a new owner could overtake it (FIELD-NOTES 2).
-        if self.lease_seconds <= self.flush_timeout + 2 * self.heartbeat_interval:
+        # delivered or taken back; otherwise a new owner could overtake it (FIELD-NOTES 2).
+        if self.lease_seconds <= self.flush_timeout + SEND_MARGIN + 2 * self.heartbeat_interval:
             raise ConfigError(
                 f"lease_seconds ({self.lease_seconds:g}) must exceed flush_timeout "
-                f"({self.flush_timeout:g}) plus two heartbeat intervals "
-                f"({2 * self.heartbeat_interval:g})"
+                f"({self.flush_timeout:g}) plus {SEND_MARGIN:g}s to take back what is "
+                f"unreported, plus two heartbeat intervals ({2 * self.heartbeat_interval:g})"
             )
         for k in ("enable.idempotence", "acks"):
             if k in self.kafka and self.kafka[k] not in ("true", "all", "-1"):
@@ -157,6 +166,18 @@ class RelayConfig:
         out["dsn"] = redact_dsn(self.dsn)
         out["kafka"] = redact_mapping(self.kafka)
         return out
+
+
+#: librdkafka settings the relay sets itself, with the setting to use instead.
+_OWNED_PRODUCER_SETTINGS = {
+    "message.timeout.ms": "a batch's deadline is flush_timeout (OUTBOX_FLUSH_TIMEOUT); the "
+    "producer has no timeout of its own, so that no message of a key can time out while a "
+    "later one is delivered",
+    "delivery.timeout.ms": "a batch's deadline is flush_timeout (OUTBOX_FLUSH_TIMEOUT)",
+    "enable.gapless.guarantee": "per-key order rests on it",
+    "message.max.bytes": "use max_message_bytes (OUTBOX_MAX_MESSAGE_BYTES), the same limit "
+    "publish() applies",
+}
 
 
 def _parse(name: str, kind: object, raw: str) -> object:

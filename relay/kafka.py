@@ -1,20 +1,35 @@
 """The only module that imports confluent_kafka: the Kafka sink of the relay.
 
 ``KafkaSink.send(batch)`` produces every message of a batch, serves delivery reports until all
-are in or the flush deadline passes, and returns one outcome per message. A message with no
-report by then is purged from the producer and reported UNKNOWN: it may still be in Kafka, so
-it is retried (a duplicate is possible) but never treated as failed-and-safe.
+are in or the batch's deadline passes, and returns one outcome per message.
 
-Order on failure. The idempotent producer keeps a partition's order through retries, but when
-the broker rejects one request for good (a message too large for its topic, say), librdkafka
-goes on with the partition's later requests: a later message of the same key could land while
-the rejected one waits for a retry. So a message that may be rejected is never sent alongside
-later ones: a missing topic is found in the metadata before producing; a message larger than
-its topic's ``max.message.bytes`` (before compression), and every message the relay asks to
-isolate, is sent alone, after everything before it was acknowledged, and its outcome is known
-before the next message of the batch is produced. When it fails, the later messages of its key
-are held back (send_in_key_order). A request rejected with several messages in it does not
-say which one was at fault: those messages come back ISOLATE, to be sent alone next time.
+Order by construction. A key's messages go to one partition, in row order; Kafka keeps them in
+that order only if no earlier message of the key can fail while a later one succeeds. So:
+
+- the batch owns the deadline, not librdkafka: the producer runs with ``message.timeout.ms=0``
+  (no local timeout), and when ``flush_timeout`` passes every message without a report is
+  purged and reported UNKNOWN, all of them at once, so none of a key's messages can be
+  acknowledged after an earlier one of that key timed out. A purge leaves a gap in the
+  producer's sequence numbers, so the producer is then replaced (a new producer id);
+- the batch's topics are looked up once, before anything is produced, within a bounded wait:
+  a topic that cannot be looked up fails its messages before they reach the producer, and a
+  missing topic fails them for good, so no blocking call sits between two messages of a key;
+- a message that fails before it reaches the producer, or whose failure report arrives while
+  the batch is still being produced, holds back every later message of its key in the batch
+  (send_in_key_order);
+- the producer runs with ``enable.gapless.guarantee``: when the broker rejects a request for
+  good, librdkafka would otherwise renumber and send the partition's later requests (which the
+  broker refused as out of sequence), letting later messages of the key overtake the rejected
+  ones. Instead it raises a fatal error; the later messages have not been written, they are
+  purged and reported UNKNOWN, and the producer is replaced;
+- a message that may be rejected (larger than its topic's ``max.message.bytes``, or rejected
+  before in a request it shared with others) is sent alone: after everything before it was
+  acknowledged, its own outcome known before the next message is produced. A request rejected
+  with several messages in it does not say which one was at fault: those messages come back
+  ISOLATE, to be sent alone next time.
+
+Bounded. From the first lookup to the last report, ``send`` takes at most ``flush_timeout``
+plus ``model.SEND_MARGIN`` seconds, whatever the cluster does.
 """
 
 from __future__ import annotations
@@ -27,15 +42,23 @@ from typing import Protocol
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
+from outbox.message import DEFAULT_MAX_MESSAGE_BYTES, RECORD_BATCH_OVERHEAD, record_size
+
 from .model import Delivered, Failed, FailureKind, Outcome, PendingMessage, send_in_key_order
+from .outage_log import OutageLog
 
 log = logging.getLogger(__name__)
 
-#: Producer settings the relay's guarantees rest on; the user's passthrough cannot weaken them.
+#: Producer settings the relay's guarantees rest on; the user's passthrough cannot weaken them
+#: (RelayConfig refuses them with a reason).
 REQUIRED_PRODUCER_CONFIG: Mapping[str, str] = {
     "enable.idempotence": "true",
     "acks": "all",
+    # The batch's flush_timeout is the only deadline (see the module's docstring).
+    "message.timeout.ms": "0",
+    "enable.gapless.guarantee": "true",
 }
+
 
 #: Defaults tuned for throughput at a small latency cost; every one can be overridden.
 DEFAULT_PRODUCER_CONFIG: Mapping[str, str] = {
@@ -43,7 +66,6 @@ DEFAULT_PRODUCER_CONFIG: Mapping[str, str] = {
     "compression.type": "lz4",
     "batch.size": "1000000",
     "queue.buffering.max.messages": "200000",
-    "message.timeout.ms": "30000",
     "socket.keepalive.enable": "true",
 }
 
@@ -81,6 +103,7 @@ _OUTAGE = {
 _UNKNOWN = {
     KafkaError._MSG_TIMED_OUT,
     KafkaError._PURGE_INFLIGHT,
+    KafkaError._FATAL,
 }
 
 
@@ -99,20 +122,14 @@ def describe(err: KafkaError) -> str:
     return f"{err.name()}: {err.str()}"
 
 
-#: Room for the record and batch framing around a message's own bytes.
-_FRAMING_BYTES = 512
-
 #: Settings an AdminClient shares with the producer (connection and security).
 _CLIENT_PREFIXES = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "client.", "broker.",
                     "metadata.", "reconnect.", "connections.", "api.", "debug")
 
 
 def message_size(message: PendingMessage) -> int:
-    """The bytes of a message before compression: payload, key and headers."""
-    size = len(message.payload) + len(message.key or b"") + 10 + 36  # + the message_id header
-    if message.headers:
-        size += sum(len(name) + len(value or b"") for name, value in message.headers)
-    return size
+    """The bytes of a message as a record, as the writer and librdkafka count them."""
+    return record_size(message.key, message.payload, message.headers)
 
 
 class Sink(Protocol):
@@ -135,102 +152,163 @@ class _Topic:
 
 
 class KafkaSink:
-    def __init__(self, config: Mapping[str, str], flush_timeout: float = 45.0):
-        self._config = {**DEFAULT_PRODUCER_CONFIG, **config, **REQUIRED_PRODUCER_CONFIG}
+    def __init__(self, config: Mapping[str, str], flush_timeout: float = 35.0, *,
+                 metadata_timeout: float = 10.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 outage_log: OutageLog | None = None):
+        self._config = {**DEFAULT_PRODUCER_CONFIG, **config, **REQUIRED_PRODUCER_CONFIG,
+                        "message.max.bytes": str(max_message_bytes)}
         self._flush_timeout = flush_timeout
+        self._metadata_timeout = metadata_timeout
         self._producer: Producer | None = None
         self._admin: AdminClient | None = None
         self._topics: dict[str, _Topic] = {}
         self._fatal = False
         self.resets = 0
+        #: librdkafka's logs and error callbacks go through this: each distinct problem once,
+        #: then a summary now and then (a broker down for an hour is not 140,000 lines).
+        self.outage_log = outage_log or OutageLog(log)
 
     @property
     def producer(self) -> Producer:
         if self._producer is None:
             self._fatal = False
-            self._producer = Producer({**self._config, "error_cb": self._on_error}, logger=log)
+            self._producer = Producer(
+                {**self._config, "error_cb": self._on_error}, logger=self.outage_log
+            )
         return self._producer
 
     def _on_error(self, err: KafkaError) -> None:
-        # Client-level errors (brokers down, authentication, fatal idempotence errors). Without
-        # this callback librdkafka's fatal errors surface as exceptions in unrelated calls.
-        if err.fatal():
+        # Client-level errors (brokers down, authentication). Fatal errors do not come here:
+        # confluent-kafka raises them from poll()/flush() (see _serve).
+        self.outage_log.problem(err.name(), logging.WARNING, f"Kafka: {describe(err)}")
+
+    def _serve(self, timeout: float) -> int:
+        """flush(TIMEOUT): serve delivery reports; the number of messages still unreported.
+        A fatal producer error is raised from here (not passed to error_cb); it marks the
+        producer for replacement, and the reports behind it are served by a second call."""
+        producer = self.producer
+        try:
+            return producer.flush(max(0.0, timeout))
+        except (KafkaException, SystemError) as exc:
+            # SystemError: confluent-kafka (2.16) calls the delivery callbacks queued behind a
+            # fatal error with that error still set. Our callback stores its report before
+            # anything can raise, so no report is lost; the next call serves the rest.
             self._fatal = True
-            log.error("Kafka producer fatal error, it will be recreated: %s", describe(err))
-        else:
-            log.warning("Kafka: %s", describe(err))
+            log.error("Kafka producer fatal error, it will be replaced: %s", exc)
+            try:
+                return producer.flush(0)
+            except (KafkaException, SystemError):
+                return len(producer)
 
     def reset(self) -> None:
-        """Drop the producer after a fatal error; the next send makes a new one."""
+        """Replace the producer: the next send makes a new one, with a new producer id."""
         if self._producer is not None:
-            self._producer.purge()
-            self._producer.flush(0)
-            self._producer = None
+            producer, self._producer = self._producer, None
+            try:
+                producer.purge(in_queue=True, in_flight=True)
+                producer.flush(0)
+            except (KafkaException, SystemError):
+                pass
             self._topics.clear()
             self.resets += 1
 
     def close(self, timeout: float) -> None:
         if self._producer is not None:
-            self._producer.flush(timeout)
+            try:
+                self._producer.flush(timeout)
+            except (KafkaException, SystemError) as exc:
+                log.warning("Kafka producer: %s", exc)
             self._producer = None
 
     # -- topics
 
-    def _topic(self, topic: str) -> _Topic:
-        """Whether TOPIC exists and its max.message.bytes, cached for a minute."""
+    def _look_up_topics(self, names: set[str], deadline: float) -> dict[str, _Topic]:
+        """Whether each topic exists and its max.message.bytes: cached for a minute, the rest
+        asked in one metadata request and one DescribeConfigs, within metadata_timeout and the
+        batch's deadline. A lookup that fails is not cached: the cluster may be back soon."""
         now = time.monotonic()
-        known = self._topics.get(topic)
-        if known is not None and known.until > now:
-            return known
+        found = {t: self._topics[t] for t in names if t in self._topics
+                 and self._topics[t].until > now}
+        wanted = sorted(names - found.keys())
+        if not wanted:
+            return found
+        budget = max(0.0, min(self._metadata_timeout, deadline - now))
         try:
-            md = self.producer.list_topics(topic, timeout=10).topics.get(topic)
+            metadata = self.producer.list_topics(
+                wanted[0] if len(wanted) == 1 else None, timeout=budget
+            ).topics
         except KafkaException as exc:
-            err = exc.args[0]
-            # Not cached: the cluster may be back at the next batch.
-            return _Topic(Failed(0, classify(err), describe(err)), None, 0.0)
-        err = md.error if md is not None else None
-        if md is None or (err is not None and err.code() in _PERMANENT):
-            why = describe(err) if err is not None else "topic not in metadata"
-            info = _Topic(Failed(0, FailureKind.PERMANENT, f"{why} (topic {topic!r})"), None,
-                          now + 5.0)
-        elif err is not None:
-            info = _Topic(Failed(0, classify(err), describe(err)), None, 0.0)
-        else:
-            info = _Topic(None, self._max_message_bytes(topic), now + 60.0)
-        self._topics[topic] = info
-        return info
+            # Not the messages' fault, whatever the error: nothing is counted.
+            problem = Failed(0, FailureKind.OUTAGE, f"topic metadata: {describe(exc.args[0])}")
+            found.update((t, _Topic(problem, None, 0.0)) for t in wanted)
+            return found
+        healthy = []
+        for t in wanted:
+            md = metadata.get(t)
+            err = md.error if md is not None else None
+            if md is None or (err is not None and err.code() in _PERMANENT):
+                why = describe(err) if err is not None else "topic not in metadata"
+                info = _Topic(Failed(0, FailureKind.PERMANENT, f"{why} (topic {t!r})"), None,
+                              now + 5.0)
+                self._topics[t] = info
+            elif err is not None:
+                info = _Topic(Failed(0, classify(err), describe(err)), None, 0.0)
+            else:
+                healthy.append(t)
+                continue
+            found[t] = info
+        limits = self._max_message_bytes(healthy, deadline) if healthy else {}
+        for t in healthy:
+            found[t] = self._topics[t] = _Topic(None, limits.get(t), now + 60.0)
+        return found
 
-    def _max_message_bytes(self, topic: str) -> int | None:
+    def _max_message_bytes(self, topics: list[str], deadline: float) -> dict[str, int]:
+        """The topics' max.message.bytes, as far as they can be read in time."""
+        budget = min(self._metadata_timeout, deadline - time.monotonic())
+        if budget <= 0:
+            return {}
         try:
             if self._admin is None:
                 settings = {k: v for k, v in self._config.items() if k.startswith(_CLIENT_PREFIXES)}
-                self._admin = AdminClient({**settings, "error_cb": self._on_error}, logger=log)
-            resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
-            configs = self._admin.describe_configs([resource], request_timeout=10)
-            entries = configs[resource].result(timeout=10)
-            return int(entries["max.message.bytes"].value)
-        except Exception as exc:  # noqa: BLE001 - no DescribeConfigs right: just no pre-check
-            log.debug("cannot read max.message.bytes of %s: %s", topic, exc)
-            return None
+                self._admin = AdminClient({**settings, "error_cb": self._on_error},
+                                          logger=self.outage_log)
+            resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics]
+            futures = self._admin.describe_configs(resources, request_timeout=budget)
+        except Exception as exc:  # noqa: BLE001 - no DescribeConfigs: just no pre-check
+            log.debug("cannot read max.message.bytes of %s: %s", topics, exc)
+            return {}
+        limits = {}
+        for resource, future in futures.items():
+            try:
+                entries = future.result(timeout=max(0.0, deadline - time.monotonic()))
+                limits[resource.name] = int(entries["max.message.bytes"].value)
+            except Exception as exc:  # noqa: BLE001 - not authorised, timed out
+                log.debug("cannot read max.message.bytes of %s: %s", resource.name, exc)
+        return limits
 
     # -- sending
 
     def send(
         self, batch: Sequence[PendingMessage], alone: frozenset[int] = frozenset()
     ) -> list[Outcome]:
-        producer = self.producer
-        outcomes: dict[int, Outcome] = {}
-        sent_alone: set[int] = set()
         deadline = time.monotonic() + self._flush_timeout
+        topics = self._look_up_topics({m.topic for m in batch}, deadline)
+        producer = self.producer
+        # Reports as librdkafka gives them, by row id; read once the batch is over.
+        reports: dict[int, object] = {}
+        # Keys with a failure report already in: their later messages are not produced.
+        failed_keys: set[bytes] = set()
+        sent_alone: set[int] = set()
 
         def on_delivery(row_id: int):
             # Runs inside poll()/flush() on this thread (confluent-kafka-python #417): no
-            # locking needed, and no poll() in here (#457).
+            # locking, no poll() in here (#457). Store first: after a fatal error this runs
+            # with an exception set, and any call could raise (see _serve).
             def report(err: KafkaError | None, msg) -> None:
-                if err is None:
-                    outcomes[row_id] = Delivered(row_id, msg.partition(), msg.offset())
-                else:
-                    outcomes[row_id] = Failed(row_id, classify(err), describe(err), err.fatal())
+                reports[row_id] = msg
+                if err is not None and msg.key() is not None:
+                    failed_keys.add(msg.key())
 
             return report
 
@@ -242,6 +320,8 @@ class KafkaSink:
             if message.headers:
                 headers.extend(message.headers)
             while True:
+                if self._fatal:
+                    return Failed(message.id, FailureKind.UNKNOWN, "producer fatal error")
                 try:
                     producer.produce(
                         message.topic,
@@ -252,68 +332,94 @@ class KafkaSink:
                     )
                     produced += 1
                     if produced % 256 == 0:  # serve reports now and then, not per message
-                        producer.poll(0)
+                        self._poll()
                     return None
                 except BufferError:
                     # The local queue is full: serve reports to make room, then try again.
                     if time.monotonic() >= deadline:
                         return Failed(message.id, FailureKind.OUTAGE, "producer queue full")
-                    producer.poll(0.05)
+                    self._poll(0.05)
                 except KafkaException as exc:
                     err = exc.args[0]
                     return Failed(message.id, classify(err), describe(err), err.fatal())
 
         def produce_one(message: PendingMessage) -> Failed | None:
-            topic = self._topic(message.topic)
+            topic = topics[message.topic]
             if topic.problem is not None:
                 return Failed(message.id, topic.problem.kind, topic.problem.error)
+            if failed_keys and message.key in failed_keys:
+                return Failed(message.id, FailureKind.DEFERRED,
+                              "an earlier message of its key failed")
+            if time.monotonic() >= deadline:
+                return Failed(message.id, FailureKind.OUTAGE, "batch deadline passed")
             risky = message.id in alone or (
                 topic.max_bytes is not None
-                and message_size(message) > topic.max_bytes - _FRAMING_BYTES
+                and message_size(message) + RECORD_BATCH_OVERHEAD > topic.max_bytes
             )
             if not risky:
                 return produce(message)
             # Alone: everything before it acknowledged first, its own outcome known before
             # the next message is produced.
-            producer.flush(max(0.0, deadline - time.monotonic()))
+            if self._serve(deadline - time.monotonic()):
+                return Failed(message.id, FailureKind.OUTAGE, "earlier messages unacknowledged")
             sent_alone.add(message.id)
             failure = produce(message)
             if failure is not None:
                 return failure
-            producer.flush(max(0.0, deadline - time.monotonic()))
-            outcome = outcomes.pop(message.id, None)
-            if isinstance(outcome, Failed):
-                return outcome
-            if outcome is not None:
-                outcomes[message.id] = outcome
+            self._serve(deadline - time.monotonic())
+            msg = reports.get(message.id)
+            if msg is not None and msg.error() is not None:
+                del reports[message.id]
+                err = msg.error()
+                return Failed(message.id, classify(err), describe(err), err.fatal())
             return None
 
         # Failures found before or while producing (missing topic, refused by the producer, a
-        # message sent alone): each is this message's own. Reports come into `outcomes`.
+        # message sent alone, a key with a failure): each is this message's own.
         early = send_in_key_order(batch, produce_one)
 
         # flush() returns how many are still queued instead of raising (#762).
-        remaining = producer.flush(max(0.0, deadline - time.monotonic()))
-        fatal = self._fatal or any(isinstance(o, Failed) and o.fatal for o in outcomes.values())
-        if remaining or fatal:
-            # No report yet: take them back out of the producer, so that they cannot reach
-            # Kafka later behind newer messages, and report them as unknown.
-            producer.purge(in_queue=True, in_flight=True)
-            producer.flush(5.0)
-        if fatal:
+        remaining = self._serve(deadline - time.monotonic())
+        if remaining or self._fatal:
+            # The deadline passed, or the producer cannot go on: take everything unreported
+            # back out, so that none of it can reach Kafka later behind newer messages. All of
+            # it is reported unknown below, in one go, whatever its key.
+            try:
+                producer.purge(in_queue=True, in_flight=True)
+            except (KafkaException, SystemError):
+                pass
+            self._serve(1.0)
             self.reset()
+        return self._outcomes(batch, early, reports, sent_alone)
+
+    def _poll(self, timeout: float = 0.0) -> None:
+        try:
+            self.producer.poll(timeout)
+        except (KafkaException, SystemError) as exc:
+            self._fatal = True
+            log.error("Kafka producer fatal error, it will be replaced: %s", exc)
+
+    @staticmethod
+    def _outcomes(batch, early, reports, sent_alone) -> list[Outcome]:
         result: list[Outcome] = []
         for message in batch:
-            outcome = early.get(message.id) or outcomes.get(message.id)
+            outcome = early.get(message.id)
             if outcome is None:
-                outcome = Failed(
-                    message.id, FailureKind.UNKNOWN, "no delivery report before the flush deadline"
-                )
-            elif (isinstance(outcome, Failed) and outcome.kind is FailureKind.PERMANENT
-                  and message.id not in early and message.id not in sent_alone):
-                # Rejected in a request shared with other messages: which one was at fault is
-                # not known. Nobody's attempt is counted; the relay sends them alone next time.
-                outcome = Failed(message.id, FailureKind.ISOLATE, outcome.error)
+                msg = reports.get(message.id)
+                if msg is None:
+                    outcome = Failed(message.id, FailureKind.UNKNOWN,
+                                     "no delivery report before the batch deadline")
+                elif msg.error() is None:
+                    outcome = Delivered(message.id, msg.partition(), msg.offset())
+                else:
+                    err = msg.error()
+                    kind = classify(err)
+                    if kind is FailureKind.PERMANENT and message.id not in sent_alone:
+                        # Rejected in a request shared with other messages: which one was at
+                        # fault is not known. Nobody's attempt is counted; the relay sends
+                        # them alone next time.
+                        kind = FailureKind.ISOLATE
+                    outcome = Failed(message.id, kind, describe(err), err.fatal())
             result.append(outcome)
         return result
 

@@ -27,13 +27,19 @@ class RelayMetrics:
             "outbox_messages_dead_lettered", "FAILED rows copied to the dead-letter topic.",
             ["topic"], registry=r)
         self.producer_resets = Counter(
-            "outbox_producer_resets", "Producers recreated after a fatal error.", registry=r)
+            "outbox_producer_resets", "Producers replaced: after a fatal error, or a batch deadline that took "
+            "unreported messages back.", registry=r)
         self.order_inversions = Counter(
             "outbox_order_inversions", "Deliveries that overtook an undelivered earlier "
             "message of their key (expected to stay 0).", registry=r)
         self.lease_lost = Counter(
             "outbox_confirms_refused", "Delivered rows not confirmed because their bucket "
             "lease had moved to another relay.", registry=r)
+        self.kafka_up = Gauge(
+            "outbox_kafka_up",
+            "1 while batches get through to Kafka, 0 since a batch got nothing through for an "
+            "outage (broker unreachable, timed out).", registry=r)
+        self.kafka_up.set(1)
         self.pending = Gauge(
             "outbox_pending_messages", "PENDING rows in this relay's buckets.", registry=r)
         self.oldest_claimable_age = Gauge(

@@ -8,6 +8,12 @@ from enum import Enum
 from typing import NamedTuple, Union
 
 
+#: Seconds a sink's send() may take beyond the flush_timeout it was given: taking back what is
+#: unreported at the deadline and replacing the producer. A batch's Kafka part takes at most
+#: flush_timeout + SEND_MARGIN; leases are sized and checked against that.
+SEND_MARGIN = 3.0
+
+
 class PendingMessage(NamedTuple):
     """A row the relay may deliver now. (NamedTuples, not dataclasses, for the values made per
     message: a frozen dataclass costs several times more to build, at 20,000 a second.)"""

@@ -18,7 +18,10 @@ from dataclasses import dataclass, replace
 from .clock import Clock, SystemClock
 from .kafka import Sink
 from .metrics import RelayMetrics
-from .model import Delivered, Failed, FailureKind, FailureUpdate, Outcome, PendingMessage
+from .model import (
+    SEND_MARGIN, Delivered, Failed, FailureKind, FailureUpdate, Outcome, PendingMessage,
+)
+from .outage_log import OutageLog
 from .retry import NO_WRITE, CircuitBreaker, RetryPolicy
 from .store import Store
 
@@ -59,6 +62,7 @@ class Relay:
         clock: Clock | None = None,
         metrics: RelayMetrics | None = None,
         wait_for_work: Callable[[float, threading.Event], None] | None = None,
+        outage_log: OutageLog | None = None,
         **overrides,
     ):
         self.store = store
@@ -70,6 +74,8 @@ class Relay:
         self.clock = clock or SystemClock()
         self.metrics = metrics or RelayMetrics()
         self.breaker = CircuitBreaker()
+        #: Shared with the sink (runner.py): one voice for everything an outage makes noisy.
+        self.outage_log = outage_log or OutageLog(log)
         # Blocks up to N seconds, until new rows are announced (LISTEN) or until the stop event
         # is set; None: a plain wait on the clock.
         self._wait_for_work = wait_for_work
@@ -81,6 +87,7 @@ class Relay:
         self._pause = 0.0
         self._alone: set[int] = set()
         self._resets_seen = 0
+        self._pending: int | None = None  # as of the last heartbeat
         self.stats = Counter()
         self.last_progress = self.clock.monotonic()
 
@@ -89,8 +96,10 @@ class Relay:
     def _heartbeat_if_due(self) -> None:
         now = self.clock.monotonic()
         s = self.settings
-        # Produce only while the lease outlives every message this batch could leave in flight.
-        if now < self._next_heartbeat and now + s.flush_timeout < self._lease_valid_until:
+        # Produce only while the lease outlives every message this batch could leave in flight:
+        # a batch's Kafka part ends by flush_timeout + SEND_MARGIN (relay.kafka).
+        if (now < self._next_heartbeat
+                and now + s.flush_timeout + SEND_MARGIN < self._lease_valid_until):
             return
         started = self.clock.monotonic()
         buckets = self.store.heartbeat(self.relay_id, self.name, s.lease_seconds)
@@ -102,6 +111,7 @@ class Relay:
         self._next_heartbeat = started + s.heartbeat_interval
         self.metrics.buckets_owned.set(len(buckets))
         pending, oldest_age = self.store.pending_stats(buckets)
+        self._pending = pending
         self.metrics.pending.set(pending)
         self.metrics.oldest_claimable_age.set(oldest_age or 0.0)
 
@@ -138,11 +148,27 @@ class Relay:
             self._check_order(batch, outcomes)
         self._observe(batch, outcomes, updates, acked_at, started)
         outage = sum(1 for f in failed if f.kind in (FailureKind.OUTAGE, FailureKind.UNKNOWN))
-        for f in failed[:5]:
-            log.warning("delivery of row %d failed (%s): %s", f.id, f.kind.value, f.error)
+        self._log_failures(failed)
+        if delivered:
+            self.metrics.kafka_up.set(1)
+            self.outage_log.recovered()
+        elif outage:
+            self.metrics.kafka_up.set(0)
         self._pause = self.breaker.record(len(delivered), outage)
         self.last_progress = self.clock.monotonic()
         return len(batch)
+
+    def _log_failures(self, failed: Sequence[Failed]) -> None:
+        """The first few failures of a batch; those of an outage go through the outage log
+        (once each, then a summary now and then)."""
+        for f in failed[:5]:
+            text = f"delivery of row {f.id} failed ({f.kind.value}): {f.error}"
+            if f.kind in (FailureKind.OUTAGE, FailureKind.UNKNOWN, FailureKind.DEFERRED):
+                self.outage_log.problem(f"{f.kind.value}: {f.error}", logging.WARNING, text)
+            else:
+                log.warning("%s", text)
+        if self.outage_log.in_outage:
+            self.outage_log.summary_if_due(waiting=self._pending)
 
     def _observe(self, batch: Sequence[PendingMessage], outcomes: Sequence[Outcome],
                  updates: Sequence[FailureUpdate], acked_at: dt.datetime, started: float) -> None:
@@ -264,7 +290,11 @@ class Relay:
                         break
                     continue
                 if self._pause:
-                    log.warning("Kafka unreachable: pausing %.1fs before the next batch", self._pause)
+                    self.outage_log.problem(
+                        "pause", logging.WARNING,
+                        f"Kafka unreachable: pausing {self._pause:.1f}s before the next batch "
+                        "(and up to 30s while it lasts)",
+                    )
                     if self.clock.wait(stop, self._pause):
                         break
                 elif count == 0:

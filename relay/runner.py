@@ -14,6 +14,7 @@ from .config import RelayConfig, redact_dsn, redact_text, secrets_of
 from .health import HealthServer
 from .kafka import KafkaSink, check_kafka
 from .listener import Listener
+from .outage_log import OutageLog
 from .relay import LoopSettings, Relay
 from .retry import RetryPolicy
 from .store import PostgresStore
@@ -77,7 +78,10 @@ def readiness(cfg: RelayConfig):
 
 def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
     store = connect_store(cfg)
-    sink = KafkaSink(cfg.producer_config(), flush_timeout=cfg.flush_timeout)
+    outage_log = OutageLog(logging.getLogger("relay.kafka"))
+    sink = KafkaSink(cfg.producer_config(), flush_timeout=cfg.flush_timeout,
+                     metadata_timeout=cfg.metadata_timeout,
+                     max_message_bytes=cfg.max_message_bytes, outage_log=outage_log)
     listener = Listener(cfg.dsn, cfg.schema) if cfg.listen else None
     settings = LoopSettings(
         batch_size=cfg.batch_size,
@@ -96,6 +100,7 @@ def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
         settings=settings,
         retry=RetryPolicy(cfg.max_attempts, cfg.backoff_base, cfg.backoff_max),
         wait_for_work=listener.wait if listener else None,
+        outage_log=outage_log,
     )
     return relay, listener
 

@@ -9,12 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-#: Short timings so that takeovers happen within seconds; still valid (lease > flush + 2 hb).
+#: Short timings so that takeovers happen within seconds; still valid (lease > flush + 3 + 2 hb).
 FAST = {
-    "OUTBOX_KAFKA_MESSAGE_TIMEOUT_MS": "5000",
     "OUTBOX_FLUSH_TIMEOUT": "6",
+    "OUTBOX_METADATA_TIMEOUT": "3",
     "OUTBOX_HEARTBEAT_INTERVAL": "1",
-    "OUTBOX_LEASE_SECONDS": "10",
+    "OUTBOX_LEASE_SECONDS": "12",
     "OUTBOX_BACKOFF_BASE": "0.2",
     "OUTBOX_BACKOFF_MAX": "2",
 }

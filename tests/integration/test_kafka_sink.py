@@ -1,13 +1,12 @@
 """KafkaSink against the real broker: reports, headers, fatal errors."""
 
 import datetime as dt
+import os
 import uuid
-
-from confluent_kafka import KafkaError
 
 from relay.kafka import KafkaSink
 from relay.model import Delivered, Failed, FailureKind, PendingMessage
-from tests.kafka_helpers import read_all
+from tests.kafka_helpers import create_topic, delete_topic, read_all
 
 
 def message(i, topic, key=b"k"):
@@ -15,28 +14,34 @@ def message(i, topic, key=b"k"):
                           dt.datetime.now(dt.timezone.utc))
 
 
-def test_fatal_producer_error_recreates_the_producer_and_nothing_is_lost(bootstrap, topic):
-    sink = KafkaSink({"bootstrap.servers": bootstrap, "message.timeout.ms": "10000"},
+def test_fatal_producer_error_replaces_the_producer_and_nothing_is_lost(bootstrap):
+    """A real fatal error: the broker rejects a request for good, and the gapless guarantee
+    stops the producer. The producer is replaced, the messages without a report come back
+    UNKNOWN (not counted), and sent again they arrive."""
+    topic = f"t.fatal.{uuid.uuid4().hex[:8]}"
+    create_topic(bootstrap, topic, partitions=1, config={"max.message.bytes": "3000"})
+    sink = KafkaSink({"bootstrap.servers": bootstrap, "batch.num.messages": "1"},
                      flush_timeout=15)
     try:
         first = sink.send([message(1, topic)])
         assert isinstance(first[0], Delivered)
         old = sink.producer
-        # librdkafka reports a fatal error (an idempotence sequence the broker refuses, say).
-        sink._on_error(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
-        outcomes = sink.send([message(2, topic), message(3, topic)])
-        assert sink.resets == 1
-        for o in outcomes:
-            assert isinstance(o, Delivered) or (isinstance(o, Failed)
-                                                and o.kind is FailureKind.UNKNOWN)
-        retry = [message(o.id, topic) for o in outcomes if isinstance(o, Failed)]
+        sink._topics[topic].max_bytes = None  # as if DescribeConfigs were not allowed
+        big = message(2, topic, key=b"other")._replace(payload=os.urandom(5000))  # lz4 cannot shrink it
+        outcomes = sink.send([big] + [message(i, topic, key=b"k%d" % i) for i in range(3, 8)])
+        assert sink.resets == 1 and sink.producer is not old
+        assert outcomes[0].kind is FailureKind.ISOLATE  # rejected, not yet known to be alone
+        for o in outcomes[1:]:
+            assert isinstance(o, Delivered) or o.kind in (FailureKind.UNKNOWN, FailureKind.OUTAGE)
+        retry = [message(o.id, topic, key=b"k%d" % o.id) for o in outcomes[1:]
+                 if isinstance(o, Failed)]
         again = sink.send(retry) if retry else []
         assert all(isinstance(o, Delivered) for o in again)
-        assert sink.producer is not old
-        got = {m.value for m in read_all(bootstrap, topic, expected=3)}
-        assert got >= {b'{"i":1}', b'{"i":2}', b'{"i":3}'}
+        got = {m.value for m in read_all(bootstrap, topic, expected=6)}
+        assert got == {b'{"i":%d}' % i for i in (1, 3, 4, 5, 6, 7)}
     finally:
         sink.close(5)
+        delete_topic(bootstrap, topic)
 
 
 def test_every_message_carries_its_message_id_and_headers(bootstrap, topic):
@@ -54,8 +59,8 @@ def test_every_message_carries_its_message_id_and_headers(bootstrap, topic):
 
 
 def test_unreachable_broker_is_an_outage_not_a_message_failure():
-    sink = KafkaSink({"bootstrap.servers": "127.0.0.1:1", "message.timeout.ms": "2000"},
-                     flush_timeout=3)
+    sink = KafkaSink({"bootstrap.servers": "127.0.0.1:1"}, flush_timeout=3,
+                     metadata_timeout=1)
     try:
         outcomes = sink.send([message(1, "any.topic")])
         assert isinstance(outcomes[0], Failed)

@@ -18,7 +18,6 @@ from tests.kafka_helpers import read_all
 
 
 def relay_config(dsn, bootstrap, **kw):
-    kw.setdefault("kafka", {"message.timeout.ms": "10000"})
     return RelayConfig.from_env(
         {}, dsn=dsn, bootstrap_servers=bootstrap, flush_timeout=15.0, lease_seconds=40.0,
         heartbeat_interval=5.0, listen=False, **kw
@@ -110,7 +109,7 @@ def test_outbox_relay_process_delivers_and_stops_on_sigterm(conn, dsn, bootstrap
     with conn.transaction():
         outbox.publish_many(conn, [dict(topic=topic, key="k", payload={"i": i}) for i in range(100)])
     env = {**os.environ, "OUTBOX_DSN": dsn, "OUTBOX_BOOTSTRAP_SERVERS": bootstrap,
-           "OUTBOX_KAFKA_MESSAGE_TIMEOUT_MS": "10000", "OUTBOX_FLUSH_TIMEOUT": "15",
+           "OUTBOX_FLUSH_TIMEOUT": "15",
            "OUTBOX_LEASE_SECONDS": "40", "OUTBOX_HEARTBEAT_INTERVAL": "5"}
     proc = subprocess.Popen([sys.executable, "-m", "relay", "relay", "--name", "e2e"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
