@@ -122,6 +122,9 @@ def describe(err: KafkaError) -> str:
     return f"{err.name()}: {err.str()}"
 
 
+#: Longest single flush() call while serving reports (see KafkaSink._serve).
+_SERVE_SLICE = 0.2
+
 #: Settings an AdminClient shares with the producer (connection and security).
 _CLIENT_PREFIXES = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "client.", "broker.",
                     "metadata.", "reconnect.", "connections.", "api.", "debug")
@@ -184,22 +187,30 @@ class KafkaSink:
         self.outage_log.problem(err.name(), logging.WARNING, f"Kafka: {describe(err)}")
 
     def _serve(self, timeout: float) -> int:
-        """flush(TIMEOUT): serve delivery reports; the number of messages still unreported.
-        A fatal producer error is raised from here (not passed to error_cb); it marks the
-        producer for replacement, and the reports behind it are served by a second call."""
+        """Serve delivery reports for up to TIMEOUT seconds, until none is outstanding or the
+        producer hit a fatal error; return how many messages are still unreported.
+
+        confluent-kafka raises a fatal error (it is not passed to error_cb) only when flush()
+        returns, so flush() is called in short slices: a fatal error ends the wait at once
+        instead of at the deadline."""
         producer = self.producer
-        try:
-            return producer.flush(max(0.0, timeout))
-        except (KafkaException, SystemError) as exc:
-            # SystemError: confluent-kafka (2.16) calls the delivery callbacks queued behind a
-            # fatal error with that error still set. Our callback stores its report before
-            # anything can raise, so no report is lost; the next call serves the rest.
-            self._fatal = True
-            log.error("Kafka producer fatal error, it will be replaced: %s", exc)
+        end = time.monotonic() + max(0.0, timeout)
+        while True:
             try:
-                return producer.flush(0)
-            except (KafkaException, SystemError):
-                return len(producer)
+                remaining = producer.flush(max(0.0, min(_SERVE_SLICE, end - time.monotonic())))
+            except (KafkaException, SystemError) as exc:
+                # SystemError: confluent-kafka (2.16) calls the delivery callbacks queued
+                # behind a fatal error with that error still set. Our callback stores its
+                # report before anything can raise, so no report is lost; the next call
+                # serves the rest.
+                self._fatal = True
+                log.error("Kafka producer fatal error, it will be replaced: %s", exc)
+                try:
+                    return producer.flush(0)
+                except (KafkaException, SystemError):
+                    return len(producer)
+            if not remaining or time.monotonic() >= end:
+                return remaining
 
     def reset(self) -> None:
         """Replace the producer: the next send makes a new one, with a new producer id."""
@@ -241,6 +252,11 @@ class KafkaSink:
         except KafkaException as exc:
             # Not the messages' fault, whatever the error: nothing is counted.
             problem = Failed(0, FailureKind.OUTAGE, f"topic metadata: {describe(exc.args[0])}")
+            self.outage_log.problem(
+                "metadata", logging.WARNING,
+                f"topic metadata for {', '.join(wanted)[:200]} not available: "
+                f"{problem.error}; their messages wait for a later batch",
+            )
             found.update((t, _Topic(problem, None, 0.0)) for t in wanted)
             return found
         healthy = []
