@@ -12,6 +12,7 @@ import functools
 import getpass
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -22,6 +23,7 @@ import click
 import psycopg
 
 from outbox.errors import OutboxError
+from outbox.message import DEFAULT_MAX_MESSAGE_BYTES
 from outbox.schema import apply_schema, installed_version, require_schema
 from outbox.sql import schema_sql
 
@@ -576,7 +578,9 @@ def doctor(dsn, schema, bootstrap_servers, kafka_settings, as_json) -> None:
     kafka = _kafka_settings(kafka_settings)
     if bootstrap_servers:
         kafka["bootstrap.servers"] = bootstrap_servers
-    findings = run_checks(dsn, schema, kafka)
+    limit = os.environ.get("OUTBOX_MAX_MESSAGE_BYTES", "")
+    findings = run_checks(dsn, schema, kafka,
+                          int(limit) if limit.isdigit() else DEFAULT_MAX_MESSAGE_BYTES)
     secrets = secrets_of(RelayConfig(dsn=dsn, kafka=kafka))
     if as_json:
         click.echo(redact_text(json.dumps([f.as_dict() for f in findings], indent=2), *secrets))

@@ -9,7 +9,9 @@ import psycopg
 from outbox.schema import SCHEMA_VERSION, installed_version
 from outbox.sql import validate_identifier
 
-from .kafka import check_kafka, missing_topics
+from outbox.message import RECORD_BATCH_OVERHEAD
+
+from .kafka import check_kafka, missing_topics, topic_limits
 
 EXPECTED_INDEXES = (
     "local_message_pkey", "local_message_message_id_key", "local_message_dedup_key_key",
@@ -36,7 +38,8 @@ class Finding:
                 "advice": self.advice}
 
 
-def run_checks(dsn: str, schema: str, kafka: dict[str, str]) -> list[Finding]:
+def run_checks(dsn: str, schema: str, kafka: dict[str, str],
+               max_message_bytes: int | None = None) -> list[Finding]:
     out: list[Finding] = []
     validate_identifier(schema)
     try:
@@ -52,11 +55,11 @@ def run_checks(dsn: str, schema: str, kafka: dict[str, str]) -> list[Finding]:
         out.append(Finding("postgresql", "ok", f"connected, server {version}"))
         out.extend(_schema_checks(conn, schema))
         if out[-1].check == "schema" and out[-1].level == "fail":
-            return out + _kafka_checks(kafka, [])
+            return out + _kafka_checks(kafka, [], max_message_bytes)
         out.extend(_table_checks(conn, schema))
         pending_topics = [r[0] for r in conn.execute(
             f'SELECT DISTINCT topic FROM "{schema}".local_message WHERE status = \'PENDING\'')]
-    return out + _kafka_checks(kafka, pending_topics)
+    return out + _kafka_checks(kafka, pending_topics, max_message_bytes)
 
 
 def _schema_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
@@ -144,7 +147,8 @@ def _table_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
     return out
 
 
-def _kafka_checks(kafka: dict[str, str], pending_topics: list[str]) -> list[Finding]:
+def _kafka_checks(kafka: dict[str, str], pending_topics: list[str],
+                  max_message_bytes: int | None) -> list[Finding]:
     if not kafka.get("bootstrap.servers"):
         return [Finding("kafka", "warn", "not checked: no bootstrap servers given",
                         "add -b HOST:PORT (or OUTBOX_BOOTSTRAP_SERVERS)")]
@@ -162,4 +166,27 @@ def _kafka_checks(kafka: dict[str, str], pending_topics: list[str]) -> list[Find
     else:
         out.append(Finding("topics", "ok", f"all {len(pending_topics)} topics with pending "
                            "messages exist"))
+    if max_message_bytes:
+        out.append(_size_check(kafka, [t for t in pending_topics if t not in missing],
+                               max_message_bytes))
     return out
+
+
+def _size_check(kafka: dict[str, str], topics: list[str], max_message_bytes: int) -> Finding:
+    """A record at the writer's limit, in a batch of its own, must fit every topic."""
+    needed = max_message_bytes + RECORD_BATCH_OVERHEAD
+    limits = topic_limits(kafka, topics)
+    small = sorted(t for t, limit in limits.items() if limit < needed)
+    if small:
+        shown = ", ".join(f"{t} ({limits[t]})" for t in small[:10])
+        return Finding("message size", "warn",
+                       f"topics whose max.message.bytes is below {needed} (max_message_bytes "
+                       f"{max_message_bytes} + {RECORD_BATCH_OVERHEAD} of batch framing): "
+                       f"{shown}",
+                       "a message near the writer's limit would be refused by the broker and "
+                       "end FAILED: raise the topics' max.message.bytes, or lower "
+                       "max_message_bytes and publish()'s max_bytes together")
+    unread = len(topics) - len(limits)
+    return Finding("message size", "ok",
+                   f"{len(limits)} topics take records of max_message_bytes "
+                   f"({max_message_bytes})" + (f"; {unread} not readable" if unread else ""))

@@ -461,3 +461,19 @@ def missing_topics(config: Mapping[str, str], topics: Sequence[str]) -> list[str
     settings = {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
     existing = AdminClient(settings, logger=log).list_topics(timeout=10).topics
     return sorted(t for t in topics if t not in existing)
+
+
+def topic_limits(config: Mapping[str, str], topics: Sequence[str]) -> dict[str, int]:
+    """The max.message.bytes of TOPICS, as far as they can be read (DescribeConfigs)."""
+    if not topics:
+        return {}
+    settings = {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
+    admin = AdminClient(settings, logger=log)
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics]
+    limits = {}
+    for resource, future in admin.describe_configs(resources, request_timeout=10).items():
+        try:
+            limits[resource.name] = int(future.result(timeout=10)["max.message.bytes"].value)
+        except Exception as exc:  # noqa: BLE001 - not authorised: just not checked
+            log.debug("cannot read max.message.bytes of %s: %s", resource.name, exc)
+    return limits

@@ -10,7 +10,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 
 from outbox.errors import OutboxError
 
-from .config import RelayConfig, redact_dsn, redact_text, secrets_of
+from .config import ConfigError, RelayConfig, redact_dsn, redact_text, secrets_of
 from .health import HealthServer
 from .kafka import KafkaSink, check_kafka
 from .listener import Listener
@@ -108,13 +108,25 @@ def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
 def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False) -> int:
     relay, listener = build_relay(cfg)
     health = None
-    if cfg.metrics_port:
-        health = HealthServer(
-            cfg.metrics_host, cfg.metrics_port, relay.metrics.registry,
-            seconds_since_progress=lambda: relay.clock.monotonic() - relay.last_progress,
-            readiness=readiness(cfg),
-            stuck_after=max(60.0, cfg.flush_timeout * 2),
-        ).start()
+    try:
+        if cfg.metrics_port:
+            try:
+                health = HealthServer(
+                    cfg.metrics_host, cfg.metrics_port, relay.metrics.registry,
+                    seconds_since_progress=lambda: relay.clock.monotonic() - relay.last_progress,
+                    readiness=readiness(cfg),
+                    stuck_after=max(60.0, cfg.flush_timeout * 2),
+                ).start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"metrics_port: cannot serve on {cfg.metrics_host}:{cfg.metrics_port} "
+                    f"({exc.strerror or exc})"
+                ) from None
+    except BaseException:
+        relay.store.close()
+        if listener:
+            listener.close()
+        raise
     try:
         if until_idle:
             try:

@@ -213,3 +213,19 @@ def test_every_command_has_help_with_examples():
     for command in main.commands:
         result = cli(command, "--help")
         assert result.exit_code == 0 and "Examples:" in result.output, command
+
+
+def test_metrics_port_in_use_is_one_line_and_exit_2(dsn, bootstrap):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("relay", "--dsn", dsn, "-b", bootstrap, "--metrics-port", str(port),
+                     "--name", "port-test")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: invalid configuration: metrics_port: cannot serve on 127.0.0.1:{port} "
+        "(Address already in use)")
+    assert "Traceback" not in result.stderr

@@ -4,6 +4,7 @@ messages."""
 import os
 import subprocess
 import sys
+import urllib.request
 
 import psycopg
 import pytest
@@ -111,3 +112,34 @@ def test_unreachable_bootstrap_server_burns_no_attempts(dsn, tmp_path):
     with psycopg.connect(dsn) as c:
         assert c.execute("SELECT status, attempts, last_error FROM local_message").fetchone() \
             == ("PENDING", 0, None)
+
+
+def test_an_outage_is_logged_once_per_problem_not_once_per_retry(dsn, tmp_path):
+    """librdkafka reports a refused connection every few hundred ms, and the relay fails batch
+    after batch: each distinct problem is logged once (then a summary once a minute)."""
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        outbox.publish(conn, topic="t", key="k", payload={})
+    relay = RelayProcess("quiet", dsn, "127.0.0.1:1", tmp_path, OUTBOX_METRICS_PORT="19494")
+
+    def metric(name: str) -> float:
+        try:
+            body = urllib.request.urlopen("http://127.0.0.1:19494/metrics",
+                                          timeout=5).read().decode()
+        except OSError:  # not serving yet
+            return float("nan")
+        return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                   if line.startswith(name))
+
+    try:
+        wait_for(lambda: metric("outbox_delivery_failures_total") >= 4, 90,
+                 "four batches failed for the outage")
+        assert metric("outbox_kafka_up") == 0.0
+        lines = relay.log().splitlines()
+        assert relay.stop() == 0
+    finally:
+        if relay.alive():
+            relay.kill()
+    assert sum("Connect to" in line for line in lines) <= 2, "\n".join(lines)
+    assert sum("Kafka unreachable: pausing" in line for line in lines) == 1
+    assert sum("topic metadata" in line for line in lines) <= 2
+    assert len(lines) < 25, "\n".join(lines)

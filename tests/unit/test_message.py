@@ -1,10 +1,13 @@
 import json
+import logging
 import uuid
 
 import pytest
 
 from outbox import InvalidMessage, InvalidTopic, MessageTooLarge, build_message
-from outbox.message import headers_from_json, uuid7
+from outbox.message import (
+    DEFAULT_MAX_MESSAGE_BYTES, RECORD_BATCH_OVERHEAD, headers_from_json, record_size, uuid7,
+)
 
 
 def test_dict_payload_is_compact_utf8_json():
@@ -53,18 +56,45 @@ def test_non_str_topic_is_refused():
         build_message(topic=5, payload={})
 
 
-def test_size_limit_counts_payload_key_and_headers():
-    build_message(topic="t", payload=b"x" * 900, max_bytes=1000)
-    with pytest.raises(MessageTooLarge, match="above the maximum of 1000 bytes"):
-        build_message(topic="t", payload=b"x" * 900, key=b"k" * 60, max_bytes=1000)
+def test_size_limit_counts_the_record_as_kafka_does():
+    base = record_size(None, b"x" * 900)
+    build_message(topic="t", payload=b"x" * 900, max_bytes=base)
+    with pytest.raises(MessageTooLarge, match=f"above the maximum of {base} bytes"):
+        build_message(topic="t", payload=b"x" * 901, max_bytes=base)
     with pytest.raises(MessageTooLarge):
-        build_message(topic="t", payload=b"x" * 900, headers={"h": b"v" * 60}, max_bytes=1000)
+        build_message(topic="t", payload=b"x" * 900, key=b"k", max_bytes=base)
+    with pytest.raises(MessageTooLarge):
+        build_message(topic="t", payload=b"x" * 900, headers={"h": b""}, max_bytes=base)
 
 
-def test_default_limit_is_aligned_with_kafka_message_max_bytes():
+@pytest.mark.parametrize("key, headers", [
+    (None, []),
+    (b"account-1", [("event-type", b"AccountDebited")]),
+    (b"k" * 300, [("h%d" % i, b"v" * (i * 40)) for i in range(12)] + [("none", None)]),
+])
+def test_record_size_is_what_librdkafka_checks_at_produce_time(key, headers):
+    """The writer's limit and the producer's message.max.bytes are one number: a record of
+    exactly the limit is taken by a producer configured with it, one byte more is refused."""
+    from confluent_kafka import KafkaError, KafkaException, Producer
+
+    limit = 5000
+    payload = b"p" * (limit - record_size(key, b"", headers))
+    assert record_size(key, payload, headers) == limit
+    producer = Producer({"bootstrap.servers": "127.0.0.1:1", "message.max.bytes": limit},
+                        logger=logging.getLogger("unreachable"))
+    all_headers = [("message_id", str(uuid7()).encode())] + headers
+    producer.produce("t", value=payload, key=key, headers=all_headers)  # accepted
+    with pytest.raises(KafkaException) as refused:
+        producer.produce("t", value=payload + b"p", key=key, headers=all_headers)
+    assert refused.value.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE
+    producer.purge()
+
+
+def test_default_limit_fits_kafkas_default_topic_limit():
+    assert DEFAULT_MAX_MESSAGE_BYTES + RECORD_BATCH_OVERHEAD <= 1_048_588
     build_message(topic="t", payload=b"x" * 999_000)
     with pytest.raises(MessageTooLarge):
-        build_message(topic="t", payload=b"x" * 1_048_576)
+        build_message(topic="t", payload=b"x" * 1_000_000)
 
 
 @pytest.mark.parametrize(
