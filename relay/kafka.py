@@ -264,7 +264,8 @@ class KafkaSink:
             md = metadata.get(t)
             err = md.error if md is not None else None
             if md is None or (err is not None and err.code() in _PERMANENT):
-                why = describe(err) if err is not None else "topic not in metadata"
+                why = (describe(err) if err is not None
+                       else "UNKNOWN_TOPIC_OR_PART: the cluster has no such topic")
                 info = _Topic(Failed(0, FailureKind.PERMANENT, f"{why} (topic {t!r})"), None,
                               now + 5.0)
                 self._topics[t] = info

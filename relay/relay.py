@@ -86,6 +86,7 @@ class Relay:
         self._idle_wait = self.settings.idle_poll_min
         self._pause = 0.0
         self._alone: set[int] = set()
+        self._dead_letters: list[tuple[FailureUpdate, PendingMessage]] = []
         self._resets_seen = 0
         self._pending: int | None = None  # as of the last heartbeat
         self.stats = Counter()
@@ -120,6 +121,7 @@ class Relay:
     def run_once(self) -> int:
         """Deliver one batch; return how many rows it held (0: nothing to do)."""
         self._heartbeat_if_due()
+        self._send_dead_letters()
         self._retention_if_due()
         started = self.clock.monotonic()
         batch = self.store.fetch_pending(self.buckets, self.settings.batch_size)
@@ -142,7 +144,10 @@ class Relay:
         by_id = {m.id: m for m in batch}
         updates = self.retry.updates(failed, by_id)
         self.store.record_failures(self.relay_id, updates)
-        self._dead_letter([u for u in updates if u.give_up], by_id)
+        if self.settings.dead_letter_topic:
+            # Copied at the start of the next iteration, after the lease check: a batch's Kafka
+            # part stays one send(), bounded by flush_timeout + SEND_MARGIN.
+            self._dead_letters.extend((u, by_id[u.id]) for u in updates if u.give_up)
         self._track_isolation(outcomes, bool(failed))
         if failed:  # with every message delivered there is nothing to overtake
             self._check_order(batch, outcomes)
@@ -232,27 +237,27 @@ class Relay:
             else:
                 first_undelivered.setdefault(message.key, message.id)
 
-    def _dead_letter(self, given_up: Sequence[FailureUpdate], by_id: dict) -> None:
-        """Copy rows that just became FAILED to the dead-letter topic. The row stays FAILED
-        (it blocks its key until an operator acts) whether or not the copy arrives."""
-        topic = self.settings.dead_letter_topic
-        if not topic or not given_up:
+    def _send_dead_letters(self) -> None:
+        """Copy rows that became FAILED to the dead-letter topic. The row stays FAILED (it
+        blocks its key until an operator acts) whether or not the copy arrives."""
+        if not self._dead_letters:
             return
+        pending, self._dead_letters = self._dead_letters, []
+        topic = self.settings.dead_letter_topic
         copies = []
-        for update in given_up:
-            original = by_id[update.id]
+        for update, original in pending:
             headers = list(original.headers) + [
                 ("outbox_original_topic", original.topic.encode()),
                 ("outbox_error", update.error.encode("utf-8", "replace")[:1000]),
                 ("outbox_row_id", str(original.id).encode()),
             ]
             copies.append(original._replace(topic=topic, headers=headers))
-        for copy, outcome in zip(copies, self.sink.send(copies)):
+        for (_, original), outcome in zip(pending, self.sink.send(copies)):
             if isinstance(outcome, Delivered):
-                self.metrics.dead_lettered.labels(by_id[copy.id].topic).inc()
+                self.metrics.dead_lettered.labels(original.topic).inc()
             else:
                 log.error("row %d could not be copied to dead-letter topic %s: %s",
-                          copy.id, topic, outcome.error)
+                          original.id, topic, outcome.error)
 
     def _retention_if_due(self) -> None:
         s = self.settings
@@ -324,7 +329,12 @@ class Relay:
         self._next_heartbeat = float("-inf")
 
     def shutdown(self) -> None:
-        """Release the bucket leases, so that other relays take over at once."""
+        """Copy the last dead letters, release the bucket leases, so that other relays take
+        over at once."""
+        try:
+            self._send_dead_letters()
+        except Exception as exc:  # noqa: BLE001
+            log.error("could not copy rows to the dead-letter topic: %s", exc)
         try:
             self.store.release(self.relay_id)
         except Exception as exc:  # noqa: BLE001

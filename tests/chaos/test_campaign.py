@@ -21,7 +21,7 @@ import psycopg
 
 import outbox
 from tests.conftest import ROOT
-from tests.kafka_helpers import check_kafka
+from tests.kafka_helpers import check_kafka, create_topic, delete_topic
 from tests.relay_process import RelayProcess, wait_for
 from tests.verify import verify
 
@@ -95,6 +95,33 @@ class Writers:
             conn.close()
 
 
+UNSEEN_ROWS = 12  # rows on a topic no relay has seen, between two rows of one key
+
+
+def kill_broker_and_commit_across_an_unseen_topic(dsn: str, topic: str, unseen: str,
+                                                  key: str) -> None:
+    """The pattern that once broke order: the broker dies (kill -9); one transaction commits
+    a row of KEY on TOPIC, UNSEEN_ROWS rows on a topic no relay has looked up yet, and a second
+    row of KEY; the caller brings the broker back a little later."""
+    pid = int((ROOT / ".services" / "kafka" / "kafka.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 30, "the broker gone")
+    for _ in range(30):  # PostgreSQL may be restarting too: retry, bounded
+        try:
+            with psycopg.connect(dsn, connect_timeout=5) as conn, conn.transaction():
+                outbox.publish(conn, topic=topic, key=key, payload={"unseen": unseen, "m": "a"},
+                               dedup_key=f"{unseen}-a", lock_key=True)
+                outbox.publish_many(conn, [dict(topic=unseen, key=f"u{i}", payload={"u": i},
+                                                dedup_key=f"{unseen}-{i}")
+                                           for i in range(UNSEEN_ROWS)])
+                outbox.publish(conn, topic=topic, key=key, payload={"unseen": unseen, "m": "b"},
+                               dedup_key=f"{unseen}-b", lock_key=True)
+            return
+        except psycopg.Error:
+            time.sleep(1)
+    raise AssertionError("could not commit the unseen-topic transaction")
+
+
 def test_campaign(dsn, bootstrap, topic, tmp_path):
     seed = int(os.environ.get("CHAOS_SEED", random.randrange(1_000_000)))
     print(f"\nchaos campaign seed {seed}: CHAOS_SEED={seed} replays it "
@@ -117,8 +144,14 @@ def test_campaign(dsn, bootstrap, topic, tmp_path):
     writers.start()
     # The fault schedule: at least 10 kills, one broker restart, one PostgreSQL restart, one
     # relay paused past its lease; the relay count moves between 1 and 3.
-    plan = ["kill"] * (40 if SOAK else 10) + ["kafka", "pg", "pause"] * (3 if SOAK else 1)
+    # Plus the broker killed while a transaction spans a topic no relay has seen.
+    plan = ["kill"] * (40 if SOAK else 10) + ["kafka", "pg", "pause",
+                                               "kafka-unseen"] * (3 if SOAK else 1)
     rng.shuffle(plan)
+    unseen = [f"{topic}.unseen{i}" for i in range(plan.count("kafka-unseen"))]
+    for name in unseen:
+        create_topic(bootstrap, name, partitions=3)
+    extra_rows = 0
     step = DURATION / (len(plan) + 1)
     started = time.monotonic()
     try:
@@ -135,6 +168,15 @@ def test_campaign(dsn, bootstrap, topic, tmp_path):
                 time.sleep(rng.uniform(5, 15))
                 services("up", "kafka")
                 faults.append(f"{time.monotonic() - started:.0f}s broker restarted")
+            elif fault == "kafka-unseen":
+                name = unseen[len([f for f in faults if "unseen" in f])]
+                kill_broker_and_commit_across_an_unseen_topic(
+                    dsn, topic, name, f"key-{rng.randrange(KEYS)}")
+                extra_rows += UNSEEN_ROWS + 2
+                time.sleep(rng.uniform(3, 12))
+                services("up", "kafka")
+                faults.append(f"{time.monotonic() - started:.0f}s broker killed, unseen topic "
+                              f"{name} committed, broker back")
             elif fault == "pg":
                 services("restart", "pg")
                 faults.append(f"{time.monotonic() - started:.0f}s PostgreSQL restarted (fast)")
@@ -157,7 +199,7 @@ def test_campaign(dsn, bootstrap, topic, tmp_path):
     def all_confirmed() -> bool:
         with psycopg.connect(dsn) as c:
             return c.execute("SELECT count(*) FILTER (WHERE status <> 'CONFIRMED'), count(*) "
-                             "FROM local_message").fetchone() == (0, MESSAGES)
+                             "FROM local_message").fetchone() == (0, MESSAGES + extra_rows)
 
     wait_for(all_confirmed, 300, "every row CONFIRMED after the faults stopped", interval=1)
     for r in living():
@@ -169,7 +211,13 @@ def test_campaign(dsn, bootstrap, topic, tmp_path):
           f"{writers.errors}")
     assert writers.written == MESSAGES
     assert sum(f.startswith(tuple("0123456789")) and "SIGKILL" in f for f in faults) >= 10
+    assert extra_rows == len(unseen) * (UNSEEN_ROWS + 2)
     verdict.assert_clean()
+    for name in unseen:
+        other = verify(dsn, bootstrap, name, timeout=60)
+        assert other.rows == UNSEEN_ROWS
+        other.assert_clean()
+        delete_topic(bootstrap, name)
     with psycopg.connect(dsn) as c:
         assert c.execute("SELECT count(*) FROM local_message WHERE attempts > 0").fetchone() \
             == (0,), "no fault of this campaign is the messages' fault"
