@@ -177,6 +177,10 @@ _OWNED_PRODUCER_SETTINGS = {
     "enable.gapless.guarantee": "per-key order rests on it",
     "message.max.bytes": "use max_message_bytes (OUTBOX_MAX_MESSAGE_BYTES), the same limit "
     "publish() applies",
+    "retries": "a message whose retries run out leaves a gap later messages of its key could "
+    "overtake; the producer retries until the batch's deadline",
+    "message.send.max.retries": "the producer retries until the batch's deadline",
+    "transactional.id": "the relay does not run a transactional producer",
 }
 
 

@@ -57,6 +57,8 @@ REQUIRED_PRODUCER_CONFIG: Mapping[str, str] = {
     # The batch's flush_timeout is the only deadline (see the module's docstring).
     "message.timeout.ms": "0",
     "enable.gapless.guarantee": "true",
+    # Retries exhausted leave a gap that librdkafka renumbers around (no fatal error): never.
+    "message.send.max.retries": "2147483647",
 }
 
 
@@ -104,6 +106,10 @@ _UNKNOWN = {
     KafkaError._MSG_TIMED_OUT,
     KafkaError._PURGE_INFLIGHT,
     KafkaError._FATAL,
+    # Idempotence state errors: the message may have been written ("possibly persisted").
+    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+    KafkaError.UNKNOWN_PRODUCER_ID,
+    KafkaError.INVALID_PRODUCER_EPOCH,
 }
 
 
@@ -196,6 +202,8 @@ class KafkaSink:
         producer = self.producer
         end = time.monotonic() + max(0.0, timeout)
         while True:
+            if self._fatal:  # caught by an earlier poll(): librdkafka sends nothing more
+                return len(producer)
             try:
                 remaining = producer.flush(max(0.0, min(_SERVE_SLICE, end - time.monotonic())))
             except (KafkaException, SystemError) as exc:
@@ -211,6 +219,18 @@ class KafkaSink:
                     return len(producer)
             if not remaining or time.monotonic() >= end:
                 return remaining
+
+    @staticmethod
+    def _drain(producer: Producer, timeout: float) -> None:
+        """Serve the reports of purged messages (and any behind a fatal error), for at most
+        TIMEOUT seconds."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if producer.flush(max(0.0, min(_SERVE_SLICE, end - time.monotonic()))) == 0:
+                    return
+            except (KafkaException, SystemError):
+                pass  # the fatal error again: the reports behind it come with the next call
 
     def reset(self) -> None:
         """Replace the producer: the next send makes a new one, with a new producer id."""
@@ -244,7 +264,8 @@ class KafkaSink:
         wanted = sorted(names - found.keys())
         if not wanted:
             return found
-        budget = max(0.0, min(self._metadata_timeout, deadline - now))
+        end = min(now + self._metadata_timeout, deadline)  # the whole lookup, both requests
+        budget = max(0.0, end - now)
         try:
             metadata = self.producer.list_topics(
                 wanted[0] if len(wanted) == 1 else None, timeout=budget
@@ -275,14 +296,14 @@ class KafkaSink:
                 healthy.append(t)
                 continue
             found[t] = info
-        limits = self._max_message_bytes(healthy, deadline) if healthy else {}
+        limits = self._max_message_bytes(healthy, end) if healthy else {}
         for t in healthy:
             found[t] = self._topics[t] = _Topic(None, limits.get(t), now + 60.0)
         return found
 
-    def _max_message_bytes(self, topics: list[str], deadline: float) -> dict[str, int]:
-        """The topics' max.message.bytes, as far as they can be read in time."""
-        budget = min(self._metadata_timeout, deadline - time.monotonic())
+    def _max_message_bytes(self, topics: list[str], end: float) -> dict[str, int]:
+        """The topics' max.message.bytes, as far as they can be read by END."""
+        budget = end - time.monotonic()
         if budget <= 0:
             return {}
         try:
@@ -298,10 +319,11 @@ class KafkaSink:
         limits = {}
         for resource, future in futures.items():
             try:
-                entries = future.result(timeout=max(0.0, deadline - time.monotonic()))
+                entries = future.result(timeout=max(0.0, end - time.monotonic()))
                 limits[resource.name] = int(entries["max.message.bytes"].value)
             except Exception as exc:  # noqa: BLE001 - not authorised, timed out
                 log.debug("cannot read max.message.bytes of %s: %s", resource.name, exc)
+        self._admin.poll(0)  # its log lines and error events are served only here
         return limits
 
     # -- sending
@@ -309,6 +331,16 @@ class KafkaSink:
     def send(
         self, batch: Sequence[PendingMessage], alone: frozenset[int] = frozenset()
     ) -> list[Outcome]:
+        try:
+            return self._send(batch, alone)
+        except BaseException:
+            # Whatever escaped (an interrupt, a bug): nothing of this batch may stay queued to
+            # land later behind the copies the next batch will send.
+            self._fatal = True
+            self.reset()
+            raise
+
+    def _send(self, batch: Sequence[PendingMessage], alone: frozenset[int]) -> list[Outcome]:
         deadline = time.monotonic() + self._flush_timeout
         topics = self._look_up_topics({m.topic for m in batch}, deadline)
         producer = self.producer
@@ -405,7 +437,7 @@ class KafkaSink:
                 producer.purge(in_queue=True, in_flight=True)
             except (KafkaException, SystemError):
                 pass
-            self._serve(1.0)
+            self._drain(producer, 1.0)
             self.reset()
         return self._outcomes(batch, early, reports, sent_alone)
 
@@ -431,7 +463,8 @@ class KafkaSink:
                 else:
                     err = msg.error()
                     kind = classify(err)
-                    if kind is FailureKind.PERMANENT and message.id not in sent_alone:
+                    if (kind in (FailureKind.PERMANENT, FailureKind.TRANSIENT)
+                            and message.id not in sent_alone):
                         # Rejected in a request shared with other messages: which one was at
                         # fault is not known. Nobody's attempt is counted; the relay sends
                         # them alone next time.

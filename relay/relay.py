@@ -120,9 +120,11 @@ class Relay:
 
     def run_once(self) -> int:
         """Deliver one batch; return how many rows it held (0: nothing to do)."""
-        self._heartbeat_if_due()
+        # Dead letters and retention first: nothing but the read may sit between the lease
+        # check and the batch's send, which the check sized the lease for.
         self._send_dead_letters()
         self._retention_if_due()
+        self._heartbeat_if_due()
         started = self.clock.monotonic()
         batch = self.store.fetch_pending(self.buckets, self.settings.batch_size)
         self.last_progress = self.clock.monotonic()
@@ -168,7 +170,7 @@ class Relay:
         (once each, then a summary now and then)."""
         for f in failed[:5]:
             text = f"delivery of row {f.id} failed ({f.kind.value}): {f.error}"
-            if f.kind in (FailureKind.OUTAGE, FailureKind.UNKNOWN, FailureKind.DEFERRED):
+            if f.kind in (FailureKind.OUTAGE, FailureKind.UNKNOWN):
                 self.outage_log.problem(f"{f.kind.value}: {f.error}", logging.WARNING, text)
             else:
                 log.warning("%s", text)
