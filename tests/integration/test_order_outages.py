@@ -12,6 +12,7 @@ These tests stop, kill and pause the shared broker; each starts it again before 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import signal
@@ -26,10 +27,12 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 import outbox
+from relay import operations
 from relay.config import RelayConfig
 from relay.kafka import KafkaSink
 from relay.model import SEND_MARGIN, Delivered, Failed, FailureKind, PendingMessage
 from relay.runner import build_relay
+from relay.selection import Selection
 from tests.conftest import ROOT
 from tests.integration.conftest import counts
 from tests.kafka_helpers import check_kafka, create_topic, delete_topic, read_all
@@ -87,6 +90,33 @@ def relay_config(dsn, bootstrap, **kw) -> RelayConfig:
     return RelayConfig.from_env({}, **values)
 
 
+@contextlib.contextmanager
+def in_process_relay(cfg: RelayConfig):
+    """A relay driven by the test (run_once), shut down and closed whatever happens."""
+    relay, _ = build_relay(cfg)
+    try:
+        yield relay
+    finally:
+        relay.shutdown()
+        relay.sink.close(5)
+        relay.store.close()
+
+
+def warm_up(relay, dsn, topic) -> None:
+    """Deliver one row of key k1 on TOPIC: the relay now has TOPIC's metadata cached."""
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        outbox.publish(conn, topic=topic, key="k1", payload={"m": "warmup"})
+    run_until_confirmed(relay, dsn, 1)
+
+
+def assert_sequence_in_order(dsn, bootstrap, topic, second_topic) -> None:
+    """Kafka holds k1 as warmup, a, b (first copies), and both topics verify clean."""
+    assert first_copies(values_of_key(bootstrap, topic, b"k1", 3)) == [
+        b'{"m":"warmup"}', b'{"m":"a"}', b'{"m":"b"}']
+    for t in (topic, second_topic):
+        verify(dsn, bootstrap, t).assert_clean()
+
+
 def commit_the_sequence(dsn, topic, second_topic, key="k1", n_unseen=12) -> None:
     """One transaction: a (TOPIC, KEY), N_UNSEEN rows on SECOND_TOPIC, b (TOPIC, KEY)."""
     with psycopg.connect(dsn) as conn, conn.transaction():
@@ -120,11 +150,8 @@ def first_copies(values: list[bytes]) -> list[bytes]:
 
 def test_broker_killed_unseen_topic_broker_back_before_the_deadline(
         dsn, bootstrap, topic, second_topic, broker_restored):
-    relay, _ = build_relay(relay_config(dsn, bootstrap))
-    try:
-        with psycopg.connect(dsn) as conn, conn.transaction():
-            outbox.publish(conn, topic=topic, key="k1", payload={"m": "warmup"})
-        run_until_confirmed(relay, dsn, 1)  # TOPIC's metadata is now cached; SECOND_TOPIC's not
+    with in_process_relay(relay_config(dsn, bootstrap)) as relay:
+        warm_up(relay, dsn, topic)  # TOPIC's metadata is now cached; SECOND_TOPIC's not
         kill_broker()
         commit_the_sequence(dsn, topic, second_topic)
         batch = threading.Thread(target=relay.run_once)
@@ -135,25 +162,16 @@ def test_broker_killed_unseen_topic_broker_back_before_the_deadline(
         assert not batch.is_alive()
         assert time.monotonic() - started <= 20.0 + SEND_MARGIN + 5
         run_until_confirmed(relay, dsn, 15)
-    finally:
-        relay.shutdown()
-        relay.sink.close(5)
-        relay.store.close()
-    assert first_copies(values_of_key(bootstrap, topic, b"k1", 3)) == [
-        b'{"m":"warmup"}', b'{"m":"a"}', b'{"m":"b"}']
-    for t in (topic, second_topic):
-        verify(dsn, bootstrap, t).assert_clean()
+    assert_sequence_in_order(dsn, bootstrap, topic, second_topic)
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT max(attempts) FROM local_message").fetchone() == (0,)
 
 
 def test_broker_back_after_the_deadline(dsn, bootstrap, topic, second_topic, broker_restored):
-    relay, _ = build_relay(relay_config(dsn, bootstrap, flush_timeout=5.0, lease_seconds=20.0,
-                                        heartbeat_interval=2.0))
-    try:
-        with psycopg.connect(dsn) as conn, conn.transaction():
-            outbox.publish(conn, topic=topic, key="k1", payload={"m": "warmup"})
-        run_until_confirmed(relay, dsn, 1)
+    cfg = relay_config(dsn, bootstrap, flush_timeout=5.0, lease_seconds=20.0,
+                       heartbeat_interval=2.0)
+    with in_process_relay(cfg) as relay:
+        warm_up(relay, dsn, topic)
         kill_broker()
         commit_the_sequence(dsn, topic, second_topic)
         started = time.monotonic()
@@ -163,14 +181,7 @@ def test_broker_back_after_the_deadline(dsn, bootstrap, topic, second_topic, bro
         assert counts(dsn) == {"CONFIRMED": 1, "PENDING": 14}
         broker_back(bootstrap)
         run_until_confirmed(relay, dsn, 15)
-    finally:
-        relay.shutdown()
-        relay.sink.close(5)
-        relay.store.close()
-    assert first_copies(values_of_key(bootstrap, topic, b"k1", 3)) == [
-        b'{"m":"warmup"}', b'{"m":"a"}', b'{"m":"b"}']
-    for t in (topic, second_topic):
-        verify(dsn, bootstrap, t).assert_clean()
+    assert_sequence_in_order(dsn, bootstrap, topic, second_topic)
 
 
 def test_relay_sigkilled_while_the_batch_waits(dsn, bootstrap, topic, second_topic, relays,
@@ -188,10 +199,7 @@ def test_relay_sigkilled_while_the_batch_waits(dsn, bootstrap, topic, second_top
     second = relays("after")
     wait_for(lambda: counts(dsn).get("CONFIRMED") == 15, 120, "everything delivered")
     assert second.stop() == 0
-    assert first_copies(values_of_key(bootstrap, topic, b"k1", 3)) == [
-        b'{"m":"warmup"}', b'{"m":"a"}', b'{"m":"b"}']
-    for t in (topic, second_topic):
-        verify(dsn, bootstrap, t).assert_clean()
+    assert_sequence_in_order(dsn, bootstrap, topic, second_topic)
 
 
 def set_topic_limit(bootstrap: str, topic: str, limit: int) -> None:
@@ -218,9 +226,8 @@ def test_earlier_message_rejected_after_later_ones_were_queued(dsn, bootstrap):
     may land before it."""
     topic = f"t.limit.{uuid.uuid4().hex[:8]}"
     create_topic(bootstrap, topic, partitions=1)
-    relay, _ = build_relay(relay_config(dsn, bootstrap, max_attempts=1,
-                                        kafka={"batch.num.messages": "1"}))
-    try:
+    cfg = relay_config(dsn, bootstrap, max_attempts=1, kafka={"batch.num.messages": "1"})
+    with in_process_relay(cfg) as relay:
         with psycopg.connect(dsn) as conn, conn.transaction():
             outbox.publish(conn, topic=topic, key="k", payload={"m": "warmup"})
         run_until_confirmed(relay, dsn, 1)  # the topic's limit (1 MB) is cached for a minute
@@ -241,14 +248,9 @@ def test_earlier_message_rejected_after_later_ones_were_queued(dsn, bootstrap):
         assert sorted(m.value for m in got if m.key == b"k") == [b'{"m":"warmup"}']
         # The operator raises the limit again and replays the row: everything, in order.
         set_topic_limit(bootstrap, topic, 1_048_588)
-        with psycopg.connect(dsn) as conn, conn.transaction():
-            conn.execute("UPDATE local_message SET status = 'PENDING', attempts = 0, "
-                         "next_attempt_at = NULL WHERE status = 'FAILED'")
+        with psycopg.connect(dsn) as conn:
+            operations.replay(conn, "public", Selection(statuses=["FAILED"]), "test")
         run_until_confirmed(relay, dsn, 8)
-    finally:
-        relay.shutdown()
-        relay.sink.close(5)
-        relay.store.close()
     values = values_of_key(bootstrap, topic, b"k", 7)
     firsts = first_copies(values)
     assert firsts[0] == b'{"m":"warmup"}' and len(firsts[1]) == 5000
