@@ -1,4 +1,4 @@
--- outbox-relay schema, version 2: the one DDL source.
+-- outbox-relay schema, version 3: the one DDL source.
 --
 -- Applying it twice changes nothing. It creates its objects in the first schema of the
 -- search_path, so a DBA can install it in a non-public schema with:
@@ -54,8 +54,11 @@ CREATE TABLE IF NOT EXISTS local_message (
     CONSTRAINT local_message_status_check
         CHECK (status IN ('PENDING', 'SENT', 'CONFIRMED', 'FAILED', 'SKIPPED')),
     -- Kafka's topic name rules, so that a bad topic is refused at write time by any client.
+    -- Every CHECK runs on every INSERT and UPDATE of a row: a length test and a character
+    -- class cost a tenth of the equivalent '^[...]{1,249}$' (migration 3).
     CONSTRAINT local_message_topic_check
-        CHECK (topic ~ '^[a-zA-Z0-9._-]{1,249}$' AND topic NOT IN ('.', '..')),
+        CHECK (octet_length(topic) BETWEEN 1 AND 249 AND topic !~ '[^a-zA-Z0-9._-]'
+               AND topic NOT IN ('.', '..')),
     CONSTRAINT local_message_attempts_check CHECK (attempts >= 0)
 );
 
@@ -151,5 +154,5 @@ CREATE TABLE IF NOT EXISTS local_message_audit (
 
 -- Every version up to this one, so that the table reads the same after a fresh install and
 -- after upgrades (outbox/migrations/).
-INSERT INTO local_message_schema (version) SELECT generate_series(1, 2)
+INSERT INTO local_message_schema (version) SELECT generate_series(1, 3)
     ON CONFLICT (version) DO NOTHING;

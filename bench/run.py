@@ -14,7 +14,9 @@ PostgreSQL with fsync and synchronous_commit on):
   scaling  1, 2 and 4 relays; and a table already holding 5,000,000 CONFIRMED rows
   profile  where our relay spends its time at full speed (py-spy)
 
-Peers: `naive` (bench/naive_relay.py: one message at a time), `debezium` (bench/debezium:
+Peers: `limit` (bench/limit_relay.py: the least work that still marks every row: read a batch,
+produce, flush, one UPDATE; drain only, the bound ours is measured against), `naive`
+(bench/naive_relay.py: one message at a time), `debezium` (bench/debezium:
 the embedded engine with the PostgreSQL connector and the outbox EventRouter), `ours` (default
 settings) and `ours-fast` (larger batches and linger). Results go to bench/results/<time>/
 (results.json, report.md, *.png).
@@ -160,6 +162,12 @@ def start_naive(env: Env, dsn: str):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def start_limit(env: Env, dsn: str):
+    return subprocess.Popen([PY, str(ROOT / "bench" / "limit_relay.py"), "--dsn", dsn,
+                             "--bootstrap", env.bootstrap],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
 def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -185,6 +193,8 @@ def drain_ours_like(env: Env, peer: str, n: int, replicas: int = 1, confirmed_ro
     started = time.monotonic()
     if peer == "naive":
         procs = [start_naive(env, dsn)]
+    elif peer == "limit":
+        procs = [start_limit(env, dsn)]
     else:
         procs = [start_ours(env, dsn, peer, f"{peer}-{i}") for i in range(replicas)]
     spy = None
@@ -373,16 +383,18 @@ def report(results: dict, out: Path) -> None:
     if drains:
         base = {d["peer"]: d for d in drains}
         lines += ["## Drain", "",
-                  "| peer | messages | msgs/s | vs naive | vs debezium | relay CPU s / 10k | "
-                  "WAL B / msg | row writes / msg (relay) | peak RSS MB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| peer | messages | msgs/s | vs limit | vs debezium | vs naive | "
+                  "relay CPU s / 10k | WAL B / msg | row writes / msg (relay) | peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for d in drains:
             vs = []
-            for other in ("naive", "debezium"):
+            for other in ("limit", "debezium", "naive"):
                 o = base.get(other)
-                vs.append(f"{d['msgs_per_s'] / o['msgs_per_s']:.1f}x" if o and o is not d else "-")
+                vs.append(f"{d['msgs_per_s'] / o['msgs_per_s']:.2f}x" if o and o is not d
+                          else "-")
             lines.append(
                 f"| {d['peer']} | {d['messages']:,} | {d['msgs_per_s']:,.0f} | {vs[0]} | {vs[1]} "
+                f"| {vs[2]} "
                 f"| {d['relay_cpu_s_per_10k']:.2f} | {d['wal_bytes_per_msg']:.0f} | "
                 f"{d['row_writes_per_msg_relay']:.2f} | {d['peak_rss_mb']:.0f} |")
         lines.append("")
@@ -424,7 +436,7 @@ def plot(results: dict, out: Path) -> None:
     if drains:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         ax.bar([d["peer"] for d in drains], [d["msgs_per_s"] for d in drains],
-               color=["#999" if d["peer"] in ("naive", "debezium") else "#2a7" for d in drains])
+               color=["#999" if d["peer"] in ("limit", "naive", "debezium") else "#2a7" for d in drains])
         ax.set_ylabel("messages/s (drain)")
         ax.set_title("Drain throughput, same machine, same run")
         for i, d in enumerate(drains):
@@ -455,7 +467,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--only", default="drain,steady,scaling,profile")
-    parser.add_argument("--peers", default="naive,debezium,ours,ours-fast")
+    parser.add_argument("--peers", default="limit,naive,debezium,ours,ours-fast")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     env = Env(os.environ["OUTBOX_DSN"], os.environ["OUTBOX_BOOTSTRAP_SERVERS"])
@@ -490,7 +502,7 @@ def main() -> None:
         results["steady"] = []
         rates = [500] if args.smoke else [500, 2000, 5000, 10000, 20000]
         seconds = 5 if args.smoke else 60
-        for peer in [p for p in peers if p != "ours-fast"]:
+        for peer in [p for p in peers if p not in ("ours-fast", "limit")]:
             for rate in rates:
                 if peer == "naive" and rate > 2000:
                     continue  # it cannot: one acknowledgement per message

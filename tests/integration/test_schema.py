@@ -144,3 +144,29 @@ def test_insert_notifies_once_per_transaction_with_the_schema_name(dsn):
         notes = list(listener.notifies(timeout=5, stop_after=1))
         assert [(n.channel, n.payload) for n in notes] == [("outbox_local_message", "public")]
         assert list(listener.notifies(timeout=0.3)) == [], "collapsed into one per transaction"
+
+
+INVALID_TOPICS = ["", ".", "..", "has space", "a" * 250, "semi;colon", "drop table x;--", "ü",
+                  "tab\there", "new\nline"]
+VALID_TOPICS = ["a", "A.b_c-9", "a" * 249, "...", "0"]
+
+
+def test_the_table_refuses_exactly_the_topics_the_writer_refuses(empty_dsn):
+    """Any client, not only publish(), meets Kafka's topic rule at write time; the cheap
+    constraint of migration 3 draws the same line as the writer's own check."""
+    from outbox.errors import InvalidTopic
+    from outbox.message import build_message
+
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        outbox.apply_schema(conn)
+        for topic in INVALID_TOPICS:
+            with pytest.raises(InvalidTopic):
+                build_message(topic=topic, payload={})
+            with pytest.raises(psycopg.errors.CheckViolation, match="topic_check"):
+                conn.execute("INSERT INTO local_message (topic, payload) VALUES (%s, '')",
+                             (topic,))
+        for topic in VALID_TOPICS:
+            build_message(topic=topic, payload={})
+            conn.execute("INSERT INTO local_message (topic, payload) VALUES (%s, '')", (topic,))
+        assert conn.execute("SELECT count(*) FROM local_message").fetchone() == (
+            len(VALID_TOPICS),)
