@@ -40,6 +40,7 @@ DELETE FROM {relay_table} WHERE relay_id = %(relay_id)s
 -- name: fetch_pending
 -- The next deliverable rows of the relay's buckets, in id order. A key whose oldest
 -- unfinished row waits for a retry or is FAILED is held back entirely (head-of-key blocking).
+-- `exclude`: the rows of the batch in flight while this one is read ahead (relay.relay).
 WITH blockers AS (
     SELECT key, min(id) AS first_id
       FROM {table}
@@ -53,6 +54,7 @@ SELECT m.id, m.message_id::text, m.topic, m.key, m.payload, m.headers, m.attempt
  WHERE m.status = 'PENDING' AND m.bucket = ANY(%(buckets)s::smallint[])
    AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
    AND NOT EXISTS (SELECT 1 FROM blockers b WHERE b.key = m.key AND b.first_id < m.id)
+   AND m.id <> ALL(%(exclude)s::bigint[])
  ORDER BY m.id
  LIMIT %(limit)s
 

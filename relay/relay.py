@@ -1,8 +1,22 @@
 """The relay loop: lease buckets -> read pending rows -> produce -> await reports -> record.
 
-One thread, one database connection for queries (plus one for LISTEN), one producer. A batch is
-read in a short autocommit statement, sent, and its outcomes recorded in two more statements;
-no transaction is ever open while the relay waits on Kafka.
+One thread drives the loop and the producer; one helper thread does the batch's database work
+while Kafka works on the batch. Each step hands the helper a job, "write the outcomes of the
+batches already sent, then read the next batch, leaving out the rows now in flight", and sends
+the current batch meanwhile. The database and Kafka wait in parallel instead of in turn.
+
+The two threads never use the store at the same time (the helper only while send() runs), so
+one connection serves both. No transaction is ever open while the relay waits on Kafka.
+
+What keeps the guarantees of docs/guarantees.md with the stages overlapped:
+- per-key order: the next batch was read before this batch's outcomes were written, so the rows
+  of every key that failed in this batch are dropped from it; they are read again once the
+  failure is written, and the SQL's head-of-key rule then holds them back;
+- no confirm outside an owned lease: the UPDATE checks the bucket's owner, whenever it runs;
+- the lease is renewed (and rebalanced) only with every outcome written and, if the buckets
+  changed, the read-ahead batch dropped: no row of a bucket given away is sent;
+- a batch stopped between its acknowledgement and its write (kill -9) is sent again by the
+  next owner: the documented duplicate, never a loss.
 """
 
 from __future__ import annotations
@@ -13,7 +27,10 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from .clock import Clock, SystemClock
 from .kafka import Sink
@@ -30,6 +47,16 @@ log = logging.getLogger(__name__)
 #: commit-to-ack latency is observed on at most this many messages per batch (evenly spread):
 #: the histogram stays right, and a 2,000-row batch does not pay 2,000 observations.
 _LATENCY_SAMPLES = 64
+
+
+class _Unwritten(NamedTuple):
+    """A sent batch whose outcomes are not in the database yet."""
+
+    delivered: list[Delivered]
+    updates: list[FailureUpdate]
+    #: The rows that became FAILED, with their originals: copied to the dead-letter topic once
+    #: the FAILED status is written.
+    dead: list[tuple[FailureUpdate, PendingMessage]]
 
 
 @dataclass(frozen=True)
@@ -87,6 +114,12 @@ class Relay:
         self._pause = 0.0
         self._alone: set[int] = set()
         self._dead_letters: list[tuple[FailureUpdate, PendingMessage]] = []
+        #: Batches sent but not written yet, oldest first (written by the helper or settle()).
+        self._unwritten: list[_Unwritten] = []
+        #: The next batch, read while the last one was sent (None: read it when needed).
+        self._read_ahead: list[PendingMessage] | None = None
+        #: Does the database work of a step while its batch is sent (see the docstring).
+        self._helper = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-db")
         self._resets_seen = 0
         self._pending: int | None = None  # as of the last heartbeat
         self.stats = Counter()
@@ -102,10 +135,13 @@ class Relay:
         if (now < self._next_heartbeat
                 and now + s.flush_timeout + SEND_MARGIN < self._lease_valid_until):
             return
+        self.settle()  # a rebalance may give buckets away: nothing of them left unwritten
         started = self.clock.monotonic()
         buckets = self.store.heartbeat(self.relay_id, self.name, s.lease_seconds)
         if buckets != self.buckets:
             log.info("relay %s owns %d buckets", self.name, len(buckets))
+            # Read for buckets this relay may no longer own: read again.
+            self._read_ahead = None
         self.buckets = buckets
         # Count the lease from before the call: the database may have started it earlier.
         self._lease_valid_until = started + s.lease_seconds
@@ -116,40 +152,96 @@ class Relay:
         self.metrics.pending.set(pending)
         self.metrics.oldest_claimable_age.set(oldest_age or 0.0)
 
-    # -- one iteration
+    # -- one step
 
     def run_once(self) -> int:
-        """Deliver one batch; return how many rows it held (0: nothing to do)."""
+        """Deliver one batch and write its outcomes; return how many rows it held (0: nothing
+        to do). The loop uses step(), which leaves the writing to the next step."""
+        count = self.step()
+        self.settle()
+        return count
+
+    def step(self) -> int:
+        """Deliver one batch; return how many rows it held (0: nothing to do). While Kafka
+        works on it, the helper writes the outcomes of the batches before and reads the next
+        one. This batch's outcomes are written by the next step, or by settle()."""
         # Dead letters and retention first: nothing but the read may sit between the lease
         # check and the batch's send, which the check sized the lease for.
         self._send_dead_letters()
         self._retention_if_due()
         self._heartbeat_if_due()
-        started = self.clock.monotonic()
-        batch = self.store.fetch_pending(self.buckets, self.settings.batch_size)
+        batch, self._read_ahead = self._read_ahead, None
+        if batch is None:
+            self.settle()  # the read must see every outcome: head-of-key blocking is in SQL
+            batch = self.store.fetch_pending(self.buckets, self.settings.batch_size)
         self.last_progress = self.clock.monotonic()
         if not batch:
             return 0
-        outcomes = self.sink.send(batch, frozenset(self._alone.intersection(m.id for m in batch)))
+        started = self.clock.monotonic()
+        alone = frozenset(self._alone.intersection(m.id for m in batch))
+        job = self._helper.submit(self._write_then_read, [m.id for m in batch])
+        try:
+            outcomes = self.sink.send(batch, alone)
+        finally:
+            # However send() ended, the helper is done with the store before this returns.
+            wait_for_futures([job])
+        self._account(batch, outcomes, started)
+        read_ahead = job.result()  # a database error surfaces here, with outcomes kept
+        failed_keys = {batch_key for batch_key, o in zip((m.key for m in batch), outcomes)
+                       if batch_key is not None and not isinstance(o, Delivered)}
+        if failed_keys:
+            # Read before these failures were written: SQL could not hold their keys back.
+            read_ahead = [m for m in read_ahead if m.key not in failed_keys]
+        # After a failed batch that pauses the relay, read afresh once the pause is over.
+        self._read_ahead = (read_ahead or None) if not self._pause else None
+        self.last_progress = self.clock.monotonic()
+        return len(batch)
+
+    def settle(self) -> None:
+        """Write every outcome not yet written (the loop calls it before each lease renewal,
+        before a read it does itself, and on shutdown)."""
+        self._write_outcomes()
+
+    def _write_then_read(self, in_flight: list[int]) -> list[PendingMessage]:
+        """The helper's job: the outcomes first (so that the read sees them), then the next
+        batch without the rows in flight."""
+        self._write_outcomes()
+        return self.store.fetch_pending(self.buckets, self.settings.batch_size, in_flight)
+
+    def _write_outcomes(self) -> None:
+        # In order, each removed once written: after an error the rest is written next time.
+        while self._unwritten:
+            batch = self._unwritten[0]
+            confirmed = self.store.mark_confirmed(self.relay_id, batch.delivered)
+            if confirmed != len(batch.delivered):
+                # The rows were delivered, but this relay lost their buckets meanwhile: the
+                # new owner will send them again (a documented duplicate), and we must not
+                # write.
+                self.metrics.lease_lost.inc(len(batch.delivered) - confirmed)
+                log.warning(
+                    "%d delivered rows were not confirmed: their bucket lease moved to another "
+                    "relay", len(batch.delivered) - confirmed,
+                )
+            self.store.record_failures(self.relay_id, batch.updates)
+            self._unwritten.pop(0)
+            # Copied at the start of the next step, after the FAILED status is written and
+            # before the lease check: a batch's Kafka part stays one send().
+            self._dead_letters.extend(batch.dead)
+
+    def _account(self, batch: Sequence[PendingMessage], outcomes: Sequence[Outcome],
+                 started: float) -> None:
+        """Everything a batch's outcomes decide that is not a database write."""
         acked_at = dt.datetime.now(dt.timezone.utc)
         delivered = [o for o in outcomes if isinstance(o, Delivered)]
         failed = [o for o in outcomes if isinstance(o, Failed)]
-        confirmed = self.store.mark_confirmed(self.relay_id, delivered)
-        if confirmed != len(delivered):
-            # The rows were delivered, but this relay lost their buckets meanwhile: the new
-            # owner will send them again (a documented duplicate), and we must not write.
-            self.metrics.lease_lost.inc(len(delivered) - confirmed)
-            log.warning(
-                "%d delivered rows were not confirmed: their bucket lease moved to another relay",
-                len(delivered) - confirmed,
-            )
-        by_id = {m.id: m for m in batch}
-        updates = self.retry.updates(failed, by_id)
-        self.store.record_failures(self.relay_id, updates)
-        if self.settings.dead_letter_topic:
-            # Copied at the start of the next iteration, after the lease check: a batch's Kafka
-            # part stays one send(), bounded by flush_timeout + SEND_MARGIN.
-            self._dead_letters.extend((u, by_id[u.id]) for u in updates if u.give_up)
+        updates: list[FailureUpdate] = []
+        dead: list[tuple[FailureUpdate, PendingMessage]] = []
+        if failed:
+            by_id = {m.id: m for m in batch}
+            updates = self.retry.updates(failed, by_id)
+            if self.settings.dead_letter_topic:
+                dead = [(u, by_id[u.id]) for u in updates if u.give_up]
+        self._unwritten.append(_Unwritten(delivered, updates, dead))
         self._track_isolation(outcomes, bool(failed))
         if failed:  # with every message delivered there is nothing to overtake
             self._check_order(batch, outcomes)
@@ -162,8 +254,6 @@ class Relay:
         elif outage:
             self.metrics.kafka_up.set(0)
         self._pause = self.breaker.record(len(delivered), outage)
-        self.last_progress = self.clock.monotonic()
-        return len(batch)
 
     def _log_failures(self, failed: Sequence[Failed]) -> None:
         """The first few failures of a batch; those of an outage go through the outage log
@@ -286,7 +376,7 @@ class Relay:
         try:
             while not stop.is_set():
                 try:
-                    count = self.run_once()
+                    count = self.step()
                     errors = 0
                 except Exception as exc:  # noqa: BLE001 - the loop must survive anything
                     errors += 1
@@ -326,13 +416,21 @@ class Relay:
 
     def _on_error(self) -> None:
         # A lost connection is reopened by the store on its next call; until a heartbeat
-        # succeeds again the relay must not trust its leases.
+        # succeeds again the relay must not trust its leases (nor what it read ahead).
         self._lease_valid_until = float("-inf")
         self._next_heartbeat = float("-inf")
+        self._read_ahead = None
 
     def shutdown(self) -> None:
-        """Copy the last dead letters, release the bucket leases, so that other relays take
-        over at once."""
+        """Write the last outcomes, copy the last dead letters, release the bucket leases, so
+        that other relays take over at once. What was read ahead is left PENDING."""
+        self._read_ahead = None
+        try:
+            self.settle()
+        except Exception as exc:  # noqa: BLE001
+            log.error("could not record the last batch's outcomes (its delivered rows will be "
+                      "sent again): %s", exc)
+        self._helper.shutdown(wait=False)
         try:
             self._send_dead_letters()
         except Exception as exc:  # noqa: BLE001

@@ -24,7 +24,9 @@ class Store(Protocol):
     def heartbeat(self, relay_id: uuid.UUID, name: str, lease_seconds: float) -> frozenset[int]:
         """Say this relay is alive, renew and rebalance its bucket leases, return them."""
 
-    def fetch_pending(self, buckets: frozenset[int], limit: int) -> list[PendingMessage]: ...
+    def fetch_pending(self, buckets: frozenset[int], limit: int,
+                      exclude: Sequence[int] = ()) -> list[PendingMessage]:
+        """Up to LIMIT deliverable rows of BUCKETS in id order, none of EXCLUDE."""
 
     def mark_confirmed(self, relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> int: ...
 
@@ -38,6 +40,13 @@ class Store(Protocol):
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int: ...
 
     def close(self) -> None: ...
+
+
+def int_array(values) -> str:
+    """An integer array as PostgreSQL's array literal ("{1,2,3}"), for a `%s::bigint[]`
+    parameter. Per batch the relay passes thousands of ids, partitions and offsets; psycopg's
+    list dumper spends ~15% of the relay's CPU on them, str.join a small fraction of that."""
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 def fair_share(alive: int, rank: int) -> int:
@@ -55,6 +64,8 @@ class PostgresStore:
         self._schema = schema
         self._connect_timeout = connect_timeout
         self._conn: psycopg.Connection | None = None
+        self._buckets_seen: frozenset[int] | None = None
+        self._buckets_literal = "{}"
 
     # -- connection
 
@@ -81,6 +92,12 @@ class PostgresStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def _bucket_array(self, buckets: frozenset[int]) -> str:
+        # The same set on every read: its literal is made once per lease change.
+        if buckets is not self._buckets_seen:
+            self._buckets_seen, self._buckets_literal = buckets, int_array(sorted(buckets))
+        return self._buckets_literal
 
     def _q(self, name: str):
         return query("relay", "queries.sql", name, self._schema)
@@ -136,14 +153,21 @@ class PostgresStore:
 
     # -- messages
 
-    def fetch_pending(self, buckets: frozenset[int], limit: int) -> list[PendingMessage]:
+    def fetch_pending(self, buckets: frozenset[int], limit: int,
+                      exclude: Sequence[int] = ()) -> list[PendingMessage]:
         if not buckets:
             return []
-        cur = self._execute("fetch_pending", {"buckets": sorted(buckets), "limit": limit})
+        # Binary results: bytea and timestamps arrive as they are, not as text to parse.
+        rows = self.connect().execute(
+            self._q("fetch_pending"),
+            {"buckets": self._bucket_array(buckets), "limit": limit,
+             "exclude": int_array(exclude)},
+            prepare=True, binary=True,
+        ).fetchall()
         return [
             PendingMessage(row[0], row[1], row[2], row[3], row[4],
                            headers_from_json(row[5]) if row[5] else [], row[6], row[7])
-            for row in cur
+            for row in rows
         ]
 
     def mark_confirmed(self, relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> int:
@@ -153,9 +177,9 @@ class PostgresStore:
             "mark_confirmed",
             {
                 "relay_id": relay_id,
-                "ids": [d.id for d in delivered],
-                "partitions": [d.partition for d in delivered],
-                "offsets": [d.offset for d in delivered],
+                "ids": int_array([d.id for d in delivered]),
+                "partitions": int_array([d.partition for d in delivered]),
+                "offsets": int_array([d.offset for d in delivered]),
             },
         )
         return cur.rowcount
@@ -182,7 +206,8 @@ class PostgresStore:
     def pending_stats(self, buckets: frozenset[int]) -> tuple[int, float | None]:
         if not buckets:
             return 0, None
-        count, age = self._execute("pending_stats", {"buckets": sorted(buckets)}).fetchone()
+        count, age = self._execute(
+            "pending_stats", {"buckets": self._bucket_array(buckets)}).fetchone()
         return count, age
 
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:

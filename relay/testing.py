@@ -93,7 +93,9 @@ class InMemoryStore:
                 del self.owners[b]
             self.relays.pop(relay_id, None)
 
-    def fetch_pending(self, buckets: frozenset[int], limit: int) -> list[PendingMessage]:
+    def fetch_pending(self, buckets: frozenset[int], limit: int,
+                      exclude: Sequence[int] = ()) -> list[PendingMessage]:
+        excluded = set(exclude)
         with self._lock:
             now = self._now()
             blockers: dict[bytes, int] = {}
@@ -108,7 +110,7 @@ class InMemoryStore:
             for row in sorted(self.rows.values(), key=lambda r: r.id):
                 if len(out) >= limit:
                     break
-                if row.status != "PENDING" or row.bucket not in buckets:
+                if row.status != "PENDING" or row.bucket not in buckets or row.id in excluded:
                     continue
                 if row.next_attempt_at is not None and row.next_attempt_at > now:
                     continue

@@ -135,3 +135,18 @@ def test_uuid7_is_time_ordered_and_version_7():
     assert [u.bytes[:6] for u in ids] == sorted(u.bytes[:6] for u in ids)
     assert len(set(ids)) == 1000
     assert isinstance(ids[0], uuid.UUID)
+
+
+@pytest.mark.parametrize("key", [None, b"", b"k", b"k" * 200])
+@pytest.mark.parametrize("payload", [b"", b"p", b"p" * 127, b"p" * 128, b"p" * 20_000])
+def test_the_relays_shortcut_size_equals_record_size(key, payload):
+    import datetime as dt
+
+    from relay.kafka import message_size
+    from relay.model import PendingMessage
+
+    message = PendingMessage(1, "0" * 36, "t", key, payload, [], 0,
+                             dt.datetime.now(dt.timezone.utc))
+    assert message_size(message) == record_size(key, payload)
+    with_header = message._replace(headers=[("h", b"v")])
+    assert message_size(with_header) == record_size(key, payload, [("h", b"v")])

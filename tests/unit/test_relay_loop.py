@@ -215,3 +215,108 @@ def test_rows_rejected_together_are_sent_alone_next_time_and_only_then_counted()
     clock.advance(10)
     relay.run_once()
     assert sink.alone_requests[-1] == frozenset(), "a row with its own outcome is not isolated"
+
+
+# -- the pipelined step: a batch's outcomes are written while the next batch is sent
+
+
+def test_a_batch_is_written_while_the_next_one_is_sent():
+    clock, store, sink, relay = make(batch_size=5)
+    rows = [store.insert("t", b"k%d" % i, b"%d" % i) for i in range(12)]
+    status_seen_by_sink = []
+    send = sink.send
+
+    def watching_send(batch, alone=frozenset()):
+        status_seen_by_sink.append([r.status for r in rows])
+        return send(batch, alone)
+
+    sink.send = watching_send
+    reads = []
+    fetch = store.fetch_pending
+    store.fetch_pending = lambda *a: reads.append(a) or fetch(*a)
+
+    assert relay.step() == 5
+    assert all(r.status == "PENDING" for r in rows)  # sent, not written yet
+    assert reads[-1][2] == [r.id for r in rows[:5]]  # the next batch was read without them
+    assert relay.step() == 5
+    assert [r.status for r in rows[:5]] == ["CONFIRMED"] * 5
+    assert len(reads) == 3  # one read at start, then one per step, done by the helper
+    assert relay.step() == 2
+    relay.settle()
+    assert all(r.status == "CONFIRMED" for r in rows)
+    assert [m.id for m in sink.sent] == [r.id for r in rows]
+    assert relay.step() == 0
+
+
+def test_a_key_that_failed_is_dropped_from_the_batch_read_ahead():
+    """Its next row was read while its failure was unknown: sending it would overtake."""
+    fail_once = set()
+
+    def script(m):
+        if m.payload == b"a" and m.id not in fail_once:
+            fail_once.add(m.id)
+            return Failed(m.id, FailureKind.TRANSIENT, "NOT_ENOUGH_REPLICAS: try later")
+        return None
+
+    clock, store, sink, relay = make(script, batch_size=2)
+    a = store.insert("t", b"K", b"a")
+    x = store.insert("t", b"X", b"x")
+    b = store.insert("t", b"K", b"b")
+    y = store.insert("t", b"Y", b"y")
+    assert relay.step() == 2  # a fails, x delivered; b and y were read meanwhile
+    assert relay.step() == 1  # y alone: b waits for a
+    assert [m.id for m in sink.sent] == [x.id, y.id]
+    for _ in range(20):
+        clock.advance(5)
+        relay.step()
+    relay.settle()
+    assert [m.id for m in sink.sent if m.key == b"K"] == [a.id, b.id]
+    assert all(r.status == "CONFIRMED" for r in (a, x, b, y))
+
+
+def test_outcomes_survive_a_database_error_in_the_helper():
+    clock, store, sink, relay = make(batch_size=3)
+    rows = [store.insert("t", b"k%d" % i, b"%d" % i) for i in range(6)]
+    confirm = store.mark_confirmed
+    calls = {"n": 0}
+
+    def flaky(*a):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("server closed the connection unexpectedly")
+        return confirm(*a)
+
+    store.mark_confirmed = flaky
+    relay.step()
+    with pytest.raises(ConnectionError):
+        relay.step()  # the helper failed writing batch 1; batch 2 was delivered meanwhile
+    assert all(r.status == "PENDING" for r in rows)
+    relay.settle()
+    assert all(r.status == "CONFIRMED" for r in rows)
+    assert len(sink.sent) == 6  # nothing sent twice
+
+
+def test_a_rebalance_drops_the_batch_read_ahead_for_buckets_given_away():
+    clock, store, sink, relay = make(batch_size=50, heartbeat_interval=10.0)
+    rows = [store.insert("t", b"key-%d" % i, b"%d" % i) for i in range(400)]
+    relay.step()  # owns all 256 buckets, has read the next 50 rows ahead
+    other = Relay(store, RecordingSink(), clock=clock, name="other")
+    other._heartbeat_if_due()  # joins: the first relay must give half back
+    clock.advance(11)
+    sent_before = len(sink.sent)
+    relay.step()  # heartbeat: 128 buckets given away, then a batch
+    mine = relay.buckets
+    assert len(mine) == 128
+    assert all(m_bucket in mine for m_bucket in
+               (bucket_of(m.key, m.id) for m in sink.sent[sent_before:]))
+    relay.settle()
+    assert sum(r.status == "CONFIRMED" for r in rows) == len(sink.sent)
+
+
+def test_shutdown_writes_the_outcomes_of_the_last_batch():
+    clock, store, sink, relay = make(batch_size=10)
+    rows = [store.insert("t", b"k", b"%d" % i) for i in range(10)]
+    relay.step()
+    assert all(r.status == "PENDING" for r in rows)
+    relay.shutdown()
+    assert all(r.status == "CONFIRMED" for r in rows)
