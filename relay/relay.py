@@ -194,6 +194,10 @@ class Relay:
             read_ahead = [m for m in read_ahead if m.key not in failed_keys]
         # After a failed batch that pauses the relay, read afresh once the pause is over.
         self._read_ahead = (read_ahead or None) if not self._pause else None
+        if self._read_ahead is None:
+            # Nothing to send next that the write could overlap with: write now, not after
+            # the idle wait (the row's status, the lag gauges and a restart depend on it).
+            self.settle()
         self.last_progress = self.clock.monotonic()
         return len(batch)
 

@@ -196,7 +196,7 @@ def test_migrate_then_doctor(empty_dsn, bootstrap):
     before = run("doctor", "-b", bootstrap, env=env)
     assert before.returncode == 1 and "FAIL] schema: no outbox tables" in before.stdout
     assert "-> run: outbox migrate --schema public" in before.stdout
-    assert run("migrate", env=env).stdout.strip() == "outbox schema public: version 2 (was absent)"
+    assert run("migrate", env=env).stdout.strip() == f"outbox schema public: version {outbox.SCHEMA_VERSION} (was absent)"
     assert "already up to date" in run("migrate", env=env).stdout
     with psycopg.connect(empty_dsn) as c:
         c.execute("INSERT INTO local_message (topic, payload) VALUES ('no.such.topic', 'x')")

@@ -67,8 +67,8 @@ def test_relay_refuses_a_missing_or_older_schema_with_what_to_do(empty_dsn, dsn,
         c.execute("DELETE FROM local_message_schema WHERE version > 1")
     older = relay_once(dsn, bootstrap)
     assert older.returncode == 1
-    assert "outbox schema version 1 in 'public', this code needs 2: run `outbox migrate`" \
-        in older.stderr
+    assert (f"outbox schema version 1 in 'public', this code needs {outbox.SCHEMA_VERSION}: "
+            "run `outbox migrate`") in older.stderr
 
 
 def test_wrong_dsn_fails_at_start_in_one_line_without_the_password(bootstrap):

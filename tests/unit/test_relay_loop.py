@@ -313,10 +313,19 @@ def test_a_rebalance_drops_the_batch_read_ahead_for_buckets_given_away():
     assert sum(r.status == "CONFIRMED" for r in rows) == len(sink.sent)
 
 
-def test_shutdown_writes_the_outcomes_of_the_last_batch():
+def test_shutdown_writes_the_outcomes_of_the_last_batch_and_leaves_the_read_ahead():
     clock, store, sink, relay = make(batch_size=10)
-    rows = [store.insert("t", b"k", b"%d" % i) for i in range(10)]
+    rows = [store.insert("t", b"k", b"%d" % i) for i in range(20)]
     relay.step()
     assert all(r.status == "PENDING" for r in rows)
     relay.shutdown()
+    assert [r.status for r in rows] == ["CONFIRMED"] * 10 + ["PENDING"] * 10
+    assert len(sink.sent) == 10
+
+
+def test_a_batch_with_nothing_read_ahead_is_written_before_the_step_returns():
+    """At low rates the loop idles after the step: the rows must not stay PENDING meanwhile."""
+    clock, store, sink, relay = make(batch_size=10)
+    rows = [store.insert("t", b"k%d" % i, b"%d" % i) for i in range(3)]
+    assert relay.step() == 3
     assert all(r.status == "CONFIRMED" for r in rows)
