@@ -109,6 +109,11 @@ def payload_sql(i: str) -> str:
             f"repeat('x', {pad}) || '\"}}', 'UTF8')")
 
 
+#: False (--no-analyze): the drain starts right after the bulk load, with whatever statistics
+#: autovacuum has gathered by then, as a relay meets a backlog in production.
+ANALYZE_AFTER_FILL = True
+
+
 def fill(dsn: str, topic: str, n: int, status: str = "PENDING", start: int = 0) -> None:
     """N committed rows, keys spread over KEYS, in transactions of 50,000."""
     with psycopg.connect(dsn, autocommit=True) as c:
@@ -118,7 +123,8 @@ def fill(dsn: str, topic: str, n: int, status: str = "PENDING", start: int = 0) 
                 "INSERT INTO local_message (topic, key, payload, status) "
                 f"SELECT %s, convert_to('key-' || (i %% {KEYS}), 'UTF8'), {payload_sql('i')}, %s "
                 "FROM generate_series(%s::bigint, %s::bigint) AS i", (topic, status, lo, hi - 1))
-        c.execute("VACUUM ANALYZE local_message")
+        if ANALYZE_AFTER_FILL:
+            c.execute("VACUUM ANALYZE local_message")
 
 
 def db_counters(dsn: str) -> dict[str, int]:
@@ -469,7 +475,11 @@ def main() -> None:
     parser.add_argument("--only", default="drain,steady,scaling,profile")
     parser.add_argument("--peers", default="limit,naive,debezium,ours,ours-fast")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--no-analyze", action="store_true",
+                        help="drain right after the bulk load, without VACUUM ANALYZE")
     args = parser.parse_args()
+    global ANALYZE_AFTER_FILL
+    ANALYZE_AFTER_FILL = not args.no_analyze
     env = Env(os.environ["OUTBOX_DSN"], os.environ["OUTBOX_BOOTSTRAP_SERVERS"])
     only, peers = args.only.split(","), args.peers.split(",")
     out = Path(args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S"))

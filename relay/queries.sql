@@ -40,7 +40,9 @@ DELETE FROM {relay_table} WHERE relay_id = %(relay_id)s
 -- name: fetch_pending
 -- The next deliverable rows of the relay's buckets, in id order. A key whose oldest
 -- unfinished row waits for a retry or is FAILED is held back entirely (head-of-key blocking).
--- `exclude`: the rows of the batch in flight while this one is read ahead (relay.relay).
+-- `exclude`: the rows of the batch in flight while this one is read ahead (relay.relay). As
+-- NOT IN (subquery) it is one hashed lookup per row, in a generic plan too; `<> ALL(array)`
+-- compared each row with every id of the array (72 ms instead of 13 for 2,000 ids).
 WITH blockers AS (
     SELECT key, min(id) AS first_id
       FROM {table}
@@ -54,7 +56,7 @@ SELECT m.id, m.message_id::text, m.topic, m.key, m.payload, m.headers, m.attempt
  WHERE m.status = 'PENDING' AND m.bucket = ANY(%(buckets)s::smallint[])
    AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
    AND NOT EXISTS (SELECT 1 FROM blockers b WHERE b.key = m.key AND b.first_id < m.id)
-   AND m.id <> ALL(%(exclude)s::bigint[])
+   AND m.id NOT IN (SELECT unnest(%(exclude)s::bigint[]))
  ORDER BY m.id
  LIMIT %(limit)s
 

@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 #: the histogram stays right, and a 2,000-row batch does not pay 2,000 observations.
 _LATENCY_SAMPLES = 64
 
+#: Attempts at recording one batch's outcomes (once per loop iteration, with the loop's error
+#: backoff: about three and a half minutes) before they are forgotten and the rows sent again.
+_WRITE_ATTEMPTS = 12
+
 
 class _Unwritten(NamedTuple):
     """A sent batch whose outcomes are not in the database yet."""
@@ -116,6 +120,7 @@ class Relay:
         self._dead_letters: list[tuple[FailureUpdate, PendingMessage]] = []
         #: Batches sent but not written yet, oldest first (written by the helper or settle()).
         self._unwritten: list[_Unwritten] = []
+        self._write_errors = 0
         #: The next batch, read while the last one was sent (None: read it when needed).
         self._read_ahead: list[PendingMessage] | None = None
         #: Does the database work of a step while its batch is sent (see the docstring).
@@ -136,12 +141,14 @@ class Relay:
                 and now + s.flush_timeout + SEND_MARGIN < self._lease_valid_until):
             return
         self.settle()  # a rebalance may give buckets away: nothing of them left unwritten
+        # What was read ahead is read again after every renewal: the lease may have lapsed
+        # since (a pause, a slow database) and another relay may have sent, failed or
+        # dead-lettered rows of these buckets meanwhile, even if the same buckets come back.
+        self._read_ahead = None
         started = self.clock.monotonic()
         buckets = self.store.heartbeat(self.relay_id, self.name, s.lease_seconds)
         if buckets != self.buckets:
             log.info("relay %s owns %d buckets", self.name, len(buckets))
-            # Read for buckets this relay may no longer own: read again.
-            self._read_ahead = None
         self.buckets = buckets
         # Count the lease from before the call: the database may have started it earlier.
         self._lease_valid_until = started + s.lease_seconds
@@ -169,10 +176,11 @@ class Relay:
         # check and the batch's send, which the check sized the lease for.
         self._send_dead_letters()
         self._retention_if_due()
+        if self._read_ahead is None:
+            self.settle()  # the read must see every outcome: head-of-key blocking is in SQL
         self._heartbeat_if_due()
         batch, self._read_ahead = self._read_ahead, None
         if batch is None:
-            self.settle()  # the read must see every outcome: head-of-key blocking is in SQL
             batch = self.store.fetch_pending(self.buckets, self.settings.batch_size)
         self.last_progress = self.clock.monotonic()
         if not batch:
@@ -216,21 +224,40 @@ class Relay:
         # In order, each removed once written: after an error the rest is written next time.
         while self._unwritten:
             batch = self._unwritten[0]
-            confirmed = self.store.mark_confirmed(self.relay_id, batch.delivered)
-            if confirmed != len(batch.delivered):
-                # The rows were delivered, but this relay lost their buckets meanwhile: the
-                # new owner will send them again (a documented duplicate), and we must not
-                # write.
-                self.metrics.lease_lost.inc(len(batch.delivered) - confirmed)
-                log.warning(
-                    "%d delivered rows were not confirmed: their bucket lease moved to another "
-                    "relay", len(batch.delivered) - confirmed,
-                )
-            self.store.record_failures(self.relay_id, batch.updates)
+            try:
+                if batch.delivered:
+                    self._confirm(batch.delivered)
+                    # Written: a retry after an error below must not confirm them again.
+                    self._unwritten[0] = batch = batch._replace(delivered=[])
+                self.store.record_failures(self.relay_id, batch.updates)
+            except Exception:
+                self._write_errors += 1
+                if self._write_errors >= _WRITE_ATTEMPTS:
+                    # A write that keeps failing must not stop the relay for good (every lease
+                    # renewal writes first). Forgetting it loses nothing: its rows are still
+                    # PENDING and are sent again, in row order (duplicates for consumers).
+                    self._unwritten.pop(0)
+                    self._write_errors = 0
+                    log.error("gave up recording the outcomes of %d rows after %d attempts: "
+                              "they stay PENDING and will be sent again",
+                              len(batch.delivered) + len(batch.updates), _WRITE_ATTEMPTS)
+                raise
+            self._write_errors = 0
             self._unwritten.pop(0)
             # Copied at the start of the next step, after the FAILED status is written and
             # before the lease check: a batch's Kafka part stays one send().
             self._dead_letters.extend(batch.dead)
+
+    def _confirm(self, delivered: list[Delivered]) -> None:
+        confirmed = self.store.mark_confirmed(self.relay_id, delivered)
+        if confirmed != len(delivered):
+            # The rows were delivered, but this relay lost their buckets meanwhile: the new
+            # owner will send them again (a documented duplicate), and we must not write.
+            self.metrics.lease_lost.inc(len(delivered) - confirmed)
+            log.warning(
+                "%d delivered rows were not confirmed: their bucket lease moved to another "
+                "relay", len(delivered) - confirmed,
+            )
 
     def _account(self, batch: Sequence[PendingMessage], outcomes: Sequence[Outcome],
                  started: float) -> None:

@@ -329,3 +329,51 @@ def test_a_batch_with_nothing_read_ahead_is_written_before_the_step_returns():
     rows = [store.insert("t", b"k%d" % i, b"%d" % i) for i in range(3)]
     assert relay.step() == 3
     assert all(r.status == "CONFIRMED" for r in rows)
+
+
+def test_what_was_read_ahead_is_read_again_after_a_lapsed_lease_even_for_the_same_buckets():
+    """Paused past its lease, the relay's buckets went to another relay that failed a row and
+    left; the relay gets the same buckets back. Its read-ahead batch predates that failure."""
+    clock, store, sink, relay = make(batch_size=2)
+    store.insert("t", b"K", b"a1")
+    store.insert("t", b"O", b"o1")
+    a2 = store.insert("t", b"K", b"a2")
+    store.insert("t", b"P", b"o2")
+    relay.step()  # a1, o1 sent; a2, o2 read ahead
+    clock.advance(relay.settings.lease_seconds + 1)  # paused past its lease
+
+    def fail_a2(m):
+        if m.payload == b"a2":
+            return Failed(m.id, FailureKind.PERMANENT, "INVALID_RECORD: rejected")
+        return None
+
+    other = Relay(store, RecordingSink(fail_a2), clock=clock, name="other",
+                  retry=RetryPolicy(max_attempts=3, random=lambda: 0.0))
+    while other.run_once():
+        pass
+    assert a2.status == "PENDING" and a2.next_attempt_at > clock.now  # in backoff: blocks K
+    other.shutdown()  # leaves; its buckets are free again
+
+    sent_before = len(sink.sent)
+    relay.step()  # renews the lease: the same 256 buckets come back
+    assert relay.buckets == frozenset(range(256))
+    assert a2.id not in [m.id for m in sink.sent[sent_before:]]
+
+
+def test_a_write_that_keeps_failing_is_given_up_and_its_rows_sent_again_in_order():
+    clock, store, sink, relay = make(batch_size=2)
+    rows = [store.insert("t", b"K", b"%d" % i) for i in range(2)]
+    confirm = store.mark_confirmed
+
+    def refuse(*_):
+        raise ValueError("cannot be written")
+
+    store.mark_confirmed = refuse
+    for _ in range(12):  # the first step sends and fails to write; each next one writes first
+        with pytest.raises(ValueError):
+            relay.step()
+    assert len(sink.sent) == 2
+    store.mark_confirmed = confirm
+    drain(relay, clock)
+    assert all(r.status == "CONFIRMED" for r in rows)
+    assert [m.id for m in sink.sent] == [rows[0].id, rows[1].id] * 2  # sent again, in order
