@@ -13,8 +13,9 @@ What keeps the guarantees of docs/guarantees.md with the stages overlapped:
   of every key that failed in this batch are dropped from it; they are read again once the
   failure is written, and the SQL's head-of-key rule then holds them back;
 - no confirm outside an owned lease: the UPDATE checks the bucket's owner, whenever it runs;
-- the lease is renewed (and rebalanced) only with every outcome written and, if the buckets
-  changed, the read-ahead batch dropped: no row of a bucket given away is sent;
+- the lease is renewed (and rebalanced) only with every outcome written, and the batch read
+  ahead is dropped at every renewal: no row of a bucket given away is sent, and nothing read
+  before a lapse of the lease (when another relay may have failed a row of its key) is sent;
 - a batch stopped between its acknowledgement and its write (kill -9) is sent again by the
   next owner: the documented duplicate, never a loss.
 """

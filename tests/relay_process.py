@@ -60,6 +60,12 @@ class RelayProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def wait_started(self, timeout: float = 60.0) -> None:
+        """Until its loop runs (it logs "started"): a SIGTERM before that meets Python's default
+        handler, not the relay's drain, and the process ends with -15 having done nothing."""
+        wait_for(lambda: " started" in self.log() or not self.alive(), timeout,
+                 f"relay {self.name} to start")
+
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
     deadline = time.monotonic() + timeout

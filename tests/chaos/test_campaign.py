@@ -203,6 +203,7 @@ def test_campaign(dsn, bootstrap, topic, tmp_path):
 
     wait_for(all_confirmed, 300, "every row CONFIRMED after the faults stopped", interval=1)
     for r in living():
+        r.wait_started()  # one spawned just before the end may still be importing
         assert r.stop() == 0, r.log()[-2000:]
     verdict = verify(dsn, bootstrap, topic, timeout=120)
     print(f"verdict: rows {verdict.rows}, received {verdict.received}, missing "
