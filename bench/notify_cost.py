@@ -13,34 +13,24 @@ import argparse
 import json
 import os
 import platform
-import threading
-import time
+import sys
+from pathlib import Path
 
 import psycopg
 
-import outbox
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import outbox  # noqa: E402
+from bench.writer_cost import commits_per_writer  # noqa: E402
 
 SCHEMA = "bench_notify"
 
 
 def run(dsn: str, writers: int, seconds: float, rows_per_tx: int) -> float:
-    stop = time.monotonic() + seconds
-    counts = [0] * writers
     batch = [dict(topic="bench", key=f"k{i}", payload={"pad": "x" * 200}) for i in range(rows_per_tx)]
-
-    def writer(n: int) -> None:
-        with psycopg.connect(dsn) as conn:
-            while time.monotonic() < stop:
-                with conn.transaction():
-                    outbox.publish_many(conn, batch, schema=SCHEMA)
-                counts[n] += 1
-
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(writers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 30)
-    return sum(counts) / seconds
+    commits = commits_per_writer(
+        dsn, writers, seconds, lambda conn, _n, _i: outbox.publish_many(conn, batch, schema=SCHEMA))
+    return sum(commits) / seconds
 
 
 def main() -> None:

@@ -25,22 +25,20 @@ import json
 import os
 import platform
 import threading
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import psycopg
 
-import outbox
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import outbox  # noqa: E402
+from bench.debezium_peer import TABLE_DDL as DEBEZIUM_DDL  # noqa: E402 - the table it reads
 
 SCHEMA = "bench_writer"
 PAYLOAD = {"i": "00000000", "pad": "x" * 222}  # 256 bytes as JSON, like bench/run.py's rows
-DEBEZIUM_DDL = """
-CREATE TABLE {s}.outbox_event (
-    id            uuid         PRIMARY KEY DEFAULT gen_random_uuid(),
-    aggregatetype varchar(255) NOT NULL,
-    aggregateid   varchar(255) NOT NULL,
-    type          varchar(255) NOT NULL,
-    payload       jsonb        NOT NULL
-)"""
 V2_CHECK = ("CHECK (topic ~ '^[a-zA-Z0-9._-]{1,249}$' AND topic NOT IN ('.', '..'))")
 #: (The dedup_key index stays: publish() names it in ON CONFLICT. It holds only rows that have
 #: a dedup_key, none here.)
@@ -53,7 +51,9 @@ def prepare(conn: psycopg.Connection, variant: str) -> None:
     conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
     if variant == "debezium":
         conn.execute(f"CREATE SCHEMA {SCHEMA}")
-        conn.execute(DEBEZIUM_DDL.format(s=SCHEMA))
+        with conn.transaction():
+            conn.execute(f"SET LOCAL search_path = {SCHEMA}")
+            conn.execute(DEBEZIUM_DDL)
         return
     outbox.apply_schema(conn, SCHEMA)
     table = f"{SCHEMA}.local_message"
@@ -79,10 +79,10 @@ def write_events(conn: psycopg.Connection, variant: str, n: int, key: str) -> No
                             schema=SCHEMA)
 
 
-def run(dsn: str, variant: str, writers: int, seconds: float, rows_per_tx: int) -> dict:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        prepare(conn, variant)
-        wal_before = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
+def commits_per_writer(dsn: str, writers: int, seconds: float,
+                       write: Callable[[psycopg.Connection, int, int], None]) -> list[int]:
+    """WRITERS threads, each committing transactions as fast as it can for SECONDS;
+    write(conn, writer, commits_so_far) fills one transaction. Returns each one's commits."""
     stop = time.monotonic() + seconds
     commits = [0] * writers
 
@@ -90,7 +90,7 @@ def run(dsn: str, variant: str, writers: int, seconds: float, rows_per_tx: int) 
         with psycopg.connect(dsn) as conn:
             while time.monotonic() < stop:
                 with conn.transaction():
-                    write_events(conn, variant, rows_per_tx, f"k{n}-{commits[n] % 100}")
+                    write(conn, n, commits[n])
                 commits[n] += 1
 
     threads = [threading.Thread(target=writer, args=(n,)) for n in range(writers)]
@@ -98,6 +98,16 @@ def run(dsn: str, variant: str, writers: int, seconds: float, rows_per_tx: int) 
         t.start()
     for t in threads:
         t.join(seconds + 30)
+    return commits
+
+
+def run(dsn: str, variant: str, writers: int, seconds: float, rows_per_tx: int) -> dict:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        prepare(conn, variant)
+        wal_before = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
+    commits = commits_per_writer(
+        dsn, writers, seconds,
+        lambda conn, n, i: write_events(conn, variant, rows_per_tx, f"k{n}-{i % 100}"))
     with psycopg.connect(dsn, autocommit=True) as conn:
         wal_after = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
     events = sum(commits) * rows_per_tx

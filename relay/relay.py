@@ -196,8 +196,8 @@ class Relay:
             wait_for_futures([job])
         self._account(batch, outcomes, started)
         read_ahead = job.result()  # a database error surfaces here, with outcomes kept
-        failed_keys = {batch_key for batch_key, o in zip((m.key for m in batch), outcomes)
-                       if batch_key is not None and not isinstance(o, Delivered)}
+        failed_keys = {m.key for m, o in zip(batch, outcomes)
+                       if m.key is not None and not isinstance(o, Delivered)}
         if failed_keys:
             # Read before these failures were written: SQL could not hold their keys back.
             read_ahead = [m for m in read_ahead if m.key not in failed_keys]
@@ -210,19 +210,16 @@ class Relay:
         self.last_progress = self.clock.monotonic()
         return len(batch)
 
-    def settle(self) -> None:
-        """Write every outcome not yet written (the loop calls it before each lease renewal,
-        before a read it does itself, and on shutdown)."""
-        self._write_outcomes()
-
     def _write_then_read(self, in_flight: list[int]) -> list[PendingMessage]:
         """The helper's job: the outcomes first (so that the read sees them), then the next
         batch without the rows in flight."""
-        self._write_outcomes()
+        self.settle()
         return self.store.fetch_pending(self.buckets, self.settings.batch_size, in_flight)
 
-    def _write_outcomes(self) -> None:
-        # In order, each removed once written: after an error the rest is written next time.
+    def settle(self) -> None:
+        """Write every outcome not yet written, oldest first (the loop calls it before each
+        lease renewal, before a read it does itself, and on shutdown). Each batch is removed
+        once written: after an error the rest is written next time."""
         while self._unwritten:
             batch = self._unwritten[0]
             try:
