@@ -77,7 +77,7 @@ class Env:
     def dsn(self, db: str) -> str:
         return psycopg.conninfo.make_conninfo(self.admin_dsn, dbname=db)
 
-    def fresh_db(self, name: str, schema: bool = True) -> str:
+    def fresh_db(self, name: str, schema: bool = True, notify: bool = False) -> str:
         with psycopg.connect(self.admin_dsn, autocommit=True) as c:
             c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
             c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -85,8 +85,8 @@ class Env:
         if schema:
             with psycopg.connect(dsn, autocommit=True) as c:
                 outbox.apply_schema(c)
-                # The relays poll; the benchmark measures them without NOTIFY's commit cost.
-                c.execute("ALTER TABLE local_message DISABLE TRIGGER local_message_notify")
+                if not notify:  # a relay that polls: a backlog to drain needs no wake-ups
+                    c.execute("ALTER TABLE local_message DISABLE TRIGGER local_message_notify")
         return dsn
 
     def fresh_topic(self, name: str) -> str:
@@ -173,11 +173,13 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_ours(env: Env, dsn: str, peer: str, name: str, extra: dict | None = None):
+def start_ours(env: Env, dsn: str, peer: str, name: str, extra: dict | None = None,
+               stderr=subprocess.PIPE, listen: bool = False):
     environ = {**os.environ, **OURS_ENV, **PEERS[peer], **(extra or {}),
                "OUTBOX_DSN": dsn, "OUTBOX_BOOTSTRAP_SERVERS": env.bootstrap}
-    return subprocess.Popen([PY, "-m", "relay", "relay", "--name", name, "--no-listen"],
-                            env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen([PY, "-m", "relay", "relay", "--name", name]
+                            + ([] if listen else ["--no-listen"]),
+                            env=environ, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def start_naive(env: Env, dsn: str):
@@ -266,12 +268,18 @@ def drain_ours_like(env: Env, peer: str, n: int, replicas: int = 1, confirmed_ro
 # --------------------------------------------------------------------------- steady state
 
 
-def _writer(dsn: str, topic: str, rate: int, seconds: float, table: str, counter) -> None:
+#: The payload stamp of the one message sent through the whole pipe before a steady run.
+WARM_UP = "warm-up"
+
+
+def _writer(dsn: str, topic: str, rate: int, seconds: float, table: str, counter,
+            done) -> None:
     """Commit RATE messages/s for SECONDS: a transaction every 10 ms carrying rate/100 events,
-    each stamped with the wall time just before COMMIT."""
+    each stamped with the wall time taken before its INSERT. Sends back, per stamp, the wall
+    time at which its COMMIT returned: latency is counted from there."""
     per_tx = max(1, math.ceil(rate / 100))
     interval = per_tx / rate
-    pad = "x" * (PAYLOAD_BYTES - 40)
+    committed: dict[str, float] = {}
     with psycopg.connect(dsn) as conn:
         next_at = time.monotonic()
         end = next_at + seconds
@@ -280,25 +288,32 @@ def _writer(dsn: str, topic: str, rate: int, seconds: float, table: str, counter
             delay = next_at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            stamp = time.time()
-            if table == "local_message":
-                outbox.publish_many(conn, [
-                    {"topic": topic, "key": f"key-{(i + j) % KEYS}",
-                     "payload": {"t": f"{stamp:.6f}", "pad": pad}} for j in range(per_tx)])
-            else:  # the Debezium outbox table
-                with conn.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO outbox_event (id, aggregatetype, aggregateid, type, payload)"
-                        " VALUES (%s, 'drain', %s, 'Event', %s)",
-                        [(uuid.uuid4(), f"key-{(i + j) % KEYS}",
-                          json.dumps({"t": f"{stamp:.6f}", "pad": pad})) for j in range(per_tx)])
+            stamp = f"{time.time():.6f}"
+            _insert(conn, topic, table, stamp, [f"key-{(i + j) % KEYS}" for j in range(per_tx)])
             conn.commit()
+            committed[stamp] = time.time()
             i += per_tx
             counter.value = i  # after every commit: a writer stopped late still counts
             next_at += interval
+    done.put(committed)
 
 
-def _consumer(bootstrap: str, topic: str, expected, ready, result, timeout: float) -> None:
+def _insert(conn: psycopg.Connection, topic: str, table: str, stamp: str,
+            keys: list[str]) -> None:
+    pad = "x" * (PAYLOAD_BYTES - 40)
+    if table == "local_message":
+        outbox.publish_many(conn, [{"topic": topic, "key": key,
+                                    "payload": {"t": stamp, "pad": pad}} for key in keys])
+    else:  # the Debezium outbox table
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO outbox_event (id, aggregatetype, aggregateid, type, payload)"
+                " VALUES (%s, 'drain', %s, 'Event', %s)",
+                [(uuid.uuid4(), key, json.dumps({"t": stamp, "pad": pad})) for key in keys])
+
+
+def _consumer(bootstrap: str, topic: str, expected, ready, warm, result,
+              timeout: float) -> None:
     from confluent_kafka import Consumer, TopicPartition
 
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}",
@@ -307,7 +322,7 @@ def _consumer(bootstrap: str, topic: str, expected, ready, result, timeout: floa
     parts = c.list_topics(topic, timeout=10).topics[topic].partitions
     c.assign([TopicPartition(topic, p, 0) for p in parts])
     ready.set()
-    latencies = []
+    received: list[tuple[str, float, float]] = []  # (stamp, Kafka timestamp, wall time now)
     seen = set()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -321,15 +336,21 @@ def _consumer(bootstrap: str, topic: str, expected, ready, result, timeout: floa
             body = json.loads(msg.value())
             if isinstance(body, str):  # Debezium without expand.json.payload
                 body = json.loads(body)
+            if body["t"] == WARM_UP:
+                warm.set()
+                continue
             mid = dict(msg.headers() or []).get("message_id") or msg.key() + str(body["t"]).encode()
             if mid not in seen:
                 seen.add(mid)
-                latencies.append(now - float(body["t"]))
+                received.append((body["t"], msg.timestamp()[1] / 1000, now))
     c.close()
-    result.put({"received": len(seen), "latencies": sorted(latencies)})
+    result.put(received)
 
 
-def steady(env: Env, peer: str, rate: int, seconds: float) -> dict:
+def steady_run(env: Env, peer: str, rate: int, seconds: float, relay_extra: dict | None = None,
+               relay_stderr=subprocess.PIPE) -> tuple[int, dict[str, float], list]:
+    """One steady run: (messages written, {stamp: COMMIT end}, [(stamp, produced, received)]).
+    Our relay runs with its defaults here: the insert trigger's NOTIFY on, and LISTENing."""
     ctx = mp.get_context("spawn")
     if peer == "debezium":
         from bench.debezium_peer import Debezium, drop_slot
@@ -341,22 +362,31 @@ def steady(env: Env, peer: str, rate: int, seconds: float) -> dict:
         dbz.start()
         table = "outbox_event"
     else:
-        dsn = env.fresh_db("bench_steady")
+        dsn = env.fresh_db("bench_steady", notify=True)
         topic = env.fresh_topic("bench.steady")
-        proc = start_naive(env, dsn) if peer == "naive" else start_ours(env, dsn, peer, peer)
+        proc = (start_naive(env, dsn) if peer == "naive"
+                else start_ours(env, dsn, peer, peer, relay_extra, relay_stderr, listen=True))
         table = "local_message"
     expected, count = ctx.Value("i", 0), ctx.Value("i", 0)
-    ready, result = ctx.Event(), ctx.Queue()
-    consumer = ctx.Process(target=_consumer, args=(env.bootstrap, topic, expected, ready, result,
-                                                   seconds + 60))
+    ready, warm, result, done = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Queue()
+    consumer = ctx.Process(target=_consumer, args=(env.bootstrap, topic, expected, ready, warm,
+                                                   result, seconds + 90))
     try:
         consumer.start()
-        ready.wait(30)
-        writer = ctx.Process(target=_writer, args=(dsn, topic, rate, seconds, table, count))
+        if not ready.wait(30):
+            raise RuntimeError("the consumer did not start")
+        # One message through the whole pipe first: the relay's (or Debezium's) start-up, its
+        # producer's connection and idempotence handshake, is not part of the steady state.
+        with psycopg.connect(dsn) as conn:
+            _insert(conn, topic, table, WARM_UP, ["warm-up"])
+        if not warm.wait(60):
+            raise RuntimeError(f"{peer} did not deliver the warm-up message within 60 s")
+        writer = ctx.Process(target=_writer, args=(dsn, topic, rate, seconds, table, count, done))
         writer.start()
-        writer.join(seconds + 60)
+        committed = done.get(timeout=seconds + 60)
+        writer.join(30)
         expected.value = count.value
-        out = result.get(timeout=seconds + 120)
+        received = result.get(timeout=seconds + 120)
         consumer.join(30)
     finally:  # never leave a relay behind: it would join the next run's database
         for child in (consumer, locals().get("writer")):
@@ -366,16 +396,21 @@ def steady(env: Env, peer: str, rate: int, seconds: float) -> dict:
             dbz.stop()
         else:
             stop(proc)
-    lat = out["latencies"]
+    return count.value, committed, received
+
+
+def steady(env: Env, peer: str, rate: int, seconds: float) -> dict:
+    written, committed, received = steady_run(env, peer, rate, seconds)
+    lat = sorted(t - committed[stamp] for stamp, _, t in received)
 
     def pct(p):
         return lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1000 if lat else float("nan")
 
     # A writer that could not commit at RATE (the machine is shared) offered less: no verdict.
-    offered = count.value >= rate * seconds * 0.99
-    return {"peer": peer, "rate": rate, "seconds": seconds, "written": count.value,
+    offered = written >= rate * seconds * 0.99
+    return {"peer": peer, "rate": rate, "seconds": seconds, "written": written,
             "writer_kept_rate": offered,
-            "received": out["received"], "keeps_up": offered and out["received"] >= count.value
+            "received": len(received), "keeps_up": offered and len(received) >= written
             and (pct(99) < 1000),
             "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99), "max_ms": pct(100)}
 

@@ -305,6 +305,8 @@ class KafkaSink:
         limits = self._max_message_bytes(healthy, end) if healthy else {}
         for t in healthy:
             found[t] = self._topics[t] = _Topic(None, limits.get(t), now + 60.0)
+        log.debug("looked up topics %s in %.0f ms", ", ".join(wanted)[:200],
+                  (time.monotonic() - now) * 1000)
         return found
 
     def _max_message_bytes(self, topics: list[str], end: float) -> dict[str, int]:

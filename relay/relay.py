@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 #: the histogram stays right, and a 2,000-row batch does not pay 2,000 observations.
 _LATENCY_SAMPLES = 64
 
+#: A step slower than this (seconds) is logged at DEBUG with its stages.
+SLOW_STEP = 0.05
+
 #: Attempts at recording one batch's outcomes (once per loop iteration, with the loop's error
 #: backoff: about three and a half minutes) before they are forgotten and the rows sent again.
 _WRITE_ATTEMPTS = 12
@@ -126,6 +129,7 @@ class Relay:
         self._read_ahead: list[PendingMessage] | None = None
         #: Does the database work of a step while its batch is sent (see the docstring).
         self._helper = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-db")
+        self._helper_spent = (0.0, 0.0)  # its last job's write and read, for the slow-step log
         self._resets_seen = 0
         self._pending: int | None = None  # as of the last heartbeat
         self.stats = Counter()
@@ -173,6 +177,7 @@ class Relay:
         """Deliver one batch; return how many rows it held (0: nothing to do). While Kafka
         works on it, the helper writes the outcomes of the batches before and reads the next
         one. This batch's outcomes are written by the next step, or by settle()."""
+        begun = self.clock.monotonic()
         # Dead letters and retention first: nothing but the read may sit between the lease
         # check and the batch's send, which the check sized the lease for.
         self._send_dead_letters()
@@ -193,7 +198,9 @@ class Relay:
             outcomes = self.sink.send(batch, alone)
         finally:
             # However send() ended, the helper is done with the store before this returns.
+            sent = self.clock.monotonic()
             wait_for_futures([job])
+        self._log_if_slow(len(batch), begun, started, sent)
         self._account(batch, outcomes, started)
         read_ahead = job.result()  # a database error surfaces here, with outcomes kept
         failed_keys = {m.key for m, o in zip(batch, outcomes)
@@ -210,11 +217,26 @@ class Relay:
         self.last_progress = self.clock.monotonic()
         return len(batch)
 
+    def _log_if_slow(self, rows: int, begun: float, started: float, sent: float) -> None:
+        """A step over SLOW_STEP, stage by stage, at DEBUG: what to line up against a latency
+        spike (bench/stalls.py does)."""
+        now = self.clock.monotonic()
+        if now - begun > SLOW_STEP and log.isEnabledFor(logging.DEBUG):
+            write, read = self._helper_spent
+            log.debug("slow step: %d rows in %.0f ms: before the send %.0f ms, send %.0f ms, "
+                      "then waited on the database %.0f ms (it wrote for %.0f ms and read for "
+                      "%.0f ms)", rows, (now - begun) * 1000, (started - begun) * 1000,
+                      (sent - started) * 1000, (now - sent) * 1000, write * 1000, read * 1000)
+
     def _write_then_read(self, in_flight: list[int]) -> list[PendingMessage]:
         """The helper's job: the outcomes first (so that the read sees them), then the next
         batch without the rows in flight."""
+        begun = self.clock.monotonic()
         self.settle()
-        return self.store.fetch_pending(self.buckets, self.settings.batch_size, in_flight)
+        written = self.clock.monotonic()
+        rows = self.store.fetch_pending(self.buckets, self.settings.batch_size, in_flight)
+        self._helper_spent = (written - begun, self.clock.monotonic() - written)
+        return rows
 
     def settle(self) -> None:
         """Write every outcome not yet written, oldest first (the loop calls it before each

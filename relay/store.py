@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from typing import Protocol
@@ -49,6 +50,20 @@ def int_array(values) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
+def confirm_params(relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> dict:
+    """The parameters of queries.sql's mark_confirmed: ids, and {id: [partition, offset]}."""
+    places = ",".join(f'"{d.id}":[{d.partition},{d.offset}]' for d in delivered)
+    return {"relay_id": relay_id, "ids": int_array([d.id for d in delivered]),
+            "places": "{" + places + "}"}
+
+
+def failure_params(relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> dict:
+    """The parameters of record_failures: ids, and {id: [counted, error, give_up, delay]}."""
+    outcomes = {str(f.id): [f.counted, f.error, f.give_up, f.delay_seconds] for f in failures}
+    return {"relay_id": relay_id, "ids": int_array([f.id for f in failures]),
+            "outcomes": json.dumps(outcomes)}
+
+
 def fair_share(alive: int, rank: int) -> int:
     """How many of the buckets a relay of RANK (0-based) among ALIVE relays should own."""
     alive = max(alive, 1)
@@ -80,10 +95,14 @@ class PostgresStore:
                 application_name="outbox-relay",
                 row_factory=tuple_row,
                 # A table locked by someone else must not hang the relay: its statements give
-                # up, the loop logs it and retries. (FIELD-NOTES 10: never idle in a
-                # transaction.)
+                # up, the loop logs it and retries; and it is never idle in a transaction.
+                # Custom plans: a generic plan is fixed after five runs, and made while the
+                # table was small (a fresh table, a quiet hour) it kept joining a batch
+                # against every PENDING row once a backlog grew: seconds per write, then the
+                # 60 s timeout (bench/stalls.py at 10,000 msgs/s). Planning costs ~1 ms.
                 options="-c lock_timeout=5s -c statement_timeout=60s "
-                        "-c idle_in_transaction_session_timeout=60s",
+                        "-c idle_in_transaction_session_timeout=60s "
+                        "-c plan_cache_mode=force_custom_plan",
             )
             require_schema(self._conn, self._schema)
         return self._conn
@@ -173,33 +192,12 @@ class PostgresStore:
     def mark_confirmed(self, relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> int:
         if not delivered:
             return 0
-        cur = self._execute(
-            "mark_confirmed",
-            {
-                "relay_id": relay_id,
-                "ids": int_array([d.id for d in delivered]),
-                "partitions": int_array([d.partition for d in delivered]),
-                "offsets": int_array([d.offset for d in delivered]),
-            },
-        )
-        return cur.rowcount
+        return self._execute("mark_confirmed", confirm_params(relay_id, delivered)).rowcount
 
     def record_failures(self, relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> int:
         if not failures:
             return 0
-        ids, counted, errors, give_up, delays = (list(col) for col in zip(*failures))
-        cur = self._execute(
-            "record_failures",
-            {
-                "relay_id": relay_id,
-                "ids": ids,
-                "counted": counted,
-                "errors": errors,
-                "give_up": give_up,
-                "delays": delays,
-            },
-        )
-        return cur.rowcount
+        return self._execute("record_failures", failure_params(relay_id, failures)).rowcount
 
     # -- gauges and retention
 

@@ -1,0 +1,80 @@
+"""How PostgreSQL runs the relay's statements when the table's statistics are out of date:
+a write costs its batch, not the backlog (bench/stalls.py found writes of seconds, then a
+60 s statement timeout, at 10,000 msgs/s on a fresh table)."""
+
+import uuid
+
+import psycopg
+from psycopg import sql
+
+import outbox
+from outbox.sql import query
+from relay.model import Delivered, FailureUpdate
+from relay.store import PostgresStore, confirm_params, failure_params
+
+ALL = frozenset(range(256))
+
+
+def test_the_relay_never_runs_a_generic_plan_made_for_an_earlier_table(dsn):
+    """A generic plan is chosen after five runs of a prepared statement, from the statistics
+    of that moment, and kept: made while the table held a few rows, it joined each batch
+    against every row once a backlog had grown."""
+    store = PostgresStore(dsn)
+    relay_id = uuid.uuid4()
+    try:
+        store.heartbeat(relay_id, "r", 60)
+        for _ in range(8):
+            with psycopg.connect(dsn) as conn, conn.transaction():
+                outbox.publish_many(conn, [dict(topic="t", key=f"k{i}", payload={})
+                                           for i in range(3)])
+            batch = store.fetch_pending(ALL, 100)
+            assert store.mark_confirmed(relay_id, [Delivered(m.id, 0, m.id) for m in batch]) == 3
+        used = store.connect().execute(
+            "SELECT sum(custom_plans), sum(generic_plans) FROM pg_prepared_statements"
+        ).fetchone()
+        assert used[0] >= 16 and used[1] == 0, used
+    finally:
+        store.close()
+
+
+def _plan(conn: psycopg.Connection, name: str, params: dict) -> str:
+    conn.execute("BEGIN")
+    try:
+        lines = conn.execute(sql.SQL("EXPLAIN ") + query("relay", "queries.sql", name, None),
+                             params).fetchall()
+    finally:
+        conn.execute("ROLLBACK")
+    return "\n".join(line[0] for line in lines)
+
+
+def test_outcomes_are_written_row_by_id_with_a_backlog_the_statistics_do_not_know(dsn):
+    """After an outage: ANALYZE saw a table with nothing PENDING, then 60,000 rows arrived.
+    Joined with unnest(ids, ...), the planner took the PENDING rows for a handful and looped
+    over the batch's array for each of them (40 s for one write here)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # No autovacuum: its ANALYZE would make the statistics right in the middle of the test.
+        conn.execute("ALTER TABLE local_message SET (autovacuum_enabled = off)")
+        fill = ("INSERT INTO local_message (topic, key, payload, status, delivered_at) "
+                "SELECT 't', convert_to('k' || (i %% 1000), 'UTF8'), '\\x7b7d', %s, %s "
+                "FROM generate_series(1, %s) AS i")
+        conn.execute(fill, ("CONFIRMED", "now", 3000))
+        conn.execute("ANALYZE local_message")
+        conn.execute(fill, ("PENDING", None, 60_000))
+    store = PostgresStore(dsn)
+    relay_id = uuid.uuid4()
+    try:
+        store.heartbeat(relay_id, "r", 60)
+        ids = [m.id for m in store.fetch_pending(ALL, 2000)]
+        conn = store.connect()
+        confirm = _plan(conn, "mark_confirmed", confirm_params(
+            relay_id, [Delivered(i, 0, i) for i in ids]))
+        fail = _plan(conn, "record_failures", failure_params(
+            relay_id, [FailureUpdate(i, 1, "x", False, 1.0) for i in ids]))
+    finally:
+        store.close()
+    for plan in (confirm, fail):
+        # The batch's ids are the index condition (of the primary key or of the PENDING
+        # index); no join, no scan of the table or of the whole PENDING index.
+        assert "Index Cond: (id = ANY" in plan, plan
+        assert "Join" not in plan and "Nested Loop" not in plan and "Seq Scan on local_message m" \
+            not in plan, plan
