@@ -3,6 +3,8 @@ librdkafka passthrough. Invalid configuration fails at start with one clear line
 
 from __future__ import annotations
 
+import math
+
 import os
 import re
 import socket
@@ -126,8 +128,8 @@ class RelayConfig:
             raise ConfigError("idle_poll_min must not exceed idle_poll_interval")
         for name in ("idle_poll_min", "idle_poll_interval", "lease_seconds", "heartbeat_interval", "flush_timeout",
                      "backoff_base", "backoff_max", "shutdown_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
+            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a positive number of seconds")
         if self.metadata_timeout >= self.flush_timeout:
             raise ConfigError(
                 f"metadata_timeout ({self.metadata_timeout:g}s) must be below flush_timeout "

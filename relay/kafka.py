@@ -271,6 +271,14 @@ class KafkaSink:
         if not wanted:
             return found
         end = min(now + self._metadata_timeout, deadline)  # the whole lookup, both requests
+        try:
+            return self._ask_for_topics(wanted, found, now, end)
+        finally:
+            log.debug("looked up topics %s in %.0f ms", ", ".join(wanted)[:200],
+                      (time.monotonic() - now) * 1000)
+
+    def _ask_for_topics(self, wanted: list[str], found: dict[str, _Topic], now: float,
+                        end: float) -> dict[str, _Topic]:
         budget = max(0.0, end - now)
         try:
             metadata = self.producer.list_topics(
@@ -305,8 +313,6 @@ class KafkaSink:
         limits = self._max_message_bytes(healthy, end) if healthy else {}
         for t in healthy:
             found[t] = self._topics[t] = _Topic(None, limits.get(t), now + 60.0)
-        log.debug("looked up topics %s in %.0f ms", ", ".join(wanted)[:200],
-                  (time.monotonic() - now) * 1000)
         return found
 
     def _max_message_bytes(self, topics: list[str], end: float) -> dict[str, int]:

@@ -231,12 +231,13 @@ class Relay:
     def _write_then_read(self, in_flight: list[int]) -> list[PendingMessage]:
         """The helper's job: the outcomes first (so that the read sees them), then the next
         batch without the rows in flight."""
-        begun = self.clock.monotonic()
-        self.settle()
-        written = self.clock.monotonic()
-        rows = self.store.fetch_pending(self.buckets, self.settings.batch_size, in_flight)
-        self._helper_spent = (written - begun, self.clock.monotonic() - written)
-        return rows
+        begun = written = self.clock.monotonic()
+        try:
+            self.settle()
+            written = self.clock.monotonic()
+            return self.store.fetch_pending(self.buckets, self.settings.batch_size, in_flight)
+        finally:  # this job's times, also when it failed (a statement timeout is the case)
+            self._helper_spent = (written - begun, self.clock.monotonic() - written)
 
     def settle(self) -> None:
         """Write every outcome not yet written, oldest first (the loop calls it before each

@@ -59,9 +59,12 @@ def confirm_params(relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> dict:
 
 def failure_params(relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> dict:
     """The parameters of record_failures: ids, and {id: [counted, error, give_up, delay]}."""
-    outcomes = {str(f.id): [f.counted, f.error, f.give_up, f.delay_seconds] for f in failures}
+    # PostgreSQL's text (and jsonb) cannot hold NUL: an error text from a broker must not make
+    # the write of its outcome fail.
+    outcomes = {str(f.id): [f.counted, f.error.replace("\x00", ""), f.give_up, f.delay_seconds]
+                for f in failures}
     return {"relay_id": relay_id, "ids": int_array([f.id for f in failures]),
-            "outcomes": json.dumps(outcomes)}
+            "outcomes": json.dumps(outcomes, ensure_ascii=False, allow_nan=False)}
 
 
 def fair_share(alive: int, rank: int) -> int:

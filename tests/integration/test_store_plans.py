@@ -78,3 +78,34 @@ def test_outcomes_are_written_row_by_id_with_a_backlog_the_statistics_do_not_kno
         assert "Index Cond: (id = ANY" in plan, plan
         assert "Join" not in plan and "Nested Loop" not in plan and "Seq Scan on local_message m" \
             not in plan, plan
+
+
+def test_each_row_gets_its_own_outcome_whatever_its_text(dsn):
+    """The outcomes travel as a JSON object keyed by id: each row gets its own values, an
+    error text keeps its quotes, backslashes and non-ASCII (NUL, which PostgreSQL's text
+    cannot hold, is dropped), and a Kafka offset keeps all its digits."""
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        outbox.publish_many(conn, [dict(topic="t", key=f"k{i}", payload={}) for i in range(4)])
+    store = PostgresStore(dsn)
+    relay_id = uuid.uuid4()
+    try:
+        store.heartbeat(relay_id, "r", 60)
+        a, b, c, d = (m.id for m in store.fetch_pending(ALL, 10))
+        assert store.mark_confirmed(relay_id, [Delivered(a, 5, 2**62 + 1), Delivered(b, 0, 7)]) == 2
+        text = 'broker said "no" \\ é\x00!'
+        assert store.record_failures(relay_id, [FailureUpdate(c, 1, text, False, 30.0),
+                                                FailureUpdate(d, 0, "gone", True, 0.0)]) == 2
+    finally:
+        store.close()
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT id, status, kafka_partition, kafka_offset, attempts, last_error, "
+            "next_attempt_at - now() BETWEEN interval '25 seconds' AND interval '31 seconds' "
+            "FROM local_message ORDER BY id"
+        ).fetchall()
+    assert rows == [
+        (a, "CONFIRMED", 5, 2**62 + 1, 0, None, None),
+        (b, "CONFIRMED", 0, 7, 0, None, None),
+        (c, "PENDING", None, None, 1, 'broker said "no" \\ é!', True),
+        (d, "FAILED", None, None, 0, "gone", None),
+    ]

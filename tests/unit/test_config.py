@@ -29,7 +29,9 @@ def test_overrides_beat_the_environment():
      ({"OUTBOX_SCHEMA": "x; drop table y"}, "invalid schema name"),
      ({"OUTBOX_LEASE_SECONDS": "20"}, "lease_seconds"),
      ({"OUTBOX_KAFKA_MESSAGE_TIMEOUT_MS": "60000"}, "flush_timeout"),
-     ({"OUTBOX_KAFKA_ACKS": "1"}, "acks=1 would give up delivery guarantees")],
+     ({"OUTBOX_KAFKA_ACKS": "1"}, "acks=1 would give up delivery guarantees"),
+     ({"OUTBOX_BACKOFF_MAX": "nan"}, "backoff_max must be a positive number of seconds"),
+     ({"OUTBOX_BACKOFF_BASE": "inf"}, "backoff_base must be a positive number of seconds")],
 )
 def test_invalid_configuration_fails_with_one_clear_line(env, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:
