@@ -1,7 +1,7 @@
 """Where a drain's time goes: the relay driven in-process, each stage timed.
 
     eval "$(scripts/services env)"
-    .venv/bin/python bench/stages.py [--rows 200000] [--old-rows 0]
+    .venv/bin/python bench/stages.py [--rows 200000] [--old-rows 0] [--no-analyze]
 
 Fills a fresh database (and topic) with --old-rows CONFIRMED rows, then --rows PENDING ones
 (256-byte payloads, 1,000 keys, VACUUM ANALYZE), builds the relay as `outbox relay` would with
@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import run as run_module  # noqa: E402
 from bench.run import Env, fill  # noqa: E402
 from relay import relay as relay_module  # noqa: E402
 from relay.config import RelayConfig  # noqa: E402
@@ -30,7 +31,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--old-rows", type=int, default=0)
+    parser.add_argument("--no-analyze", action="store_true",
+                        help="start right after the bulk load, without VACUUM ANALYZE")
     args = parser.parse_args()
+    run_module.ANALYZE_AFTER_FILL = not args.no_analyze
     env = Env(os.environ["OUTBOX_DSN"], os.environ["OUTBOX_BOOTSTRAP_SERVERS"])
     dsn, topic = env.fresh_db("bench_stages"), env.fresh_topic("bench.stages")
     if args.old_rows:

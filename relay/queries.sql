@@ -37,6 +37,16 @@ RETURNING b.bucket
 -- name: forget_relay
 DELETE FROM {relay_table} WHERE relay_id = %(relay_id)s
 
+-- name: read_in_id_order
+-- Run before fetch_pending, in its transaction. Without statistics for the PENDING rows (a table
+-- bulk-loaded and not yet analysed) the planner takes them for a handful: it fetched every
+-- PENDING row and sorted them to return the first 2,000 (200 ms per batch with 200,000 rows,
+-- growing with the backlog it should drain, bench/run.py --no-analyze). With sorts priced out,
+-- the read walks the PENDING index in id order and stops at its LIMIT whatever the statistics
+-- say (tests/integration/test_store_plans.py). For this transaction only: the relay's other
+-- statements (retention's ORDER BY id, say) keep every plan open to them.
+SET LOCAL enable_sort = off
+
 -- name: fetch_pending
 -- The next deliverable rows of the relay's buckets, in id order. A key whose oldest
 -- unfinished row waits for a retry or is FAILED is held back entirely (head-of-key blocking).

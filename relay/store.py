@@ -180,13 +180,16 @@ class PostgresStore:
                       exclude: Sequence[int] = ()) -> list[PendingMessage]:
         if not buckets:
             return []
-        # Binary results: bytea and timestamps arrive as they are, not as text to parse.
-        rows = self.connect().execute(
-            self._q("fetch_pending"),
-            {"buckets": self._bucket_array(buckets), "limit": limit,
-             "exclude": int_array(exclude)},
-            prepare=True, binary=True,
-        ).fetchall()
+        conn = self.connect()
+        with conn.transaction():  # for read_in_id_order's SET LOCAL (queries.sql says why)
+            conn.execute(self._q("read_in_id_order"), prepare=False)
+            # Binary results: bytea and timestamps arrive as they are, not as text to parse.
+            rows = conn.execute(
+                self._q("fetch_pending"),
+                {"buckets": self._bucket_array(buckets), "limit": limit,
+                 "exclude": int_array(exclude)},
+                prepare=True, binary=True,
+            ).fetchall()
         return [
             PendingMessage(row[0], row[1], row[2], row[3], row[4],
                            headers_from_json(row[5]) if row[5] else [], row[6], row[7])
