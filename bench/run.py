@@ -11,7 +11,8 @@ PostgreSQL with fsync and synchronous_commit on):
            relay CPU per 10,000 messages, WAL and row writes per message, peak memory
   steady   a writer committing at fixed rates; commit-to-consumer latency p50/p95/p99 measured
            by an independent consumer, and whether the relay keeps up
-  scaling  1, 2 and 4 relays; and a table already holding 5,000,000 CONFIRMED rows
+  scaling  1, 2 and 4 relays; and tables already holding --table-sizes CONFIRMED rows
+           (5,000,000 unless told: `--only scaling --peers ours --table-sizes 5000000,20000000`)
   profile  where our relay spends its time at full speed (py-spy)
 
 Peers: `limit` (bench/limit_relay.py: the least work that still marks every row: read a batch,
@@ -115,13 +116,16 @@ ANALYZE_AFTER_FILL = True
 
 
 def fill(dsn: str, topic: str, n: int, status: str = "PENDING", start: int = 0) -> None:
-    """N committed rows, keys spread over KEYS, in transactions of 50,000."""
+    """N committed rows, keys spread over KEYS, in transactions of 50,000. Their message_ids
+    grow with their ids, as publish()'s time-ordered UUIDs do (the column's default is a
+    random UUID: with millions of rows, every row's index entry on its own page)."""
     with psycopg.connect(dsn, autocommit=True) as c:
         for lo in range(start, start + n, 50_000):
             hi = min(lo + 50_000, start + n)
             c.execute(
-                "INSERT INTO local_message (topic, key, payload, status) "
-                f"SELECT %s, convert_to('key-' || (i %% {KEYS}), 'UTF8'), {payload_sql('i')}, %s "
+                "INSERT INTO local_message (message_id, topic, key, payload, status) "
+                "SELECT ('01800000-0000-7000-8000-' || lpad(to_hex(i), 12, '0'))::uuid, "
+                f"%s, convert_to('key-' || (i %% {KEYS}), 'UTF8'), {payload_sql('i')}, %s "
                 "FROM generate_series(%s::bigint, %s::bigint) AS i", (topic, status, lo, hi - 1))
         if ANALYZE_AFTER_FILL:
             c.execute("VACUUM ANALYZE local_message")
@@ -533,6 +537,8 @@ def main() -> None:
     parser.add_argument("--peers", default="limit,naive,debezium,ours,ours-fast")
     parser.add_argument("--out", default=None)
     parser.add_argument("--rates", default=None, help="steady's rates, e.g. 2000,10000")
+    parser.add_argument("--table-sizes", default="5000000",
+                        help="scaling: delivered rows kept in the table, e.g. 5000000,20000000")
     parser.add_argument("--no-analyze", action="store_true",
                         help="drain right after the bulk load, without VACUUM ANALYZE")
     args = parser.parse_args()
@@ -584,8 +590,9 @@ def main() -> None:
                     break
     if "scaling" in only and "ours" in peers:
         results["scaling"] = []
+        sizes = [int(size) for size in args.table_sizes.split(",") if int(size) > 0]
         for replicas, old in ([(1, 0), (2, 0)] if args.smoke
-                              else [(1, 0), (2, 0), (4, 0), (1, 5_000_000)]):
+                              else [(1, 0), (2, 0), (4, 0)] + [(1, size) for size in sizes]):
             log(f"scaling: {replicas} relays, {old:,} CONFIRMED rows already")
             results["scaling"].append(drain_ours_like(env, "ours", n, replicas, old))
             save()
