@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
@@ -145,18 +144,6 @@ def message_size(message: PendingMessage) -> int:
 
 #: A record with no key, no payload and no headers of its own: record_size is linear in them.
 _EMPTY_RECORD = record_size(None, b"")
-
-
-class Sink(Protocol):
-    """Where the relay sends messages (relay.testing has a recording one)."""
-
-    def send(
-        self, batch: Sequence[PendingMessage], alone: frozenset[int] = frozenset()
-    ) -> list[Outcome]:
-        """One outcome per message, in batch order. Messages whose id is in ALONE are sent
-        alone (see the module's docstring)."""
-
-    def close(self, timeout: float) -> None: ...
 
 
 class _Topic:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Sequence
 from enum import Enum
-from typing import NamedTuple, Union
+from typing import NamedTuple, Protocol, Union
 
 
 #: Seconds a sink's send() may take beyond the flush_timeout it was given: taking back what is
@@ -96,3 +97,63 @@ def send_in_key_order(batch, produce_one) -> dict[int, "Failed"]:
             if message.key is not None:
                 blocked.add(message.key)
     return failed
+
+
+#: Every key maps to one of this many buckets; a relay leases whole buckets (docs/design.md).
+BUCKETS = 256
+
+
+def fair_share(alive: int, rank: int) -> int:
+    """How many of the buckets a relay of RANK (0-based) among ALIVE relays should own."""
+    alive = max(alive, 1)
+    return BUCKETS // alive + (1 if rank < BUCKETS % alive else 0)
+
+
+# -- The loop's two seams. relay.store.PostgresStore and relay.kafka.KafkaSink are the real ones,
+# relay.testing has in-memory ones; tests/integration/test_store_contract.py and
+# test_sink_contract.py hold each pair to the same behaviour.
+
+
+class Store(Protocol):
+    """What the relay loop needs from the database."""
+
+    def heartbeat(self, relay_id: uuid.UUID, name: str, lease_seconds: float) -> frozenset[int]:
+        """Say this relay is alive, renew and rebalance its bucket leases, return them."""
+
+    def fetch_pending(self, buckets: frozenset[int], limit: int,
+                      exclude: Sequence[int] = ()) -> list[PendingMessage]:
+        """Up to LIMIT deliverable rows of BUCKETS in id order, none of EXCLUDE. A key whose
+        oldest unfinished row is FAILED or waits for a retry has no row deliverable."""
+
+    def mark_confirmed(self, relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> int:
+        """Mark PENDING rows of buckets RELAY_ID owns CONFIRMED; return how many changed."""
+
+    def record_failures(self, relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> int:
+        """Record failures of PENDING rows of buckets RELAY_ID owns; return how many changed."""
+
+    def release(self, relay_id: uuid.UUID) -> None:
+        """Give back every bucket of RELAY_ID and forget it."""
+
+    def pending_stats(self, buckets: frozenset[int]) -> tuple[int, float | None]:
+        """(PENDING rows in BUCKETS, age in seconds of the oldest one that may be sent now)."""
+
+    def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
+        """Delete up to LIMIT CONFIRMED rows created over OLDER_THAN_SECONDS ago."""
+
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    """Where the relay sends messages."""
+
+    #: How many times the sink replaced its producer (a fatal error); the loop counts it.
+    resets: int
+
+    def send(
+        self, batch: Sequence[PendingMessage], alone: frozenset[int] = frozenset()
+    ) -> list[Outcome]:
+        """One outcome per message, in batch order. A key's message is not sent after an
+        earlier message of the key failed in the batch. Messages whose id is in ALONE are sent
+        alone (relay.kafka's docstring says why)."""
+
+    def close(self, timeout: float) -> None: ...

@@ -34,14 +34,13 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from .clock import Clock, SystemClock
-from .kafka import Sink
 from .metrics import RelayMetrics
 from .model import (
-    SEND_MARGIN, Delivered, Failed, FailureKind, FailureUpdate, Outcome, PendingMessage,
+    SEND_MARGIN, Delivered, Failed, FailureKind, FailureUpdate, Outcome, PendingMessage, Sink,
+    Store,
 )
 from .outage_log import OutageLog
 from .retry import NO_WRITE, CircuitBreaker, RetryPolicy
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +336,7 @@ class Relay:
         for message, outcome in list(zip(batch, outcomes))[::step]:
             if isinstance(outcome, Delivered):
                 m.commit_to_ack.observe(max(0.0, (acked_at - message.created_at).total_seconds()))
-        resets = getattr(self.sink, "resets", 0)
+        resets = self.sink.resets
         if resets > self._resets_seen:
             m.producer_resets.inc(resets - self._resets_seen)
             self._resets_seen = resets

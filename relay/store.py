@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from typing import Protocol
 
 import psycopg
 from psycopg.rows import tuple_row
@@ -14,33 +13,7 @@ from outbox.message import headers_from_json
 from outbox.schema import require_schema
 from outbox.sql import query
 
-from .model import Delivered, FailureUpdate, PendingMessage
-
-BUCKETS = 256
-
-
-class Store(Protocol):
-    """What the relay loop needs from the database (relay.testing has an in-memory one)."""
-
-    def heartbeat(self, relay_id: uuid.UUID, name: str, lease_seconds: float) -> frozenset[int]:
-        """Say this relay is alive, renew and rebalance its bucket leases, return them."""
-
-    def fetch_pending(self, buckets: frozenset[int], limit: int,
-                      exclude: Sequence[int] = ()) -> list[PendingMessage]:
-        """Up to LIMIT deliverable rows of BUCKETS in id order, none of EXCLUDE."""
-
-    def mark_confirmed(self, relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> int: ...
-
-    def record_failures(self, relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> int: ...
-
-    def release(self, relay_id: uuid.UUID) -> None: ...
-
-    def pending_stats(self, buckets: frozenset[int]) -> tuple[int, float | None]:
-        """(PENDING rows in BUCKETS, age in seconds of the oldest one that may be sent now)."""
-
-    def delete_confirmed(self, older_than_seconds: float, limit: int) -> int: ...
-
-    def close(self) -> None: ...
+from .model import BUCKETS, Delivered, FailureUpdate, PendingMessage, fair_share
 
 
 def int_array(values) -> str:
@@ -66,12 +39,6 @@ def failure_params(relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> di
                 for f in failures}
     return {"relay_id": relay_id, "ids": int_array([f.id for f in failures]),
             "outcomes": json.dumps(outcomes, ensure_ascii=False, allow_nan=False)}
-
-
-def fair_share(alive: int, rank: int) -> int:
-    """How many of the buckets a relay of RANK (0-based) among ALIVE relays should own."""
-    alive = max(alive, 1)
-    return BUCKETS // alive + (1 if rank < BUCKETS % alive else 0)
 
 
 class PostgresStore:

@@ -17,8 +17,16 @@ from dataclasses import dataclass, field
 
 from outbox.message import uuid7
 
-from .model import Delivered, Failed, FailureUpdate, Outcome, PendingMessage, send_in_key_order
-from .store import BUCKETS, fair_share
+from .model import (
+    BUCKETS,
+    Delivered,
+    Failed,
+    FailureUpdate,
+    Outcome,
+    PendingMessage,
+    fair_share,
+    send_in_key_order,
+)
 
 
 def bucket_of(key: bytes | None, row_id: int) -> int:
@@ -186,6 +194,7 @@ class RecordingSink:
         self.sent: list[PendingMessage] = []
         self.alone_requests: list[frozenset[int]] = []
         self.script = script
+        self.resets = 0  # it has no producer to replace
         self._offsets = itertools.count()
 
     def send(

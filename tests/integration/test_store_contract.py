@@ -1,0 +1,121 @@
+"""The Store contract (relay.model.Store), held by PostgresStore against the real database and
+by the InMemoryStore the loop's unit tests use: leases, the read, head-of-key blocking, the
+owner-only outcome writes, the gauges and retention behave the same in both."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+
+import outbox
+from relay.model import BUCKETS, Delivered, FailureUpdate, Store
+from relay.testing import InMemoryStore, bucket_of
+
+ALL = frozenset(range(BUCKETS))
+
+
+@dataclass
+class StoreUnderTest:
+    store: Store
+    #: Commit one event; returns its row id.
+    insert: Callable[[bytes | None], int]
+
+
+def _postgres(dsn: str) -> Iterator[StoreUnderTest]:
+    from relay.store import PostgresStore
+
+    store = PostgresStore(dsn)
+
+    def insert(key: bytes | None) -> int:
+        with psycopg.connect(dsn) as conn, conn.transaction():
+            return outbox.publish(conn, topic="t", key=key, payload={}).id
+
+    try:
+        yield StoreUnderTest(store, insert)
+    finally:
+        store.close()
+
+
+def _in_memory() -> Iterator[StoreUnderTest]:
+    store = InMemoryStore(time.monotonic)
+    yield StoreUnderTest(store, lambda key: store.insert("t", key, b"{}").id)
+
+
+@pytest.fixture(params=["postgres", "in-memory"])
+def under_test(request) -> Iterator[StoreUnderTest]:
+    if request.param == "postgres":
+        yield from _postgres(request.getfixturevalue("dsn"))
+    else:
+        yield from _in_memory()
+
+
+def ids(messages) -> list[int]:
+    return [m.id for m in messages]
+
+
+def test_relays_share_the_buckets_and_a_released_relay_leaves_them_all(under_test):
+    store = under_test.store
+    first, second = sorted([uuid.uuid4(), uuid.uuid4()], key=lambda u: u.int)
+    assert store.heartbeat(first, "a", 60) == ALL
+    assert store.heartbeat(second, "b", 60) == frozenset()  # all leased: nothing free yet
+    kept = store.heartbeat(first, "a", 60)  # gives back what is above its fair share
+    taken = store.heartbeat(second, "b", 60)
+    assert len(kept) == len(taken) == BUCKETS // 2 and not kept & taken
+    store.release(first)
+    assert store.heartbeat(second, "b", 60) == ALL
+
+
+def test_the_read_is_in_id_order_within_its_limit_buckets_and_exclusions(under_test):
+    store, insert = under_test.store, under_test.insert
+    rows = [insert(b"k%d" % i) for i in range(6)]
+    store.heartbeat(uuid.uuid4(), "a", 60)
+    assert ids(store.fetch_pending(ALL, 4)) == rows[:4]
+    assert ids(store.fetch_pending(ALL, 10, exclude=rows[:2])) == rows[2:]
+    one = frozenset({bucket_of(b"k3", rows[3])})
+    assert ids(store.fetch_pending(one, 10)) == [r for i, r in enumerate(rows)
+                                                 if bucket_of(b"k%d" % i, r) in one]
+
+
+def test_a_failed_or_waiting_row_holds_back_its_key_and_no_other(under_test):
+    store, insert = under_test.store, under_test.insert
+    relay = uuid.uuid4()
+    store.heartbeat(relay, "a", 60)
+    a1, b1, c1, a2, b2, c2 = (insert(k) for k in (b"a", b"b", b"c", b"a", b"b", b"c"))
+    assert store.record_failures(relay, [
+        FailureUpdate(a1, 1, "rejected", True, 0.0),      # FAILED
+        FailureUpdate(b1, 1, "try again", False, 300.0),  # waits five minutes for its retry
+    ]) == 2
+    assert ids(store.fetch_pending(ALL, 10)) == [c1, c2]
+    pending, oldest = store.pending_stats(ALL)
+    assert pending == 5 and oldest is not None and oldest >= 0  # the FAILED row is not pending
+    assert b2 and a2  # held back, still PENDING: counted above
+
+
+def test_only_the_owner_writes_outcomes_and_only_once(under_test):
+    store, insert = under_test.store, under_test.insert
+    owner, other = uuid.uuid4(), uuid.uuid4()
+    store.heartbeat(owner, "a", 60)
+    rows = [insert(b"k%d" % i) for i in range(3)]
+    done = [Delivered(r, 0, n) for n, r in enumerate(rows)]
+    assert store.mark_confirmed(other, done) == 0  # owns no bucket
+    assert store.record_failures(other, [FailureUpdate(rows[0], 1, "x", True, 0.0)]) == 0
+    assert store.mark_confirmed(owner, done) == 3
+    assert store.mark_confirmed(owner, done) == 0  # no longer PENDING
+    assert store.fetch_pending(ALL, 10) == [] and store.pending_stats(ALL)[0] == 0
+
+
+def test_retention_deletes_confirmed_rows_only_in_batches(under_test):
+    store, insert = under_test.store, under_test.insert
+    relay = uuid.uuid4()
+    store.heartbeat(relay, "a", 60)
+    rows = [insert(b"k%d" % i) for i in range(4)]
+    store.mark_confirmed(relay, [Delivered(r, 0, 0) for r in rows[:3]])
+    assert store.delete_confirmed(3600, 10) == 0  # none is an hour old
+    assert store.delete_confirmed(0, 2) == 2
+    assert store.delete_confirmed(0, 10) == 1
+    assert ids(store.fetch_pending(ALL, 10)) == [rows[3]]
