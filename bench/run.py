@@ -590,7 +590,7 @@ def main() -> None:
                     break
     if "scaling" in only and "ours" in peers:
         results["scaling"] = []
-        sizes = [int(size) for size in args.table_sizes.split(",") if int(size) > 0]
+        sizes = [int(size) for size in args.table_sizes.split(",") if size and int(size) > 0]
         for replicas, old in ([(1, 0), (2, 0)] if args.smoke
                               else [(1, 0), (2, 0), (4, 0)] + [(1, size) for size in sizes]):
             log(f"scaling: {replicas} relays, {old:,} CONFIRMED rows already")

@@ -146,7 +146,8 @@ class Store(Protocol):
 class Sink(Protocol):
     """Where the relay sends messages."""
 
-    #: How many times the sink replaced its producer (a fatal error); the loop counts it.
+    #: How many times the sink replaced its producer (after a fatal error, or a batch deadline
+    #: that took messages back); the loop counts it.
     resets: int
 
     def send(

@@ -42,8 +42,9 @@ def failure_params(relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> di
 
 
 class PostgresStore:
-    """The relay's queries on one autocommit connection: every statement is its own short
-    transaction, and none is open while the relay waits on Kafka."""
+    """The relay's queries on one autocommit connection: each statement is its own short
+    transaction (the lease renewal, the release and the read group theirs in one), none open while
+    the relay waits on Kafka."""
 
     def __init__(self, dsn: str, schema: str | None = None, connect_timeout: float = 10.0):
         self._dsn = dsn

@@ -14,7 +14,9 @@ import pytest
 from relay.model import Delivered, Failed, FailureKind, PendingMessage, Sink
 from relay.testing import RecordingSink
 
-#: A topic the cluster does not have: its messages cannot be delivered.
+#: A topic the cluster does not have: its messages cannot be delivered. (The project's broker
+#: runs with auto.create.topics.enable=false, as scripts/services starts it; a broker that
+#: creates topics on demand would deliver it and fail this test.)
 MISSING = "t.contract.missing"
 
 

@@ -134,13 +134,15 @@ def test_the_read_walks_the_pending_index_on_a_table_never_analysed(dsn):
         guarded = _plan(conn, "fetch_pending", params, before="read_in_id_order")
         # The store's own read runs the guarded plan: the setting, then the read, in one
         # transaction that ends with it.
-        ran: list[str] = []
+        ran: list[tuple[str, psycopg.pq.TransactionStatus]] = []
         execute = conn.execute
 
         def spy(statement, *args, **kwargs):
-            ran.append(statement.as_string(conn) if hasattr(statement, "as_string")
-                       else str(statement))
-            return execute(statement, *args, **kwargs)
+            cursor = execute(statement, *args, **kwargs)
+            text = statement.as_string(conn) if hasattr(statement, "as_string") else str(statement)
+            # In autocommit, SET LOCAL outside a transaction only warns: it must run inside.
+            ran.append((text, conn.info.transaction_status))
+            return cursor
 
         conn.execute = spy  # type: ignore[method-assign]
         batch = store.fetch_pending(ALL, 2000)
@@ -148,7 +150,9 @@ def test_the_read_walks_the_pending_index_on_a_table_never_analysed(dsn):
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     finally:
         store.close()
-    assert len(ran) == 2 and "SET LOCAL enable_sort = off" in ran[0] and "ORDER BY m.id" in ran[1]
+    assert len(ran) == 2, ran
+    assert "SET LOCAL enable_sort = off" in ran[0][0] and "ORDER BY m.id" in ran[1][0]
+    assert all(status == psycopg.pq.TransactionStatus.INTRANS for _, status in ran), ran
     # The cause, as this PostgreSQL plans it without the setting: a sort of every PENDING row.
     assert "Sort Key: m.id" in unguarded, unguarded
     assert "Sort Key: m.id" not in guarded, guarded
