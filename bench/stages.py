@@ -6,8 +6,8 @@
 Fills a fresh database (and topic) with --old-rows CONFIRMED rows, then --rows PENDING ones
 (256-byte payloads, 1,000 keys, VACUUM ANALYZE), builds the relay as `outbox relay` would with
 default settings, calls Relay.step() until nothing is left, and prints msgs/s and the seconds
-spent in: the read, the send (Kafka), the confirm UPDATE, the helper's whole job (write then
-read, overlapping the send), and the main thread's wait for it. No harness query runs meanwhile.
+spent in: the reads, the send (Kafka), the confirm UPDATE, the helpers' jobs (the write and the
+read, beside each other and the send), and the main thread's wait for them. No harness query runs meanwhile.
 """
 
 from __future__ import annotations
@@ -55,10 +55,12 @@ def main() -> None:
 
         setattr(owner, name, call)
 
-    timed(relay.store, "fetch_pending", "read")
+    timed(relay.store, "fetch_pending", "read (first, on the main thread)")
+    timed(relay.reader, "fetch_pending", "read (beside the write)")
     timed(relay.store, "mark_confirmed", "confirm UPDATE")
     timed(relay.sink, "send", "send (Kafka)")
-    timed(relay, "_write_then_read", "helper job")
+    timed(relay, "_write", "helper: write job")
+    timed(relay, "_read", "helper: read job")
     timed(relay_module, "wait_for_futures", "waiting for the helper")
     started, total = time.monotonic(), 0
     try:
@@ -68,6 +70,7 @@ def main() -> None:
         relay.shutdown()
         relay.sink.close(10)
         relay.store.close()
+        relay.reader.close()
     elapsed = time.monotonic() - started
     print(f"{total:,} rows ({args.old_rows:,} CONFIRMED already) in {elapsed:.2f} s: "
           f"{total / elapsed:,.0f} msgs/s")

@@ -1,17 +1,21 @@
 """The relay loop: lease buckets -> read pending rows -> produce -> await reports -> record.
 
-One thread drives the loop and the producer; one helper thread does the batch's database work
-while Kafka works on the batch. Each step hands the helper a job, "write the outcomes of the
-batches already sent, then read the next batch, leaving out the rows now in flight", and sends
-the current batch meanwhile. The database and Kafka wait in parallel instead of in turn.
+One thread drives the loop and the producer; helper threads do the batch's database work
+while Kafka works on the batch. Each step hands them "write the outcomes of the batches already
+sent" and "read the next batch, leaving out the rows now in flight", and sends the current
+batch meanwhile. The database and Kafka wait in parallel instead of in turn. With a second
+store (`reader`, its own connection; runner.py gives one) the read runs beside the write, not
+after it: the write of outcomes was the longest stage of a drain (docs/benchmarks.md).
 
-The two threads never use the store at the same time (the helper only while send() runs), so
-one connection serves both. No transaction is ever open while the relay waits on Kafka.
+The main thread never uses a store while a helper does (the helpers only while send() runs).
+No transaction is ever open while the relay waits on Kafka.
 
 What keeps the guarantees of docs/guarantees.md with the stages overlapped:
 - per-key order: the next batch was read before this batch's outcomes were written, so the rows
   of every key that failed in this batch are dropped from it; they are read again once the
-  failure is written, and the SQL's head-of-key rule then holds them back;
+  failure is written, and the SQL's head-of-key rule then holds them back. A read beside the
+  write may see none, some or all of the outcomes being written: it leaves out every row of
+  the batches not yet written and drops the rows of their failed keys too;
 - no confirm outside an owned lease: the UPDATE checks the bucket's owner, whenever it runs;
 - the lease is renewed (and rebalanced) only with every outcome written, and the batch read
   ahead is dropped at every renewal: no row of a bucket given away is sent, and nothing read
@@ -64,6 +68,10 @@ class _Unwritten(NamedTuple):
     #: The rows that became FAILED, with their originals: copied to the dead-letter topic once
     #: the FAILED status is written.
     dead: list[tuple[FailureUpdate, PendingMessage]]
+    #: Every row of the batch, and the keys of those not delivered: a read beside the write of
+    #: these outcomes leaves the rows out and holds the keys back.
+    ids: tuple[int, ...] = ()
+    held_keys: frozenset[bytes] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -97,9 +105,12 @@ class Relay:
         metrics: RelayMetrics | None = None,
         wait_for_work: Callable[[float, threading.Event], None] | None = None,
         outage_log: OutageLog | None = None,
+        reader: Store | None = None,
         **overrides,
     ):
         self.store = store
+        #: Reads the next batch while `store` writes outcomes (None: `store` reads, after).
+        self.reader = reader
         self.sink = sink
         self.relay_id = uuid.uuid4()
         self.name = name
@@ -127,8 +138,9 @@ class Relay:
         #: The next batch, read while the last one was sent (None: read it when needed).
         self._read_ahead: list[PendingMessage] | None = None
         #: Does the database work of a step while its batch is sent (see the docstring).
-        self._helper = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-db")
-        self._helper_spent = (0.0, 0.0)  # its last job's write and read, for the slow-step log
+        self._helper = ThreadPoolExecutor(2, thread_name_prefix=f"{name}-db")
+        #: The last step's write and read seconds, for the slow-step log (one slot per job).
+        self._helper_spent = [0.0, 0.0]
         self._resets_seen = 0
         self._pending: int | None = None  # as of the last heartbeat
         self.stats = Counter()
@@ -192,20 +204,30 @@ class Relay:
             return 0
         started = self.clock.monotonic()
         alone = frozenset(self._alone.intersection(m.id for m in batch))
-        job = self._helper.submit(self._write_then_read, [m.id for m in batch])
+        in_flight = [m.id for m in batch]
+        held: frozenset[bytes] = frozenset()
+        if self.reader is None:
+            jobs = [self._helper.submit(self._write_then_read, in_flight)]
+        else:
+            # The outcomes about to be written may not be visible to the read: their rows are
+            # left out, and their failed keys held back below.
+            held = frozenset().union(*(u.held_keys for u in self._unwritten))
+            leave_out = in_flight + [i for u in self._unwritten for i in u.ids]
+            jobs = [self._helper.submit(self._write), self._helper.submit(self._read, leave_out)]
         try:
             outcomes = self.sink.send(batch, alone)
         finally:
-            # However send() ended, the helper is done with the store before this returns.
+            # However send() ended, the helpers are done with the stores before this returns.
             sent = self.clock.monotonic()
-            wait_for_futures([job])
+            wait_for_futures(jobs)
         self._log_if_slow(len(batch), begun, started, sent)
         self._account(batch, outcomes, started)
-        read_ahead = job.result()  # a database error surfaces here, with outcomes kept
-        failed_keys = {m.key for m, o in zip(batch, outcomes)
-                       if m.key is not None and not isinstance(o, Delivered)}
+        # A database error surfaces here, with the outcomes kept (written by a later settle()).
+        read_ahead = [job.result() for job in jobs][-1]
+        failed_keys = held | {m.key for m, o in zip(batch, outcomes)
+                              if m.key is not None and not isinstance(o, Delivered)}
         if failed_keys:
-            # Read before these failures were written: SQL could not hold their keys back.
+            # Read before these failures were written (or beside): SQL could not hold them back.
             read_ahead = [m for m in read_ahead if m.key not in failed_keys]
         # After a failed batch that pauses the relay, read afresh once the pause is over.
         self._read_ahead = (read_ahead or None) if not self._pause else None
@@ -227,6 +249,23 @@ class Relay:
                       "%.0f ms)", rows, (now - begun) * 1000, (started - begun) * 1000,
                       (sent - started) * 1000, (now - sent) * 1000, write * 1000, read * 1000)
 
+    def _write(self) -> None:
+        """A helper's job beside _read: the outcomes of the batches sent before."""
+        begun = self.clock.monotonic()
+        try:
+            self.settle()
+        finally:
+            self._helper_spent[0] = self.clock.monotonic() - begun
+
+    def _read(self, leave_out: list[int]) -> list[PendingMessage]:
+        """A helper's job beside _write, on the reader's own connection: the next batch."""
+        begun = self.clock.monotonic()
+        try:
+            return self.reader.fetch_pending(  # type: ignore[union-attr]
+                self.buckets, self.settings.batch_size, leave_out)
+        finally:
+            self._helper_spent[1] = self.clock.monotonic() - begun
+
     def _write_then_read(self, in_flight: list[int]) -> list[PendingMessage]:
         """The helper's job: the outcomes first (so that the read sees them), then the next
         batch without the rows in flight."""
@@ -236,7 +275,7 @@ class Relay:
             written = self.clock.monotonic()
             return self.store.fetch_pending(self.buckets, self.settings.batch_size, in_flight)
         finally:  # this job's times, also when it failed (a statement timeout is the case)
-            self._helper_spent = (written - begun, self.clock.monotonic() - written)
+            self._helper_spent = [written - begun, self.clock.monotonic() - written]
 
     def settle(self) -> None:
         """Write every outcome not yet written, oldest first (the loop calls it before each
@@ -292,7 +331,10 @@ class Relay:
             updates = self.retry.updates(failed, by_id)
             if self.settings.dead_letter_topic:
                 dead = [(u, by_id[u.id]) for u in updates if u.give_up]
-        self._unwritten.append(_Unwritten(delivered, updates, dead))
+        held = frozenset(m.key for m, o in zip(batch, outcomes)
+                         if m.key is not None and not isinstance(o, Delivered))
+        self._unwritten.append(_Unwritten(delivered, updates, dead,
+                                          tuple(m.id for m in batch), held))
         self._track_isolation(outcomes, bool(failed))
         if failed:  # with every message delivered there is nothing to overtake
             self._check_order(batch, outcomes)

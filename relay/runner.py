@@ -78,6 +78,8 @@ def readiness(cfg: RelayConfig):
 
 def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
     store = connect_store(cfg)
+    # A second connection: the next batch is read while the outcomes are written (relay.relay).
+    reader = PostgresStore(cfg.dsn, cfg.schema)  # connects on its first read
     outage_log = OutageLog(logging.getLogger("relay.kafka"))
     sink = KafkaSink(cfg.producer_config(), flush_timeout=cfg.flush_timeout,
                      metadata_timeout=cfg.metadata_timeout,
@@ -101,6 +103,7 @@ def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
         retry=RetryPolicy(cfg.max_attempts, cfg.backoff_base, cfg.backoff_max),
         wait_for_work=listener.wait if listener else None,
         outage_log=outage_log,
+        reader=reader,
     )
     return relay, listener
 
@@ -124,6 +127,8 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
                 ) from None
     except BaseException:
         relay.store.close()
+        if relay.reader is not None:
+            relay.reader.close()
         if listener:
             listener.close()
         raise
@@ -139,6 +144,8 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
     finally:
         relay.sink.close(cfg.shutdown_timeout)
         relay.store.close()
+        if relay.reader is not None:
+            relay.reader.close()
         if listener:
             listener.close()
         if health:

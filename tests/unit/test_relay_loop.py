@@ -377,3 +377,62 @@ def test_a_write_that_keeps_failing_is_given_up_and_its_rows_sent_again_in_order
     drain(relay, clock)
     assert all(r.status == "CONFIRMED" for r in rows)
     assert [m.id for m in sink.sent] == [rows[0].id, rows[1].id] * 2  # sent again, in order
+
+
+def test_a_read_beside_the_write_leaves_out_the_batch_being_written_and_holds_its_keys():
+    """With a reader, the next batch is read while the outcomes of the batch before are
+    written, and may see none of them: the delivered rows would look PENDING (sent twice) and
+    a failed key's next row unblocked (sent ahead of the retry). Here the write waits until
+    the read beside it is done, so that the read sees nothing of it."""
+    fail_once = set()
+
+    def script(m):
+        if m.payload == b"a" and m.id not in fail_once:
+            fail_once.add(m.id)
+            return Failed(m.id, FailureKind.TRANSIENT, "NOT_ENOUGH_REPLICAS: try later")
+        return None
+
+    clock = FakeClock()
+    store = InMemoryStore(clock.monotonic)
+    reader = InMemoryStore(clock.monotonic)
+    reader.rows = store.rows  # the same table, through its own "connection"
+    reader.owners = store.owners
+    sink = RecordingSink(script)
+    relay = Relay(store, sink, clock=clock, reader=reader, batch_size=2,
+                  retry=RetryPolicy(max_attempts=3, random=lambda: 0.0))
+    reads = {"n": 0}
+    read_happened = threading.Condition()
+    fetch, confirm = reader.fetch_pending, store.mark_confirmed
+
+    def counted_fetch(*a):
+        rows = fetch(*a)
+        with read_happened:
+            reads["n"] += 1
+            read_happened.notify_all()
+        return rows
+
+    gated = []
+
+    def confirm_after_the_read(*a):
+        if not gated:  # the first write: held until the read beside it has run
+            seen = reads["n"]
+            with read_happened:
+                gated.append(read_happened.wait_for(lambda: reads["n"] > seen, timeout=10))
+        return confirm(*a)
+
+    reader.fetch_pending = counted_fetch
+    store.mark_confirmed = confirm_after_the_read
+    a = store.insert("t", b"K", b"a")
+    x = store.insert("t", b"X", b"x")
+    b = store.insert("t", b"K", b"b")
+    y = store.insert("t", b"Y", b"y")
+    assert relay.step() == 2  # a fails, x delivered; b (held: K failed) and y read meanwhile
+    assert relay.step() == 1  # y, while a's failure and x's delivery are written
+    assert gated == [True]  # that read ran before the write
+    for _ in range(20):
+        clock.advance(5)
+        relay.step()
+    relay.settle()
+    assert [m.id for m in sink.sent if m.key == b"K"] == [a.id, b.id]
+    assert [m.id for m in sink.sent].count(x.id) == 1  # not read again while being confirmed
+    assert all(r.status == "CONFIRMED" for r in (a, x, b, y))
