@@ -19,6 +19,19 @@ def make(script=None, **kwargs):
     return clock, store, sink, relay
 
 
+def fails_payload_a_once():
+    """A sink script: the row with payload b"a" fails (transient) the first time it is sent."""
+    failed = set()
+
+    def script(m):
+        if m.payload == b"a" and m.id not in failed:
+            failed.add(m.id)
+            return Failed(m.id, FailureKind.TRANSIENT, "NOT_ENOUGH_REPLICAS: try later")
+        return None
+
+    return script
+
+
 def drain(relay, clock, rounds=50, step=0.0):
     for _ in range(rounds):
         if relay.run_once() == 0:
@@ -250,13 +263,7 @@ def test_a_batch_is_written_while_the_next_one_is_sent():
 
 def test_a_key_that_failed_is_dropped_from_the_batch_read_ahead():
     """Its next row was read while its failure was unknown: sending it would overtake."""
-    fail_once = set()
-
-    def script(m):
-        if m.payload == b"a" and m.id not in fail_once:
-            fail_once.add(m.id)
-            return Failed(m.id, FailureKind.TRANSIENT, "NOT_ENOUGH_REPLICAS: try later")
-        return None
+    script = fails_payload_a_once()
 
     clock, store, sink, relay = make(script, batch_size=2)
     a = store.insert("t", b"K", b"a")
@@ -384,13 +391,7 @@ def test_a_read_beside_the_write_leaves_out_the_batch_being_written_and_holds_it
     written, and may see none of them: the delivered rows would look PENDING (sent twice) and
     a failed key's next row unblocked (sent ahead of the retry). Here the write waits until
     the read beside it is done, so that the read sees nothing of it."""
-    fail_once = set()
-
-    def script(m):
-        if m.payload == b"a" and m.id not in fail_once:
-            fail_once.add(m.id)
-            return Failed(m.id, FailureKind.TRANSIENT, "NOT_ENOUGH_REPLICAS: try later")
-        return None
+    script = fails_payload_a_once()
 
     clock = FakeClock()
     store = InMemoryStore(clock.monotonic)
