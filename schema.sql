@@ -1,4 +1,4 @@
--- outbox-relay schema, version 3: the one DDL source.
+-- outbox-relay schema, version 4: the one DDL source.
 --
 -- Applying it twice changes nothing. It creates its objects in the first schema of the
 -- search_path, so a DBA can install it in a non-public schema with:
@@ -152,7 +152,27 @@ CREATE TABLE IF NOT EXISTS local_message_audit (
     reason      text
 );
 
+-- The consumers' inbox (outbox.inbox): one row per message a consumer group has processed,
+-- written in the same transaction as the handler's own writes, so that a redelivered message
+-- is recognised and skipped. The key is the pair: each group processes every message once.
+CREATE TABLE IF NOT EXISTS inbox_message (
+    consumer_group  text        NOT NULL,
+    -- The `message_id` Kafka header the relay sends (or an id the consumer derives itself).
+    message_id      uuid        NOT NULL,
+    -- Where the processed copy was read, for the operator; not part of the key, because a
+    -- redelivered copy sits at another offset.
+    topic           text,
+    kafka_partition integer,
+    kafka_offset    bigint,
+    processed_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer_group, message_id)
+);
+
+-- Retention (outbox.inbox.purge_inbox) deletes the oldest rows in small batches through it.
+CREATE INDEX IF NOT EXISTS inbox_message_processed_at_idx
+    ON inbox_message (processed_at);
+
 -- Every version up to this one, so that the table reads the same after a fresh install and
 -- after upgrades (outbox/migrations/).
-INSERT INTO local_message_schema (version) SELECT generate_series(1, 3)
+INSERT INTO local_message_schema (version) SELECT generate_series(1, 4)
     ON CONFLICT (version) DO NOTHING;
