@@ -4,10 +4,13 @@
         conn.execute("UPDATE account SET balance = balance - 10 WHERE id = 1")
         outbox.publish(conn, topic="payments", key="account-1", payload={"debited": 10})
 
-The relay (``outbox relay``) then delivers every committed event to Kafka.
+The relay (``outbox relay``) then delivers every committed event to Kafka. Consumers skip
+the copies delivered again with the inbox (``outbox.inbox``, ``outbox.consumer``).
 """
 
 from .errors import (
+    HandlerFailed,
+    InboxError,
     InvalidMessage,
     InvalidTopic,
     MessageTooLarge,
@@ -21,6 +24,8 @@ from .schema import SCHEMA_VERSION, apply_schema, installed_version, require_sch
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "HandlerFailed",
+    "InboxError",
     "InvalidMessage",
     "InvalidTopic",
     "MessageTooLarge",

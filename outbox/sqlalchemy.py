@@ -124,22 +124,22 @@ def _connection(session_or_connection: Session | Connection) -> Connection:
     return session_or_connection
 
 
-def _run(conn: Connection, flow, schema: str | None):
-    """Run a writer flow through SQLAlchemy, on the connection's DBAPI connection and in its
-    transaction: the same queries as outbox.publish(), for sync sessions and (inside their
-    greenlet) async ones alike."""
+def _run(conn: Connection, flow, schema: str | None, purpose: str = "publish"):
+    """Run a writer (or inbox) flow through SQLAlchemy, on the connection's DBAPI connection
+    and in its transaction: the same queries as outbox.publish() (outbox.inbox.record()), for
+    sync sessions and (inside their greenlet) async ones alike."""
     driver = conn.connection.driver_connection
     if not isinstance(driver, (psycopg.Connection, psycopg.AsyncConnection)):
         raise OutboxError(
             "outbox.sqlalchemy needs the psycopg 3 driver (postgresql+psycopg://), not "
             f"{type(driver).__module__}"
         )
-    _writer.check_transaction(driver)
+    _writer.check_transaction(driver, purpose)
     try:
         step = next(flow)
         while True:
             result = conn.exec_driver_sql(
-                _writer.statement(step.name, schema).as_string(None), step.params
+                _writer.statement(step.name, schema, step.file).as_string(None), step.params
             )
             rows = [tuple(r) for r in result] if result.returns_rows else []
             step = flow.send(rows)

@@ -42,6 +42,8 @@ class Published:
 class _Query:
     name: str
     params: Mapping[str, Any]
+    #: The package's .sql file that holds the block (the inbox keeps its own).
+    file: str = "queries.sql"
 
 
 def publish(
@@ -191,44 +193,56 @@ def publish_flow(
     return result
 
 
-def check_transaction(conn: AnyConnection) -> None:
+#: What a refusal says, by caller: (doing what, which row would commit alone, around what).
+_PURPOSES = {
+    "publish": ("publish()", "publishing", "the event", "the business change and publish()"),
+    "inbox": ("outbox.inbox.record()", "recording a message in the inbox", "the inbox row",
+              "the handler's writes and record()"),
+}
+
+
+def check_transaction(conn: AnyConnection, purpose: str = "publish") -> None:
+    """Refuse a connection where a row written now would not commit with the caller's other
+    writes: a failed transaction, autocommit outside a transaction, a closed connection."""
+    call, doing, row, around = _PURPOSES[purpose]
     status = conn.info.transaction_status
     if status == pq.TransactionStatus.INERROR:
         raise NotInTransaction(
-            "the connection's transaction has failed; roll it back before publishing"
+            f"the connection's transaction has failed; roll it back before {doing}"
         )
     if conn.autocommit and status == pq.TransactionStatus.IDLE:
         raise NotInTransaction(
-            "publish() needs a transaction: this connection is in autocommit mode and no "
-            "transaction is open, so the event would commit on its own. Use "
-            "`with conn.transaction():` around the business change and publish()."
+            f"{call} needs a transaction: this connection is in autocommit mode and no "
+            f"transaction is open, so {row} would commit on its own. Use "
+            f"`with conn.transaction():` around {around}."
         )
     if conn.closed:
         raise NotInTransaction("the connection is closed")
 
 
-def _run_sync(conn: psycopg.Connection, flow, schema: str | None):
-    check_transaction(conn)
+def _run_sync(conn: psycopg.Connection, flow, schema: str | None, purpose: str = "publish"):
+    check_transaction(conn, purpose)
     try:
         step = next(flow)
         while True:
-            cur = conn.execute(statement(step.name, schema), step.params)
+            cur = conn.execute(statement(step.name, schema, step.file), step.params)
             step = flow.send(cur.fetchall() if cur.description else [])
     except StopIteration as done:
         return done.value
 
 
-async def _run_async(conn: psycopg.AsyncConnection, flow, schema: str | None):
-    check_transaction(conn)
+async def _run_async(conn: psycopg.AsyncConnection, flow, schema: str | None,
+                     purpose: str = "publish"):
+    check_transaction(conn, purpose)
     try:
         step = next(flow)
         while True:
-            cur = await conn.execute(statement(step.name, schema), step.params)
+            cur = await conn.execute(statement(step.name, schema, step.file), step.params)
             step = flow.send(await cur.fetchall() if cur.description else [])
     except StopIteration as done:
         return done.value
 
 
-def statement(name: str, schema: str | None):
-    """The writer's SQL block NAME for SCHEMA."""
-    return outbox_sql.query("outbox", "queries.sql", name, schema)
+def statement(name: str, schema: str | None, file: str = "queries.sql"):
+    """The package's SQL block NAME (from FILE) for SCHEMA."""
+    return outbox_sql.query("outbox", file, name, schema)
