@@ -294,6 +294,8 @@ class InboxConsumer:
             deleted = inbox.purge_inbox(self._connection(), self._retention, group=self._group,
                                         max_batches=10, schema=self._schema)
         except (psycopg.Error, InboxError) as exc:
+            if self._conn is not None:
+                self._drop_broken(self._conn)
             log.warning("inbox retention failed (%s: %s); again in %.0fs", type(exc).__name__,
                         exc, self._retention_interval)
             return
@@ -310,6 +312,11 @@ class InboxConsumer:
     def stop(self) -> None:
         """Make run() return after the current record (from a signal handler or a thread)."""
         self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        """stop() was called: for loops of poll_once() of one's own."""
+        return self._stop.is_set()
 
     def close(self) -> None:
         """Leave the group, committing the stored offsets; close a connection made by

@@ -162,6 +162,7 @@ def purge_inbox(
     with conn.transaction():
         (cutoff,) = conn.execute(_writer.statement("purge_cutoff", schema, _SQL),
                                  {"older_than": older_than}).fetchone()
+    turn = _writer.statement("purge_turn", schema, _SQL)
     name = "purge_batch" if group is None else "purge_group_batch"
     query = _writer.statement(name, schema, _SQL)
     deleted = batches = 0
@@ -169,6 +170,7 @@ def purge_inbox(
     # so every batch but the last deletes batch_size rows of a set that only shrinks.
     while max_batches is None or batches < max_batches:
         with conn.transaction():
+            conn.execute(turn)
             n = conn.execute(query, {"cutoff": cutoff, "group": group,
                                      "limit": batch_size}).rowcount
         deleted += n
@@ -176,6 +178,14 @@ def purge_inbox(
         if n < batch_size:
             break
     return deleted
+
+
+def count_old(conn: psycopg.Connection, older_than: dt.timedelta, *, group: str | None = None,
+              schema: str | None = None) -> int:
+    """How many inbox rows purge_inbox() would delete now (of GROUP only, if given)."""
+    row = conn.execute(_writer.statement("purge_count", schema, _SQL),
+                       {"older_than": older_than, "group": group}).fetchone()
+    return row[0] if row else 0
 
 
 # --------------------------------------------------------------------------- shared logic

@@ -18,16 +18,26 @@ RETURNING 1
 -- The database's clock, not the caller's, decides what is old: processed_at is its now().
 SELECT now() - %(older_than)s::interval
 
+-- name: purge_count
+SELECT count(*) FROM {inbox_table}
+ WHERE processed_at < now() - %(older_than)s::interval
+   AND (consumer_group = %(group)s OR %(group)s IS NULL)
+
+-- name: purge_turn
+-- Purges take turns, one batch at a time (every consumer of a group may run retention, and an
+-- operator the command at the same moment): two DELETEs of overlapping rows could lock them in
+-- different orders and deadlock. Not SELECT ... FOR UPDATE SKIP LOCKED, which would need the
+-- UPDATE privilege a consumer has no other use for. Held until the batch's transaction ends.
+SELECT pg_advisory_xact_lock(2829, 0)
+
 -- name: purge_batch
--- The oldest rows first, through the processed_at index. SKIP LOCKED: two purges at once
--- take different rows instead of waiting on each other.
+-- The oldest rows first, through the processed_at index.
 DELETE FROM {inbox_table}
  WHERE (consumer_group, message_id) IN (
        SELECT consumer_group, message_id FROM {inbox_table}
         WHERE processed_at < %(cutoff)s
         ORDER BY processed_at
-        LIMIT %(limit)s
-          FOR UPDATE SKIP LOCKED)
+        LIMIT %(limit)s)
 
 -- name: purge_group_batch
 -- purge_batch for one consumer group. A block of its own rather than `group IS NULL OR ...`,
@@ -37,5 +47,4 @@ DELETE FROM {inbox_table}
        SELECT consumer_group, message_id FROM {inbox_table}
         WHERE processed_at < %(cutoff)s AND consumer_group = %(group)s
         ORDER BY processed_at
-        LIMIT %(limit)s
-          FOR UPDATE SKIP LOCKED)
+        LIMIT %(limit)s)

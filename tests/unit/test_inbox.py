@@ -323,8 +323,9 @@ def test_run_is_bounded_by_messages_time_and_stop():
     assert timeouts == [1.0, 1.0, 0.5], "no wait goes past the deadline"
 
     consumer, fake, conn, _ = make(records, lambda c, m: consumer.stop())
+    assert not consumer.stopped
     assert consumer.run() == 1
-    assert fake.stored == {(T, 0): 1}
+    assert consumer.stopped and fake.stored == {(T, 0): 1}
 
 
 def test_retention_runs_for_the_group_at_its_interval(monkeypatch):
