@@ -210,6 +210,7 @@ def main() -> None:
       outbox show 1234                     one message, whole
       outbox replay 1234 --yes             send it again
       outbox doctor -b kafka:9092          check the set-up, with advice
+      outbox inbox purge --older-than 7d   delete consumers' old inbox rows
     """
 
 
@@ -522,6 +523,49 @@ def purge(dsn, schema, older_than, include_skipped, dry_run, yes, actor) -> None
     click.echo(f"purge: {deleted} rows deleted")
 
 
+@main.group()
+def inbox() -> None:
+    """The consumers' inbox: the messages each consumer group has processed (docs/consuming.md)."""
+
+
+@inbox.command(name="purge")
+@dsn_option
+@schema_option
+@click.option("--older-than", required=True, metavar="AGE",
+              help="Delete rows processed more than AGE ago (12h, 7d ...). Keep AGE above the "
+                   "longest time a message can take to come again.")
+@click.option("--group", default=None, help="Only this consumer group's rows.")
+@click.option("--dry-run", is_flag=True, help="Count only.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@expected_failures
+def inbox_purge(dsn, schema, older_than, group, dry_run, yes) -> None:
+    """Delete old inbox rows in small batches, each its own short transaction.
+
+    A message delivered again after its row is gone is processed again, so AGE must exceed
+    the longest redelivery (a consumer group's lag, a replay of old messages).
+
+    \b
+    Examples:
+      outbox inbox purge --older-than 7d --dry-run
+      outbox inbox purge --older-than 30d --group ledger --yes
+    """
+    from outbox.inbox import count_old, purge_inbox
+
+    age = parse_duration(older_than)
+    if age <= dt.timedelta(0):
+        raise Failure("--older-than must be more than 0", EXIT_USAGE)
+    whose = f"of group {group!r}" if group else "of every group"
+    with _connect(dsn) as conn:
+        require_schema(conn, schema)
+        total = count_old(conn, age, group=group, schema=schema)
+        click.echo(f"inbox purge: {total} rows {whose} processed more than {older_than} ago")
+        if dry_run or total == 0:
+            return
+        _confirm(f"Delete these {total} rows?", yes)
+        deleted = purge_inbox(conn, age, group=group, schema=schema)
+    click.echo(f"inbox purge: {deleted} rows deleted")
+
+
 @main.command()
 @dsn_option
 @schema_option
@@ -594,7 +638,8 @@ def doctor(dsn, schema, bootstrap_servers, kafka_settings, as_json) -> None:
 @main.command()
 @schema_option
 @click.option("--role", required=True, help="The database role to grant to.")
-@click.option("--for", "kind", type=click.Choice(["relay", "writer", "operator"]),
+@click.option("--for", "kind",
+              type=click.Choice(["relay", "writer", "operator", "consumer"]),
               default="relay", show_default=True, help="What the role does.")
 @click.option("--retention", is_flag=True, help="The relay runs with --retention (DELETE).")
 @expected_failures
@@ -606,6 +651,7 @@ def grants(schema, role, kind, retention) -> None:
       outbox grants --role outbox_relay | psql "$ADMIN_DSN"
       outbox grants --role payments_app --for writer
       outbox grants --role oncall --for operator --schema billing
+      outbox grants --role ledger_consumer --for consumer
     """
     from psycopg import sql as pgsql
 

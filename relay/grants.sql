@@ -30,3 +30,10 @@ GRANT UPDATE (status, attempts, next_attempt_at, claim_token, claim_expires_at, 
               kafka_partition, kafka_offset) ON {schema}.local_message TO {role};
 GRANT DELETE ON {schema}.local_message TO {role};
 GRANT INSERT ON {schema}.local_message_audit TO {role};
+
+-- name: consumer
+-- A consumer with the inbox (outbox.inbox, InboxConsumer): record what it processed (INSERT
+-- ... ON CONFLICT needs SELECT too) and delete its old rows (purge_inbox, retention). Its
+-- handler's own tables are the application's to grant.
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT SELECT, INSERT, DELETE ON {schema}.inbox_message TO {role};

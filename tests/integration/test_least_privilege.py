@@ -1,5 +1,5 @@
-"""The relay, the writer and the operator commands work with exactly the GRANTs that
-`outbox grants` prints (docs/security.md), and nothing more."""
+"""The relay, the writer, the operator commands and an inbox consumer work with exactly the
+GRANTs that `outbox grants` prints (docs/security.md), and nothing more."""
 
 import json
 import os
@@ -100,3 +100,27 @@ def test_operator_commands_work_with_operator_grants(role, dsn):
     assert "1 messages back to PENDING" in outbox_cli("replay", str(ids[0]), "--yes").stdout
     assert "purge: 1 rows deleted" in outbox_cli("purge", "--older-than", "7d", "--yes").stdout
     assert len(json.loads(outbox_cli("audit", "--json").stdout)) == 3
+
+
+def test_an_inbox_consumer_works_with_consumer_grants(role, dsn):
+    import datetime as dt
+
+    from outbox import inbox
+    from tests.unit.inbox_fakes import message
+
+    consumer_dsn = role("consumer")
+    rec = message("t", 0, 5)
+    with psycopg.connect(consumer_dsn) as conn:
+        with conn.transaction():
+            assert inbox.record(conn, "ledger", rec) is True
+        with conn.transaction():
+            assert inbox.record(conn, "ledger", rec) is False
+    with psycopg.connect(dsn) as c:  # the owner ages the row
+        c.execute("UPDATE inbox_message SET processed_at = now() - interval '9 days'")
+    with psycopg.connect(consumer_dsn, autocommit=True) as conn:
+        assert inbox.purge_inbox(conn, dt.timedelta(days=7), group="ledger") == 1
+        for forbidden in ("SELECT message_id FROM local_message",
+                          "INSERT INTO local_message (topic, payload) VALUES ('t', 'x')",
+                          "UPDATE inbox_message SET topic = 'x'"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(forbidden)
