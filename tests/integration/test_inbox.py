@@ -400,3 +400,40 @@ def test_async_connection_records_in_its_transaction(dsn):
 
     asyncio.run(main())
     assert len(inbox_rows(dsn)) == 1
+
+
+def test_the_ledger_projection_example_applies_each_event_once(dsn, bootstrap):
+    """examples/ledger_projection.py against the bank of examples/bank_transfer.py: the ledger
+    equals the accounts after the events are consumed, and still after the relay sent every
+    event again (`outbox replay`) and the consumer read them all a second time."""
+    from tests.integration.test_docs import dsn_to_url
+
+    env = {**os.environ, "OUTBOX_DSN": "postgresql://" + dsn_to_url(dsn),
+           "OUTBOX_BOOTSTRAP_SERVERS": bootstrap}
+
+    def run(*args, timeout=120):
+        result = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                                env=env, cwd=ROOT, timeout=timeout)
+        assert result.returncode == 0, f"{args}\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    bank, ledger = "examples/bank_transfer.py", "examples/ledger_projection.py"
+    run(bank, "setup")
+    run(ledger, "setup")
+    out = run(bank, "transfer", "40")
+    transfers = int(out.split()[0])
+    events = 3 * transfers
+    run("-m", "relay", "relay", "--once", "--no-listen")
+    assert run(ledger, "run", "--idle", "5") == f"{events} events applied, 0 copies skipped " \
+                                                "(processed before)\n"
+    assert f"{2 * transfers} ledger entries for {transfers} transfers; 0 accounts differ" in \
+        run(ledger, "check")
+
+    replayed = run("-m", "relay", "replay", "--status", "CONFIRMED", "--topic", "bank.events",
+                   "--yes")
+    assert f"replay: {events} messages back to PENDING" in replayed
+    run("-m", "relay", "relay", "--once", "--no-listen")
+    assert run(ledger, "run", "--idle", "5") == f"0 events applied, {events} copies skipped " \
+                                                "(processed before)\n"
+    assert f"{2 * transfers} ledger entries for {transfers} transfers; 0 accounts differ" in \
+        run(ledger, "check")
