@@ -77,22 +77,20 @@ def cmd_run(args) -> None:
                              connect=lambda: psycopg.connect(os.environ["OUTBOX_DSN"]))
     signal.signal(signal.SIGTERM, lambda *_: consumer.stop())
     signal.signal(signal.SIGINT, lambda *_: consumer.stop())
-    applied = skipped = 0
+    processed = skipped = 0
     last = time.monotonic()
     try:
         # run() would do; this loop also stops once the topic has been quiet for --idle.
-        while time.monotonic() - last < args.idle:
+        while not consumer.stopped and time.monotonic() - last < args.idle:
             handled = consumer.poll_once(0.5)
             if handled is None:
-                if consumer.stopped:
-                    break
                 continue
             last = time.monotonic()
-            applied += handled.new
+            processed += handled.new
             skipped += not handled.new
     finally:
         consumer.close()
-    print(f"{applied} events applied, {skipped} copies skipped (processed before)")
+    print(f"{processed} events processed, {skipped} copies skipped (processed before)")
 
 
 def cmd_check(_args) -> None:

@@ -424,7 +424,7 @@ def test_the_ledger_projection_example_applies_each_event_once(dsn, bootstrap):
     transfers = int(out.split()[0])
     events = 3 * transfers
     run("-m", "relay", "relay", "--once", "--no-listen")
-    assert run(ledger, "run", "--idle", "5") == f"{events} events applied, 0 copies skipped " \
+    assert run(ledger, "run", "--idle", "5") == f"{events} events processed, 0 copies skipped " \
                                                 "(processed before)\n"
     assert f"{2 * transfers} ledger entries for {transfers} transfers; 0 accounts differ" in \
         run(ledger, "check")
@@ -433,7 +433,7 @@ def test_the_ledger_projection_example_applies_each_event_once(dsn, bootstrap):
                    "--yes")
     assert f"replay: {events} messages back to PENDING" in replayed
     run("-m", "relay", "relay", "--once", "--no-listen")
-    assert run(ledger, "run", "--idle", "5") == f"0 events applied, {events} copies skipped " \
+    assert run(ledger, "run", "--idle", "5") == f"0 events processed, {events} copies skipped " \
                                                 "(processed before)\n"
     assert f"{2 * transfers} ledger entries for {transfers} transfers; 0 accounts differ" in \
         run(ledger, "check")
