@@ -525,7 +525,13 @@ def purge(dsn, schema, older_than, include_skipped, dry_run, yes, actor) -> None
 
 @main.group()
 def inbox() -> None:
-    """The consumers' inbox: the messages each consumer group has processed (docs/consuming.md)."""
+    """The consumers' inbox: the messages each consumer group has processed (docs/consuming.md).
+
+    \b
+    Examples:
+      outbox inbox purge --older-than 7d --dry-run
+      outbox inbox purge --older-than 30d --group ledger --yes
+    """
 
 
 @inbox.command(name="purge")
