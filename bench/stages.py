@@ -31,8 +31,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--old-rows", type=int, default=0)
-    parser.add_argument("--no-analyze", action="store_true",
-                        help="start right after the bulk load, without VACUUM ANALYZE")
+    parser.add_argument(
+        "--no-analyze",
+        action="store_true",
+        help="start right after the bulk load, without VACUUM ANALYZE",
+    )
     args = parser.parse_args()
     run_module.ANALYZE_AFTER_FILL = not args.no_analyze
     env = Env(os.environ["OUTBOX_DSN"], os.environ["OUTBOX_BOOTSTRAP_SERVERS"])
@@ -72,8 +75,10 @@ def main() -> None:
         relay.store.close()
         relay.reader.close()
     elapsed = time.monotonic() - started
-    print(f"{total:,} rows ({args.old_rows:,} CONFIRMED already) in {elapsed:.2f} s: "
-          f"{total / elapsed:,.0f} msgs/s")
+    print(
+        f"{total:,} rows ({args.old_rows:,} CONFIRMED already) in {elapsed:.2f} s: "
+        f"{total / elapsed:,.0f} msgs/s"
+    )
     for label, seconds in spent.items():
         print(f"  {label:24} {seconds:6.2f} s")
 

@@ -97,9 +97,7 @@ def encode_payload(payload: object) -> bytes:
         except (TypeError, ValueError) as exc:
             raise InvalidMessage(f"payload cannot be encoded as JSON: {exc}") from exc
         return _utf8(text, "payload")
-    raise TypeError(
-        f"payload must be a dict, list, str or bytes, not {type(payload).__name__}"
-    )
+    raise TypeError(f"payload must be a dict, list, str or bytes, not {type(payload).__name__}")
 
 
 def encode_key(key: object) -> bytes | None:

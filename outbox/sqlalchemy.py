@@ -158,8 +158,9 @@ def publish(
     """outbox.publish() in the Session's (or Core Connection's) current transaction. EVENT is
     topic=, payload=, and optionally key=, headers=, dedup_key=."""
     built = _writer.build_all([event], max_bytes)
-    return _run(_connection(session_or_connection), _writer.publish_flow(built, lock_key),
-                schema)[0]
+    return _run(_connection(session_or_connection), _writer.publish_flow(built, lock_key), schema)[
+        0
+    ]
 
 
 def publish_many(
@@ -179,8 +180,9 @@ async def apublish(session_or_connection: AsyncSession | AsyncConnection, **kwar
     return await session_or_connection.run_sync(lambda s: publish(s, **kwargs))
 
 
-async def apublish_many(session_or_connection: AsyncSession | AsyncConnection, messages,
-                        **kwargs: Any):
+async def apublish_many(
+    session_or_connection: AsyncSession | AsyncConnection, messages, **kwargs: Any
+):
     """publish_many() for an AsyncSession or AsyncConnection."""
     return await session_or_connection.run_sync(lambda s: publish_many(s, messages, **kwargs))
 
@@ -240,7 +242,10 @@ def install(session_class: Any = Session, *, schema: str | None = None, lock_key
         session.info.pop(_SESSION_KEY, None)
         if recorded:
             recorded.sort(key=lambda item: item[0])
-            _run(session.connection(), _writer.publish_flow([m for _, m in recorded], lock_key),
-                 schema)
+            _run(
+                session.connection(),
+                _writer.publish_flow([m for _, m in recorded], lock_key),
+                schema,
+            )
 
     return _write_events

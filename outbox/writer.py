@@ -62,8 +62,12 @@ def publish(
     writers of one key are serialised and their events are delivered in commit order.
     """
     message = build_message(
-        topic=topic, payload=payload, key=key, headers=with_trace(headers),
-        dedup_key=dedup_key, max_bytes=max_bytes,
+        topic=topic,
+        payload=payload,
+        key=key,
+        headers=with_trace(headers),
+        dedup_key=dedup_key,
+        max_bytes=max_bytes,
     )
     return _run_sync(conn, publish_flow([message], lock_key), schema)[0]
 
@@ -97,8 +101,12 @@ async def apublish(
 ) -> Published:
     """publish() for an AsyncConnection."""
     message = build_message(
-        topic=topic, payload=payload, key=key, headers=with_trace(headers),
-        dedup_key=dedup_key, max_bytes=max_bytes,
+        topic=topic,
+        payload=payload,
+        key=key,
+        headers=with_trace(headers),
+        dedup_key=dedup_key,
+        max_bytes=max_bytes,
     )
     return (await _run_async(conn, publish_flow([message], lock_key), schema))[0]
 

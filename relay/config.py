@@ -89,7 +89,7 @@ class RelayConfig:
             if raw is not None and raw != "":
                 values[f.name] = _parse(f.name, f.type, raw)
         kafka = {
-            k[len(KAFKA_ENV_PREFIX):].lower().replace("_", "."): v
+            k[len(KAFKA_ENV_PREFIX) :].lower().replace("_", "."): v
             for k, v in env.items()
             if k.startswith(KAFKA_ENV_PREFIX)
         }
@@ -126,8 +126,16 @@ class RelayConfig:
                 raise ConfigError(f"dead_letter_topic: {exc}") from None
         if self.idle_poll_min > self.idle_poll_interval:
             raise ConfigError("idle_poll_min must not exceed idle_poll_interval")
-        for name in ("idle_poll_min", "idle_poll_interval", "lease_seconds", "heartbeat_interval", "flush_timeout",
-                     "backoff_base", "backoff_max", "shutdown_timeout"):
+        for name in (
+            "idle_poll_min",
+            "idle_poll_interval",
+            "lease_seconds",
+            "heartbeat_interval",
+            "flush_timeout",
+            "backoff_base",
+            "backoff_max",
+            "shutdown_timeout",
+        ):
             if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a positive number of seconds")
         if self.metadata_timeout >= self.flush_timeout:

@@ -131,8 +131,20 @@ def describe(err: KafkaError) -> str:
 _SERVE_SLICE = 0.2
 
 #: Settings an AdminClient shares with the producer (connection and security).
-_CLIENT_PREFIXES = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "client.", "broker.",
-                    "metadata.", "reconnect.", "connections.", "api.", "debug")
+_CLIENT_PREFIXES = (
+    "bootstrap.",
+    "security.",
+    "sasl.",
+    "ssl.",
+    "socket.",
+    "client.",
+    "broker.",
+    "metadata.",
+    "reconnect.",
+    "connections.",
+    "api.",
+    "debug",
+)
 
 
 def message_size(message: PendingMessage) -> int:
@@ -154,12 +166,21 @@ class _Topic:
 
 
 class KafkaSink:
-    def __init__(self, config: Mapping[str, str], flush_timeout: float = 35.0, *,
-                 metadata_timeout: float = 10.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 outage_log: OutageLog | None = None):
-        self._config = {**DEFAULT_PRODUCER_CONFIG, **config, **REQUIRED_PRODUCER_CONFIG,
-                        "message.max.bytes": str(max_message_bytes)}
+    def __init__(
+        self,
+        config: Mapping[str, str],
+        flush_timeout: float = 35.0,
+        *,
+        metadata_timeout: float = 10.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        outage_log: OutageLog | None = None,
+    ):
+        self._config = {
+            **DEFAULT_PRODUCER_CONFIG,
+            **config,
+            **REQUIRED_PRODUCER_CONFIG,
+            "message.max.bytes": str(max_message_bytes),
+        }
         self._flush_timeout = flush_timeout
         self._metadata_timeout = metadata_timeout
         self._producer: Producer | None = None
@@ -252,8 +273,9 @@ class KafkaSink:
         asked in one metadata request and one DescribeConfigs, within metadata_timeout and the
         batch's deadline. A lookup that fails is not cached: the cluster may be back soon."""
         now = time.monotonic()
-        found = {t: self._topics[t] for t in names if t in self._topics
-                 and self._topics[t].until > now}
+        found = {
+            t: self._topics[t] for t in names if t in self._topics and self._topics[t].until > now
+        }
         wanted = sorted(names - found.keys())
         if not wanted:
             return found
@@ -261,11 +283,15 @@ class KafkaSink:
         try:
             return self._ask_for_topics(wanted, found, now, end)
         finally:
-            log.debug("looked up topics %s in %.0f ms", ", ".join(wanted)[:200],
-                      (time.monotonic() - now) * 1000)
+            log.debug(
+                "looked up topics %s in %.0f ms",
+                ", ".join(wanted)[:200],
+                (time.monotonic() - now) * 1000,
+            )
 
-    def _ask_for_topics(self, wanted: list[str], found: dict[str, _Topic], now: float,
-                        end: float) -> dict[str, _Topic]:
+    def _ask_for_topics(
+        self, wanted: list[str], found: dict[str, _Topic], now: float, end: float
+    ) -> dict[str, _Topic]:
         budget = max(0.0, end - now)
         try:
             metadata = self.producer.list_topics(
@@ -275,7 +301,8 @@ class KafkaSink:
             # Not the messages' fault, whatever the error: nothing is counted.
             problem = Failed(0, FailureKind.OUTAGE, f"topic metadata: {describe(exc.args[0])}")
             self.outage_log.problem(
-                "metadata", logging.WARNING,
+                "metadata",
+                logging.WARNING,
                 f"topic metadata for {', '.join(wanted)[:200]} not available: "
                 f"{problem.error}; their messages wait for a later batch",
             )
@@ -286,10 +313,14 @@ class KafkaSink:
             md = metadata.get(t)
             err = md.error if md is not None else None
             if md is None or (err is not None and err.code() in _PERMANENT):
-                why = (describe(err) if err is not None
-                       else "UNKNOWN_TOPIC_OR_PART: the cluster has no such topic")
-                info = _Topic(Failed(0, FailureKind.PERMANENT, f"{why} (topic {t!r})"), None,
-                              now + 5.0)
+                why = (
+                    describe(err)
+                    if err is not None
+                    else "UNKNOWN_TOPIC_OR_PART: the cluster has no such topic"
+                )
+                info = _Topic(
+                    Failed(0, FailureKind.PERMANENT, f"{why} (topic {t!r})"), None, now + 5.0
+                )
                 self._topics[t] = info
             elif err is not None:
                 info = _Topic(Failed(0, classify(err), describe(err)), None, 0.0)
@@ -310,8 +341,9 @@ class KafkaSink:
         try:
             if self._admin is None:
                 settings = {k: v for k, v in self._config.items() if k.startswith(_CLIENT_PREFIXES)}
-                self._admin = AdminClient({**settings, "error_cb": self._on_error},
-                                          logger=self.outage_log)
+                self._admin = AdminClient(
+                    {**settings, "error_cb": self._on_error}, logger=self.outage_log
+                )
             resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics]
             futures = self._admin.describe_configs(resources, request_timeout=budget)
         except Exception as exc:  # noqa: BLE001 - no DescribeConfigs: just no pre-check
@@ -398,8 +430,9 @@ class KafkaSink:
             if topic.problem is not None:
                 return Failed(message.id, topic.problem.kind, topic.problem.error)
             if failed_keys and message.key in failed_keys:
-                return Failed(message.id, FailureKind.DEFERRED,
-                              "an earlier message of its key failed")
+                return Failed(
+                    message.id, FailureKind.DEFERRED, "an earlier message of its key failed"
+                )
             if time.monotonic() >= deadline:
                 return Failed(message.id, FailureKind.OUTAGE, "batch deadline passed")
             risky = message.id in alone or (
@@ -457,15 +490,20 @@ class KafkaSink:
             if outcome is None:
                 msg = reports.get(message.id)
                 if msg is None:
-                    outcome = Failed(message.id, FailureKind.UNKNOWN,
-                                     "no delivery report before the batch deadline")
+                    outcome = Failed(
+                        message.id,
+                        FailureKind.UNKNOWN,
+                        "no delivery report before the batch deadline",
+                    )
                 elif msg.error() is None:
                     outcome = Delivered(message.id, msg.partition(), msg.offset())
                 else:
                     err = msg.error()
                     kind = classify(err)
-                    if (kind in (FailureKind.PERMANENT, FailureKind.TRANSIENT)
-                            and message.id not in sent_alone):
+                    if (
+                        kind in (FailureKind.PERMANENT, FailureKind.TRANSIENT)
+                        and message.id not in sent_alone
+                    ):
                         # Rejected in a request shared with other messages: which one was at
                         # fault is not known. Nobody's attempt is counted; the relay sends
                         # them alone next time.
@@ -481,8 +519,9 @@ def check_kafka(config: Mapping[str, str], timeout: float = 5.0) -> str | None:
     settings = {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
     problems: list[str] = []
     try:
-        admin = AdminClient({**settings, "error_cb": lambda e: problems.append(describe(e))},
-                            logger=log)
+        admin = AdminClient(
+            {**settings, "error_cb": lambda e: problems.append(describe(e))}, logger=log
+        )
         admin.list_topics(timeout=timeout)
     except KafkaException as exc:
         return describe(exc.args[0]) + (f" ({problems[-1]})" if problems else "")

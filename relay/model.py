@@ -120,8 +120,9 @@ class Store(Protocol):
     def heartbeat(self, relay_id: uuid.UUID, name: str, lease_seconds: float) -> frozenset[int]:
         """Say this relay is alive, renew and rebalance its bucket leases, return them."""
 
-    def fetch_pending(self, buckets: frozenset[int], limit: int,
-                      exclude: Sequence[int] = ()) -> list[PendingMessage]:
+    def fetch_pending(
+        self, buckets: frozenset[int], limit: int, exclude: Sequence[int] = ()
+    ) -> list[PendingMessage]:
         """Up to LIMIT deliverable rows of BUCKETS in id order, none of EXCLUDE. A key whose
         oldest unfinished row is FAILED or waits for a retry has no row deliverable."""
 

@@ -41,7 +41,10 @@ class RetryPolicy:
             give_up = attempts >= self.max_attempts
             out.append(
                 FailureUpdate(
-                    failure.id, 1, f"{failure.kind.value}: {failure.error}", give_up,
+                    failure.id,
+                    1,
+                    f"{failure.kind.value}: {failure.error}",
+                    give_up,
                     0.0 if give_up else self.delay(attempts),
                 )
             )

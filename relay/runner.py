@@ -81,9 +81,13 @@ def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
     # A second connection: the next batch is read while the outcomes are written (relay.relay).
     reader = PostgresStore(cfg.dsn, cfg.schema)  # connects on its first read
     outage_log = OutageLog(logging.getLogger("relay.kafka"))
-    sink = KafkaSink(cfg.producer_config(), flush_timeout=cfg.flush_timeout,
-                     metadata_timeout=cfg.metadata_timeout,
-                     max_message_bytes=cfg.max_message_bytes, outage_log=outage_log)
+    sink = KafkaSink(
+        cfg.producer_config(),
+        flush_timeout=cfg.flush_timeout,
+        metadata_timeout=cfg.metadata_timeout,
+        max_message_bytes=cfg.max_message_bytes,
+        outage_log=outage_log,
+    )
     listener = Listener(cfg.dsn, cfg.schema) if cfg.listen else None
     settings = LoopSettings(
         batch_size=cfg.batch_size,
@@ -115,7 +119,9 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
         if cfg.metrics_port:
             try:
                 health = HealthServer(
-                    cfg.metrics_host, cfg.metrics_port, relay.metrics.registry,
+                    cfg.metrics_host,
+                    cfg.metrics_port,
+                    relay.metrics.registry,
                     seconds_since_progress=lambda: relay.clock.monotonic() - relay.last_progress,
                     readiness=readiness(cfg),
                     stuck_after=max(60.0, cfg.flush_timeout * 2),

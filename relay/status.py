@@ -45,10 +45,13 @@ def read_status(conn: psycopg.Connection, schema: str) -> dict[str, Any]:
         "in_backoff": in_backoff,
         "blocked_key_count": blocked_count,
         "blocked_keys": [
-            {"key": key_text(b["key"]), "first_failed": b["first_failed"],
-             "failed": b["failed"], "held": b["held"]}
+            {
+                "key": key_text(b["key"]),
+                "first_failed": b["first_failed"],
+                "failed": b["failed"],
+                "held": b["held"],
+            }
             for b in blocked
         ],
         "relays": relays,
     }
-

@@ -22,7 +22,10 @@ def test_snippet_runs(index, dsn):
     url = "postgresql://" + dsn_to_url(dsn)
     result = subprocess.run(
         [sys.executable, "-c", SNIPPETS[index]],
-        env={**os.environ, "OUTBOX_DSN": url}, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OUTBOX_DSN": url},
+        capture_output=True,
+        text=True,
+        timeout=120,
         cwd=ROOT,
     )
     assert result.returncode == 0, f"snippet {index}:\n{SNIPPETS[index]}\n{result.stderr}"

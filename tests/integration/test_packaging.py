@@ -43,8 +43,9 @@ def test_wheel_installs_in_a_fresh_venv_and_applies_the_schema(tmp_path, empty_d
     printed = run([str(env_dir / "bin" / "outbox"), "migrate", "--print"], cwd=tmp_path)
     assert printed == (ROOT / "schema.sql").read_text("utf-8")
     with psycopg.connect(empty_dsn) as c:
-        assert c.execute("SELECT max(version) FROM from_wheel.local_message_schema").fetchone() \
-            == (outbox_version(),)
+        assert c.execute("SELECT max(version) FROM from_wheel.local_message_schema").fetchone() == (
+            outbox_version(),
+        )
 
 
 def outbox_version():

@@ -14,8 +14,9 @@ def make(script=None, **kwargs):
     clock = FakeClock()
     store = InMemoryStore(clock.monotonic)
     sink = RecordingSink(script)
-    relay = Relay(store, sink, clock=clock, retry=RetryPolicy(max_attempts=3, random=lambda: 0.0),
-                  **kwargs)
+    relay = Relay(
+        store, sink, clock=clock, retry=RetryPolicy(max_attempts=3, random=lambda: 0.0), **kwargs
+    )
     return clock, store, sink, relay
 
 
@@ -148,6 +149,7 @@ def test_a_relay_that_lost_its_lease_cannot_confirm():
     fresh._heartbeat_if_due()
     assert row.bucket in fresh.buckets
     from relay.model import Delivered
+
     assert store.mark_confirmed(stale.relay_id, [Delivered(batch[0].id, 0, 0)]) == 0
     assert row.status == "PENDING"
     fresh.run_once()
@@ -196,6 +198,7 @@ def test_run_survives_store_errors_and_backs_off():
 @pytest.mark.parametrize("key", [b"abc", b"\x00\xff", b"order-42"])
 def test_bucket_hash_is_md5_first_byte(key):
     import hashlib
+
     assert bucket_of(key, 1) == hashlib.md5(key).digest()[0]
 
 
@@ -314,8 +317,9 @@ def test_a_rebalance_drops_the_batch_read_ahead_for_buckets_given_away():
     relay.step()  # heartbeat: 128 buckets given away, then a batch
     mine = relay.buckets
     assert len(mine) == 128
-    assert all(m_bucket in mine for m_bucket in
-               (bucket_of(m.key, m.id) for m in sink.sent[sent_before:]))
+    assert all(
+        m_bucket in mine for m_bucket in (bucket_of(m.key, m.id) for m in sink.sent[sent_before:])
+    )
     relay.settle()
     assert sum(r.status == "CONFIRMED" for r in rows) == len(sink.sent)
 
@@ -354,8 +358,13 @@ def test_what_was_read_ahead_is_read_again_after_a_lapsed_lease_even_for_the_sam
             return Failed(m.id, FailureKind.PERMANENT, "INVALID_RECORD: rejected")
         return None
 
-    other = Relay(store, RecordingSink(fail_a2), clock=clock, name="other",
-                  retry=RetryPolicy(max_attempts=3, random=lambda: 0.0))
+    other = Relay(
+        store,
+        RecordingSink(fail_a2),
+        clock=clock,
+        name="other",
+        retry=RetryPolicy(max_attempts=3, random=lambda: 0.0),
+    )
     while other.run_once():
         pass
     assert a2.status == "PENDING" and a2.next_attempt_at > clock.now  # in backoff: blocks K
@@ -399,8 +408,14 @@ def test_a_read_beside_the_write_leaves_out_the_batch_being_written_and_holds_it
     reader.rows = store.rows  # the same table, through its own "connection"
     reader.owners = store.owners
     sink = RecordingSink(script)
-    relay = Relay(store, sink, clock=clock, reader=reader, batch_size=2,
-                  retry=RetryPolicy(max_attempts=3, random=lambda: 0.0))
+    relay = Relay(
+        store,
+        sink,
+        clock=clock,
+        reader=reader,
+        batch_size=2,
+        retry=RetryPolicy(max_attempts=3, random=lambda: 0.0),
+    )
     reads = {"n": 0}
     read_happened = threading.Condition()
     fetch, confirm = reader.fetch_pending, store.mark_confirmed
