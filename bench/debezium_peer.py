@@ -163,7 +163,7 @@ def drain_debezium(env, n: int) -> dict:
         if not (line and line.startswith("DONE")):
             raise RuntimeError("debezium did not finish in time")
         ended = time.monotonic()
-        _, count, first_ms, last_ms = line.split()
+        _, _count, first_ms, last_ms = line.split()
     finally:
         dbz.stop()
     seconds = (int(last_ms) - int(first_ms)) / 1000

@@ -22,7 +22,7 @@ from confluent_kafka import Producer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.kafka import DEFAULT_PRODUCER_CONFIG  # noqa: E402 - the same producer tuning
+from relay.kafka import DEFAULT_PRODUCER_CONFIG  # the same producer tuning
 
 SELECT = (
     "SELECT id, message_id::text, topic, key, payload FROM local_message "

@@ -20,8 +20,8 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import outbox  # noqa: E402
-from bench.writer_cost import commits_per_writer  # noqa: E402
+import outbox
+from bench.writer_cost import commits_per_writer
 
 SCHEMA = "bench_notify"
 

@@ -102,7 +102,7 @@ class Env:
             try:
                 create_topic(self.bootstrap, name, partitions=PARTITIONS)
                 return name
-            except Exception:  # noqa: BLE001 - deletion still in progress
+            except Exception:  # deletion still in progress (re-raised at the deadline)
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
@@ -680,7 +680,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**30} GiB, "
         f"Python {platform.python_version()}",
-        "command": " ".join(["bench/run.py"] + sys.argv[1:]),
+        "command": " ".join(["bench/run.py", *sys.argv[1:]]),
     }
 
     def save() -> None:  # after every workload, so that a failure later keeps what was measured
@@ -720,7 +720,8 @@ def main() -> None:
                 r = steady(env, peer, rate, seconds)
                 results["steady"].append(r)
                 log(
-                    f"  p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, keeps up: {r['keeps_up']}"
+                    f"  p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+                    f"keeps up: {r['keeps_up']}"
                 )
                 save()
                 if not r["keeps_up"]:

@@ -7,7 +7,8 @@ Fills a fresh database (and topic) with --old-rows CONFIRMED rows, then --rows P
 (256-byte payloads, 1,000 keys, VACUUM ANALYZE), builds the relay as `outbox relay` would with
 default settings, calls Relay.step() until nothing is left, and prints msgs/s and the seconds
 spent in: the reads, the send (Kafka), the confirm UPDATE, the helpers' jobs (the write and the
-read, beside each other and the send), and the main thread's wait for them. No harness query runs meanwhile.
+read, beside each other and the send), and the main thread's wait for them. No harness query runs
+meanwhile.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import run as run_module  # noqa: E402
-from bench.run import Env, fill  # noqa: E402
-from relay import relay as relay_module  # noqa: E402
-from relay.config import RelayConfig  # noqa: E402
-from relay.runner import build_relay  # noqa: E402
+from bench import run as run_module
+from bench.run import Env, fill
+from relay import relay as relay_module
+from relay.config import RelayConfig
+from relay.runner import build_relay
 
 
 def main() -> None:

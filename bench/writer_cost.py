@@ -24,8 +24,8 @@ import argparse
 import json
 import os
 import platform
-import threading
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +34,8 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import outbox  # noqa: E402
-from bench.debezium_peer import TABLE_DDL as DEBEZIUM_DDL  # noqa: E402 - the table it reads
+import outbox
+from bench.debezium_peer import TABLE_DDL as DEBEZIUM_DDL  # the table it reads
 
 SCHEMA = "bench_writer"
 PAYLOAD = {"i": "00000000", "pad": "x" * 222}  # 256 bytes as JSON, like bench/run.py's rows

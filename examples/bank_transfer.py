@@ -154,7 +154,7 @@ def cmd_setup(_args) -> None:
             break
         except Exception as exc:  # the deletion may still be in progress
             if time.monotonic() > deadline:
-                raise SystemExit(f"cannot create topic {TOPIC}: {exc}")
+                raise SystemExit(f"cannot create topic {TOPIC}: {exc}") from exc
             time.sleep(0.2)
     print(f"set up {ACCOUNTS} accounts of 1000.00, the outbox tables and topic {TOPIC}")
 

@@ -24,7 +24,7 @@ TABLE = "local_message"
 def read_blocks(package: str, filename: str) -> dict[str, str]:
     text = resources.files(package).joinpath(filename).read_text("utf-8")
     parts = _NAME_RE.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2])}
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 def schema_sql() -> str:

@@ -11,7 +11,7 @@ import hashlib
 import uuid
 from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 import psycopg
 from psycopg import pq
@@ -25,7 +25,7 @@ from .tracing import trace_headers
 #: the application's own advisory locks (which mostly use the one-bigint form).
 ADVISORY_LOCK_NAMESPACE = 0x0B0C
 
-AnyConnection = Union[psycopg.Connection, psycopg.AsyncConnection]
+AnyConnection: TypeAlias = psycopg.Connection | psycopg.AsyncConnection
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ librdkafka passthrough. Invalid configuration fails at start with one clear line
 from __future__ import annotations
 
 import math
-
 import os
 import re
 import socket
@@ -12,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit, urlunsplit
 
+from outbox.errors import OutboxError
 from outbox.message import DEFAULT_MAX_MESSAGE_BYTES
 from outbox.sql import validate_identifier
 
@@ -110,7 +110,7 @@ class RelayConfig:
             validate_identifier(self.schema)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        except Exception as exc:  # OutboxError
+        except OutboxError as exc:  # the only other error validate_identifier raises
             raise ConfigError(str(exc)) from None
         for name in ("batch_size", "max_attempts"):
             if getattr(self, name) < 1:

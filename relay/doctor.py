@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import psycopg
 
+from outbox.message import RECORD_BATCH_OVERHEAD
 from outbox.schema import SCHEMA_VERSION, installed_version
 from outbox.sql import validate_identifier
-
-from outbox.message import RECORD_BATCH_OVERHEAD
 
 from .kafka import check_kafka, missing_topics, topic_limits
 
@@ -106,7 +105,8 @@ def _schema_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
     found = {
         r[0]
         for r in conn.execute(
-            "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND tablename = 'local_message'",
+            "SELECT indexname FROM pg_indexes "
+            "WHERE schemaname = %s AND tablename = 'local_message'",
             (schema,),
         )
     }

@@ -159,7 +159,7 @@ _EMPTY_RECORD = record_size(None, b"")
 
 
 class _Topic:
-    __slots__ = ("problem", "max_bytes", "until")
+    __slots__ = ("max_bytes", "problem", "until")
 
     def __init__(self, problem: Failed | None, max_bytes: int | None, until: float):
         self.problem, self.max_bytes, self.until = problem, max_bytes, until

@@ -235,7 +235,7 @@ class Relay:
         read_ahead = [job.result() for job in jobs][-1]
         failed_keys = held | {
             m.key
-            for m, o in zip(batch, outcomes)
+            for m, o in zip(batch, outcomes, strict=False)
             if m.key is not None and not isinstance(o, Delivered)
         }
         if failed_keys:
@@ -358,7 +358,7 @@ class Relay:
                 dead = [(u, by_id[u.id]) for u in updates if u.give_up]
         held = frozenset(
             m.key
-            for m, o in zip(batch, outcomes)
+            for m, o in zip(batch, outcomes, strict=False)
             if m.key is not None and not isinstance(o, Delivered)
         )
         self._unwritten.append(
@@ -400,7 +400,7 @@ class Relay:
         m = self.metrics
         published: Counter = Counter()
         failures: Counter = Counter()
-        for message, outcome in zip(batch, outcomes):
+        for message, outcome in zip(batch, outcomes, strict=False):
             if isinstance(outcome, Delivered):
                 published[message.topic] += 1
             else:
@@ -410,7 +410,7 @@ class Relay:
         for (topic, kind), n in failures.items():
             m.failures.labels(topic, kind).inc(n)
         step = max(1, len(batch) // _LATENCY_SAMPLES)
-        for message, outcome in list(zip(batch, outcomes))[::step]:
+        for message, outcome in list(zip(batch, outcomes, strict=False))[::step]:
             if isinstance(outcome, Delivered):
                 m.commit_to_ack.observe(max(0.0, (acked_at - message.created_at).total_seconds()))
         resets = self.sink.resets
@@ -442,7 +442,7 @@ class Relay:
         """Count deliveries that overtook an earlier, undelivered message of their key. The
         sink is built so that this does not happen; if it ever does, it is loud."""
         first_undelivered: dict[bytes, int] = {}
-        for message, outcome in zip(batch, outcomes):
+        for message, outcome in zip(batch, outcomes, strict=False):
             if message.key is None:
                 continue
             if isinstance(outcome, Delivered):
@@ -468,13 +468,14 @@ class Relay:
         topic = self.settings.dead_letter_topic
         copies = []
         for update, original in pending:
-            headers = list(original.headers) + [
+            headers = [
+                *original.headers,
                 ("outbox_original_topic", original.topic.encode()),
                 ("outbox_error", update.error.encode("utf-8", "replace")[:1000]),
                 ("outbox_row_id", str(original.id).encode()),
             ]
             copies.append(original._replace(topic=topic, headers=headers))
-        for (_, original), outcome in zip(pending, self.sink.send(copies)):
+        for (_, original), outcome in zip(pending, self.sink.send(copies), strict=False):
             if isinstance(outcome, Delivered):
                 self.metrics.dead_lettered.labels(original.topic).inc()
             else:

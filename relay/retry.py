@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from .model import Failed, FailureKind, FailureUpdate, PendingMessage
 
-
 #: Failures that leave the row untouched: not the message's fault, or not even tried.
 NO_WRITE = frozenset(
     {FailureKind.OUTAGE, FailureKind.UNKNOWN, FailureKind.DEFERRED, FailureKind.ISOLATE}

@@ -52,10 +52,10 @@ class RelayProcess:
         self.signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             self.proc.kill()
             self.proc.wait(10)
-            raise AssertionError(f"relay {self.name} did not stop within {timeout}s")
+            raise AssertionError(f"relay {self.name} did not stop within {timeout}s") from exc
         finally:
             self._log.close()
 

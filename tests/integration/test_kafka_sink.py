@@ -34,9 +34,8 @@ def test_fatal_producer_error_replaces_the_producer_and_nothing_is_lost(bootstra
         assert isinstance(first[0], Delivered)
         old = sink.producer
         sink._topics[topic].max_bytes = None  # as if DescribeConfigs were not allowed
-        big = message(2, topic, key=b"other")._replace(
-            payload=os.urandom(5000)
-        )  # lz4 cannot shrink it
+        # lz4 cannot shrink it
+        big = message(2, topic, key=b"other")._replace(payload=os.urandom(5000))
         outcomes = sink.send([big] + [message(i, topic, key=b"k%d" % i) for i in range(3, 8)])
         assert sink.resets == 1 and sink.producer is not old
         assert outcomes[0].kind is FailureKind.ISOLATE  # rejected, not yet known to be alone

@@ -254,9 +254,8 @@ def test_earlier_message_rejected_after_later_ones_were_queued(dsn, bootstrap):
         run_until_confirmed(relay, dsn, 1)  # the topic's limit (1 MB) is cached for a minute
         set_topic_limit(bootstrap, topic, 3000)
         with psycopg.connect(dsn) as conn, conn.transaction():
-            outbox.publish(
-                conn, topic=topic, key="k", payload=os.urandom(5000)
-            )  # lz4 can't shrink it
+            # lz4 can't shrink it
+            outbox.publish(conn, topic=topic, key="k", payload=os.urandom(5000))
             outbox.publish_many(
                 conn, [dict(topic=topic, key="k", payload={"m": f"b{i}"}) for i in range(5)]
             )

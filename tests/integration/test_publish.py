@@ -118,7 +118,7 @@ def test_publish_many_is_one_statement_and_keeps_order(conn, dsn):
     assert len(statements) == 1
     assert [p.id for p in published] == sorted(p.id for p in published)
     stored = rows(dsn)
-    assert [r[3] for r in stored] == [('{"i":%d}' % i).encode() for i in range(5000)]
+    assert [r[3] for r in stored] == [f'{{"i":{i}}}'.encode() for i in range(5000)]
 
 
 def test_publish_many_is_all_or_nothing_on_bad_input(conn, dsn):

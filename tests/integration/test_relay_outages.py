@@ -8,6 +8,7 @@ import time
 import urllib.request
 
 import psycopg
+
 from tests.conftest import ROOT
 from tests.integration.conftest import all_confirmed, counts, write
 from tests.kafka_helpers import check_kafka

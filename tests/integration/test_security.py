@@ -8,9 +8,9 @@ import psycopg
 import pytest
 
 import outbox
+from relay.kafka import check_kafka
 from tests.conftest import SERVICES, unavailable
 from tests.integration.conftest import all_confirmed
-from relay.kafka import check_kafka
 from tests.relay_process import RelayProcess, wait_for
 from tests.verify import verify
 

@@ -80,7 +80,9 @@ def test_one_outcome_per_message_in_batch_order_and_a_key_in_offset_order(under_
     assert [o.id for o in outcomes] == [m.id for m in batch]
     assert all(isinstance(o, Delivered) for o in outcomes), outcomes
     for key in (b"k0", b"k1", b"k2"):
-        places = [(o.partition, o.offset) for o, m in zip(outcomes, batch) if m.key == key]
+        places = [
+            (o.partition, o.offset) for o, m in zip(outcomes, batch, strict=True) if m.key == key
+        ]
         assert len({p for p, _ in places}) == 1  # one key, one partition
         assert [off for _, off in places] == sorted(off for _, off in places)
     assert sorted(t.received(30)) == sorted(m.payload for m in batch)

@@ -81,7 +81,7 @@ def test_size_limit_counts_the_record_as_kafka_does():
     [
         (None, []),
         (b"account-1", [("event-type", b"AccountDebited")]),
-        (b"k" * 300, [("h%d" % i, b"v" * (i * 40)) for i in range(12)] + [("none", None)]),
+        (b"k" * 300, [(f"h{i}", b"v" * (i * 40)) for i in range(12)] + [("none", None)]),
     ],
 )
 def test_record_size_is_what_librdkafka_checks_at_produce_time(key, headers):
@@ -96,7 +96,7 @@ def test_record_size_is_what_librdkafka_checks_at_produce_time(key, headers):
         {"bootstrap.servers": "127.0.0.1:1", "message.max.bytes": limit},
         logger=logging.getLogger("unreachable"),
     )
-    all_headers = [("message_id", str(uuid7()).encode())] + headers
+    all_headers = [("message_id", str(uuid7()).encode()), *headers]
     producer.produce("t", value=payload, key=key, headers=all_headers)  # accepted
     with pytest.raises(KafkaException) as refused:
         producer.produce("t", value=payload + b"p", key=key, headers=all_headers)

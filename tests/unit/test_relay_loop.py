@@ -90,7 +90,7 @@ def test_outage_burns_no_attempts_and_pauses_the_relay():
     def script(m):
         return Failed(m.id, FailureKind.OUTAGE, "_TRANSPORT: broker down") if down["on"] else None
 
-    clock, store, sink, relay = make(script)
+    _clock, store, _sink, relay = make(script)
     row = store.insert("t", b"k", b"x")
     stop = threading.Event()
     relay._wait_for_work = lambda t, s: None
@@ -114,7 +114,7 @@ def test_unknown_outcome_is_retried_without_counting_an_attempt():
             return Failed(m.id, FailureKind.UNKNOWN, "no delivery report before the flush deadline")
         return None
 
-    clock, store, sink, relay = make(script)
+    _clock, store, _sink, relay = make(script)
     row = store.insert("t", b"k", b"x")
     relay.run_once()
     assert row.status == "PENDING" and row.attempts == 0
@@ -157,7 +157,7 @@ def test_a_relay_that_lost_its_lease_cannot_confirm():
 
 
 def test_relay_heartbeats_before_its_lease_could_expire_mid_flight():
-    clock, store, sink, relay = make(lease_seconds=90, heartbeat_interval=1000, flush_timeout=35)
+    clock, store, _sink, relay = make(lease_seconds=90, heartbeat_interval=1000, flush_timeout=35)
     relay.run_once()
     beats = store.relays[relay.relay_id]
     clock.advance(60)  # 60 + 35 > 90: the next batch could outlive the lease
@@ -166,7 +166,7 @@ def test_relay_heartbeats_before_its_lease_could_expire_mid_flight():
 
 
 def test_run_stops_on_the_event_and_releases_leases():
-    clock, store, sink, relay = make()
+    _clock, store, sink, relay = make()
     store.insert("t", b"k", b"x")
     stop = threading.Event()
     relay._wait_for_work = lambda t, s: stop.set()
@@ -176,7 +176,7 @@ def test_run_stops_on_the_event_and_releases_leases():
 
 
 def test_run_survives_store_errors_and_backs_off():
-    clock, store, sink, relay = make()
+    clock, store, _sink, relay = make()
     failures = {"n": 3}
     real = store.fetch_pending
 
@@ -237,7 +237,7 @@ def test_rows_rejected_together_are_sent_alone_next_time_and_only_then_counted()
 
 
 def test_a_batch_is_written_while_the_next_one_is_sent():
-    clock, store, sink, relay = make(batch_size=5)
+    _clock, store, sink, relay = make(batch_size=5)
     rows = [store.insert("t", b"k%d" % i, b"%d" % i) for i in range(12)]
     status_seen_by_sink = []
     send = sink.send
@@ -285,7 +285,7 @@ def test_a_key_that_failed_is_dropped_from_the_batch_read_ahead():
 
 
 def test_outcomes_survive_a_database_error_in_the_helper():
-    clock, store, sink, relay = make(batch_size=3)
+    _clock, store, sink, relay = make(batch_size=3)
     rows = [store.insert("t", b"k%d" % i, b"%d" % i) for i in range(6)]
     confirm = store.mark_confirmed
     calls = {"n": 0}
@@ -325,7 +325,7 @@ def test_a_rebalance_drops_the_batch_read_ahead_for_buckets_given_away():
 
 
 def test_shutdown_writes_the_outcomes_of_the_last_batch_and_leaves_the_read_ahead():
-    clock, store, sink, relay = make(batch_size=10)
+    _clock, store, sink, relay = make(batch_size=10)
     rows = [store.insert("t", b"k", b"%d" % i) for i in range(20)]
     relay.step()
     assert all(r.status == "PENDING" for r in rows)
@@ -336,7 +336,7 @@ def test_shutdown_writes_the_outcomes_of_the_last_batch_and_leaves_the_read_ahea
 
 def test_a_batch_with_nothing_read_ahead_is_written_before_the_step_returns():
     """At low rates the loop idles after the step: the rows must not stay PENDING meanwhile."""
-    clock, store, sink, relay = make(batch_size=10)
+    _clock, store, _sink, relay = make(batch_size=10)
     rows = [store.insert("t", b"k%d" % i, b"%d" % i) for i in range(3)]
     assert relay.step() == 3
     assert all(r.status == "CONFIRMED" for r in rows)
