@@ -11,10 +11,10 @@ import hashlib
 import uuid
 from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import psycopg
-from psycopg import pq
+from psycopg import pq, sql
 
 from . import sql as outbox_sql
 from .errors import NotInTransaction
@@ -26,6 +26,8 @@ from .tracing import trace_headers
 ADVISORY_LOCK_NAMESPACE = 0x0B0C
 
 AnyConnection: TypeAlias = psycopg.Connection | psycopg.AsyncConnection
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,9 @@ def check_transaction(conn: AnyConnection) -> None:
         raise NotInTransaction("the connection is closed")
 
 
-def _run_sync(conn: psycopg.Connection, flow, schema: str | None):
+def _run_sync(
+    conn: psycopg.Connection, flow: Generator[_Query, list[tuple], _T], schema: str | None
+) -> _T:
     check_transaction(conn)
     try:
         step = next(flow)
@@ -226,7 +230,11 @@ def _run_sync(conn: psycopg.Connection, flow, schema: str | None):
         return done.value
 
 
-async def _run_async(conn: psycopg.AsyncConnection, flow, schema: str | None):
+async def _run_async(
+    conn: psycopg.AsyncConnection,
+    flow: Generator[_Query, list[tuple], _T],
+    schema: str | None,
+) -> _T:
     check_transaction(conn)
     try:
         step = next(flow)
@@ -237,6 +245,6 @@ async def _run_async(conn: psycopg.AsyncConnection, flow, schema: str | None):
         return done.value
 
 
-def statement(name: str, schema: str | None):
+def statement(name: str, schema: str | None) -> sql.Composed:
     """The writer's SQL block NAME for SCHEMA."""
     return outbox_sql.query("outbox", "queries.sql", name, schema)

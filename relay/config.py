@@ -9,6 +9,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from outbox.errors import OutboxError
@@ -81,7 +82,7 @@ class RelayConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> RelayConfig:
         """Defaults, then OUTBOX_* environment variables, then OVERRIDES (None ones ignored)."""
         env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
             if f.name == "kafka":
                 continue

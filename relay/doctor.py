@@ -8,7 +8,7 @@ import psycopg
 
 from outbox.message import RECORD_BATCH_OVERHEAD
 from outbox.schema import SCHEMA_VERSION, installed_version
-from outbox.sql import validate_identifier
+from outbox.sql import one_row, validate_identifier
 
 from .kafka import check_kafka, missing_topics, topic_limits
 
@@ -67,7 +67,7 @@ def run_checks(
         )
         return out
     with conn:
-        version = conn.execute("SHOW server_version").fetchone()[0]
+        version = one_row(conn.execute("SHOW server_version"))[0]
         out.append(Finding("postgresql", "ok", f"connected, server {version}"))
         out.extend(_schema_checks(conn, schema))
         if out[-1].check == "schema" and out[-1].level == "fail":
@@ -128,10 +128,12 @@ def _schema_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
 
 def _table_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
     out = []
-    (options,) = conn.execute(
-        "SELECT coalesce(reloptions, '{}') FROM pg_class WHERE oid = %s::regclass",
-        (f'"{schema}".local_message',),
-    ).fetchone()
+    (options,) = one_row(
+        conn.execute(
+            "SELECT coalesce(reloptions, '{}') FROM pg_class WHERE oid = %s::regclass",
+            (f'"{schema}".local_message',),
+        )
+    )
     have = {o.split("=")[0] for o in options}
     if all(o in have for o in EXPECTED_AUTOVACUUM):
         out.append(Finding("autovacuum", "ok", "queue settings on local_message"))
@@ -197,7 +199,7 @@ def _table_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
         )
     else:
         out.append(Finding("dead rows", "ok", f"{dead} dead rows for {live} live"))
-    counts = dict(
+    counts: dict[str, int] = dict(
         conn.execute(
             f'SELECT status, count(*) FROM "{schema}".local_message GROUP BY status'
         ).fetchall()
@@ -213,9 +215,11 @@ def _table_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
         )
     else:
         out.append(Finding("failed messages", "ok", "none"))
-    (alive,) = conn.execute(
-        f'SELECT count(*) FROM "{schema}".local_message_relay WHERE lease_until > now()'
-    ).fetchone()
+    (alive,) = one_row(
+        conn.execute(
+            f'SELECT count(*) FROM "{schema}".local_message_relay WHERE lease_until > now()'
+        )
+    )
     if counts.get("PENDING") and not alive:
         out.append(
             Finding(

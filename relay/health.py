@@ -44,7 +44,7 @@ class HealthServer:
                 elif path == "/healthz":
                     since = server._since()
                     ok = since < server._stuck_after
-                    body = {
+                    body: dict[str, object] = {
                         "status": "ok" if ok else "stuck",
                         "seconds_since_progress": round(since, 3),
                     }

@@ -38,7 +38,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from outbox.message import DEFAULT_MAX_MESSAGE_BYTES, RECORD_BATCH_OVERHEAD, record_size
@@ -341,8 +341,10 @@ class KafkaSink:
         try:
             if self._admin is None:
                 settings = {k: v for k, v in self._config.items() if k.startswith(_CLIENT_PREFIXES)}
+                # error_cb is a librdkafka setting; AdminClient's stub allows only scalars.
                 self._admin = AdminClient(
-                    {**settings, "error_cb": self._on_error}, logger=self.outage_log
+                    {**settings, "error_cb": self._on_error},  # type: ignore[dict-item]
+                    logger=self.outage_log,
                 )
             resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics]
             futures = self._admin.describe_configs(resources, request_timeout=budget)
@@ -378,7 +380,7 @@ class KafkaSink:
         topics = self._look_up_topics({m.topic for m in batch}, deadline)
         producer = self.producer
         # Reports as librdkafka gives them, by row id; read once the batch is over.
-        reports: dict[int, object] = {}
+        reports: dict[int, Message] = {}
         # Keys with a failure report already in: their later messages are not produced.
         failed_keys: set[bytes] = set()
         sent_alone: set[int] = set()
@@ -387,10 +389,10 @@ class KafkaSink:
             # Runs inside poll()/flush() on this thread (confluent-kafka-python #417): no
             # locking, no poll() in here (#457). Store first: after a fatal error this runs
             # with an exception set, and any call could raise (see _serve).
-            def report(err: KafkaError | None, msg) -> None:
+            def report(err: KafkaError | None, msg: Message) -> None:
                 reports[row_id] = msg
-                if err is not None and msg.key() is not None:
-                    failed_keys.add(msg.key())
+                if err is not None and (key := msg.key()) is not None:
+                    failed_keys.add(key)
 
             return report
 
@@ -398,7 +400,9 @@ class KafkaSink:
 
         def produce(message: PendingMessage) -> Failed | None:
             nonlocal produced
-            headers = [("message_id", str(message.message_id).encode())]
+            headers: list[tuple[str, str | bytes | None]] = [
+                ("message_id", str(message.message_id).encode())
+            ]
             if message.headers:
                 headers.extend(message.headers)
             while True:
@@ -451,9 +455,9 @@ class KafkaSink:
                 return failure
             self._serve(deadline - time.monotonic())
             msg = reports.get(message.id)
-            if msg is not None and msg.error() is not None:
+            err = msg.error() if msg is not None else None
+            if err is not None:
                 del reports[message.id]
-                err = msg.error()
                 return Failed(message.id, classify(err), describe(err), err.fatal())
             return None
 
@@ -519,8 +523,10 @@ def check_kafka(config: Mapping[str, str], timeout: float = 5.0) -> str | None:
     settings = {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
     problems: list[str] = []
     try:
+        # error_cb is a librdkafka setting; AdminClient's stub allows only scalars.
         admin = AdminClient(
-            {**settings, "error_cb": lambda e: problems.append(describe(e))}, logger=log
+            {**settings, "error_cb": lambda e: problems.append(describe(e))},  # type: ignore[dict-item]
+            logger=log,
         )
         admin.list_topics(timeout=timeout)
     except KafkaException as exc:
@@ -532,7 +538,9 @@ def missing_topics(config: Mapping[str, str], topics: Sequence[str]) -> list[str
     """Which of TOPICS the cluster does not have."""
     if not topics:
         return []
-    settings = {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
+    settings: dict[str, str | int | float | bool] = {
+        k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)
+    }
     existing = AdminClient(settings, logger=log).list_topics(timeout=10).topics
     return sorted(t for t in topics if t not in existing)
 
@@ -541,7 +549,9 @@ def topic_limits(config: Mapping[str, str], topics: Sequence[str]) -> dict[str, 
     """The max.message.bytes of TOPICS, as far as they can be read (DescribeConfigs)."""
     if not topics:
         return {}
-    settings = {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
+    settings: dict[str, str | int | float | bool] = {
+        k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)
+    }
     admin = AdminClient(settings, logger=log)
     resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics]
     limits = {}

@@ -16,7 +16,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from outbox.message import headers_from_json
-from outbox.sql import compose, read_blocks
+from outbox.sql import compose, one_row, read_blocks
 
 from .selection import Selection
 
@@ -59,7 +59,7 @@ def get_row(conn: psycopg.Connection, schema: str, ref: int | uuid.UUID) -> dict
     row["held_behind"] = 0
     if row["key"] is not None and row["status"] in ("FAILED", "PENDING"):
         held, _ = _q("rows_held_behind", schema)
-        row["held_behind"] = conn.execute(held, {"key": row["key"], "id": row["id"]}).fetchone()[0]
+        row["held_behind"] = one_row(conn.execute(held, {"key": row["key"], "id": row["id"]}))[0]
     return row
 
 
@@ -84,7 +84,7 @@ def _batched(
     after = 0
     while True:  # bounded: every batch moves `after` past the rows it took, or ends the loop
         with conn.transaction():
-            ids = conn.execute(query, {**params, "after_id": after}).fetchone()[0]
+            ids = one_row(conn.execute(query, {**params, "after_id": after}))[0]
         if not ids:
             return changed
         changed.extend(ids)
@@ -122,7 +122,7 @@ def purge_count(
     conn: psycopg.Connection, schema: str, statuses: list[str], cutoff: dt.datetime
 ) -> int:
     query, _ = _q("purge_count", schema)
-    return conn.execute(query, {"statuses": statuses, "cutoff": cutoff}).fetchone()[0]
+    return one_row(conn.execute(query, {"statuses": statuses, "cutoff": cutoff}))[0]
 
 
 def purge(
@@ -179,4 +179,4 @@ def blocked_keys(conn: psycopg.Connection, schema: str, limit: int = 20) -> list
 
 def blocked_key_count(conn: psycopg.Connection, schema: str) -> int:
     query, _ = _q("blocked_key_count", schema)
-    return conn.execute(query).fetchone()[0]
+    return one_row(conn.execute(query))[0]

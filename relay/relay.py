@@ -32,10 +32,10 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .clock import Clock, SystemClock
 from .metrics import RelayMetrics
@@ -150,7 +150,7 @@ class Relay:
         self._helper_spent = [0.0, 0.0]
         self._resets_seen = 0
         self._pending: int | None = None  # as of the last heartbeat
-        self.stats = Counter()
+        self.stats: Counter[str] = Counter()
         self.last_progress = self.clock.monotonic()
 
     # -- leases
@@ -215,6 +215,7 @@ class Relay:
         alone = frozenset(self._alone.intersection(m.id for m in batch))
         in_flight = [m.id for m in batch]
         held: frozenset[bytes] = frozenset()
+        jobs: list[Future[Any]]  # the last one's result is the next batch
         if self.reader is None:
             jobs = [self._helper.submit(self._write_then_read, in_flight)]
         else:

@@ -6,7 +6,13 @@ import logging
 import threading
 
 import psycopg
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from outbox.errors import OutboxError
 
@@ -38,16 +44,21 @@ def _first_line(exc: BaseException, cfg: RelayConfig) -> str:
 def connect_store(cfg: RelayConfig, startup_timeout: float = 30.0) -> PostgresStore:
     """A connected store; PostgreSQL not up yet is retried (tenacity) for STARTUP_TIMEOUT."""
     store = PostgresStore(cfg.dsn, cfg.schema)
+
+    def warn(rs: RetryCallState) -> None:
+        # tenacity sleeps only after an attempt that raised (retry_if_exception): outcome has it.
+        assert rs.outcome is not None
+        exc = rs.outcome.exception()
+        assert exc is not None
+        log.warning("PostgreSQL not reachable yet (%s), retrying", _first_line(exc, cfg))
+
     try:
         for attempt in Retrying(
             retry=retry_if_exception(_retryable),
             stop=stop_after_delay(startup_timeout),
             wait=wait_exponential(multiplier=0.5, max=5),
             reraise=True,
-            before_sleep=lambda rs: log.warning(
-                "PostgreSQL not reachable yet (%s), retrying",
-                _first_line(rs.outcome.exception(), cfg),
-            ),
+            before_sleep=warn,
         ):
             with attempt:
                 store.connect()

@@ -104,7 +104,10 @@ class Selection:
         sel = cls(topic=topic or None, error=error or None, expired_claims=expired_claims)
         for ref in refs:
             value = parse_ref(ref)
-            (sel.ids if isinstance(value, int) else sel.message_ids).append(value)
+            if isinstance(value, int):
+                sel.ids.append(value)
+            else:
+                sel.message_ids.append(value)
         for st in statuses:
             if st.upper() not in STATUSES:
                 raise SelectionError(f"unknown status {st!r} (one of {', '.join(STATUSES)})")

@@ -11,7 +11,7 @@ from psycopg.rows import tuple_row
 
 from outbox.message import headers_from_json
 from outbox.schema import require_schema
-from outbox.sql import query
+from outbox.sql import one_row, query
 
 from .model import BUCKETS, Delivered, FailureUpdate, PendingMessage, fair_share
 
@@ -109,10 +109,12 @@ class PostgresStore:
     def heartbeat(self, relay_id: uuid.UUID, name: str, lease_seconds: float) -> frozenset[int]:
         conn = self.connect()
         with conn.transaction():
-            alive, rank = conn.execute(
-                self._q("heartbeat"),
-                {"relay_id": relay_id, "name": name, "lease_seconds": lease_seconds},
-            ).fetchone()
+            alive, rank = one_row(
+                conn.execute(
+                    self._q("heartbeat"),
+                    {"relay_id": relay_id, "name": name, "lease_seconds": lease_seconds},
+                )
+            )
             owned = {
                 row[0]
                 for row in conn.execute(
@@ -198,9 +200,9 @@ class PostgresStore:
     def pending_stats(self, buckets: frozenset[int]) -> tuple[int, float | None]:
         if not buckets:
             return 0, None
-        count, age = self._execute(
-            "pending_stats", {"buckets": self._bucket_array(buckets)}
-        ).fetchone()
+        count, age = one_row(
+            self._execute("pending_stats", {"buckets": self._bucket_array(buckets)})
+        )
         return count, age
 
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:

@@ -117,7 +117,7 @@ class InMemoryStore:
                 )
                 if row.status in ("FAILED", "SENT") or waiting:
                     blockers.setdefault(row.key, row.id)
-            out = []
+            out: list[PendingMessage] = []
             for row in sorted(self.rows.values(), key=lambda r: r.id):
                 if len(out) >= limit:
                     break
