@@ -30,15 +30,21 @@ def build() -> Path:
     stamp = jar_dir / "classes" / "outboxbench" / "OutboxBench.class"
     sources = [HERE / "pom.xml", *HERE.glob("src/**/*.java")]
     if not stamp.exists() or any(s.stat().st_mtime > stamp.stat().st_mtime for s in sources):
-        subprocess.run(["mvn", "-q", "-B", "-f", str(HERE / "pom.xml"), "package", "-DskipTests"],
-                       check=True, timeout=900)
+        subprocess.run(
+            ["mvn", "-q", "-B", "-f", str(HERE / "pom.xml"), "package", "-DskipTests"],
+            check=True,
+            timeout=900,
+        )
     return jar_dir
 
 
 def drop_slot(admin_dsn: str) -> None:
     with psycopg.connect(admin_dsn, autocommit=True) as c:
-        c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                  "WHERE slot_name = %s", (SLOT,))
+        c.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE slot_name = %s",
+            (SLOT,),
+        )
 
 
 def prepare(dsn: str) -> None:
@@ -60,15 +66,32 @@ class Debezium:
     def start(self, ready_timeout: float = 120) -> None:
         target = build()
         info = psycopg.conninfo.conninfo_to_dict(self.dsn)
-        environ = {**os.environ, "PGHOST": info["host"], "PGPORT": str(info["port"]),
-                   "PGUSER": info["user"], "PGPASSWORD": info["password"],
-                   "PGDATABASE": info["dbname"], "BENCH_TOPIC": self.topic,
-                   "BENCH_BOOTSTRAP": self.env.bootstrap, "BENCH_EXPECTED": str(self.expected)}
+        environ = {
+            **os.environ,
+            "PGHOST": info["host"],
+            "PGPORT": str(info["port"]),
+            "PGUSER": info["user"],
+            "PGPASSWORD": info["password"],
+            "PGDATABASE": info["dbname"],
+            "BENCH_TOPIC": self.topic,
+            "BENCH_BOOTSTRAP": self.env.bootstrap,
+            "BENCH_EXPECTED": str(self.expected),
+        }
         cp = f"{target / 'classes'}:{target / 'lib'}/*"
         self.proc = subprocess.Popen(
-            ["java", "-Xmx1g", "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn", "-cp", cp,
-             "outboxbench.OutboxBench"],
-            env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                "java",
+                "-Xmx1g",
+                "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+                "-cp",
+                cp,
+                "outboxbench.OutboxBench",
+            ],
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.started = time.monotonic()
         line = self.read_line(ready_timeout)
         if line != "READY":
@@ -107,7 +130,8 @@ def fill_events(dsn: str, n: int) -> None:
                 f"SELECT 'drain', 'key-' || (i %% {KEYS}), 'Event', "
                 f"('{{\"i\":\"' || lpad(i::text, 8, '0') || '\",\"pad\":\"' || repeat('x', {pad})"
                 " || '\"}')::jsonb FROM generate_series(%s::bigint, %s::bigint) AS i",
-                (lo, hi - 1))
+                (lo, hi - 1),
+            )
 
 
 def drain_debezium(env, n: int) -> dict:
@@ -139,13 +163,17 @@ def drain_debezium(env, n: int) -> dict:
         if not (line and line.startswith("DONE")):
             raise RuntimeError("debezium did not finish in time")
         ended = time.monotonic()
-        _, count, first_ms, last_ms = line.split()
+        _, _count, first_ms, last_ms = line.split()
     finally:
         dbz.stop()
     seconds = (int(last_ms) - int(first_ms)) / 1000
     return {
-        "peer": "debezium", "messages": n, "replicas": 1, "confirmed_rows_before": 0,
-        "seconds": ended - dbz.started, "seconds_after_first": seconds,
+        "peer": "debezium",
+        "messages": n,
+        "replicas": 1,
+        "confirmed_rows_before": 0,
+        "seconds": ended - dbz.started,
+        "seconds_after_first": seconds,
         "msgs_per_s": n / max(seconds, 1e-3),
         "msgs_per_s_incl_startup": n / (ended - dbz.started),
         "relay_cpu_s_per_10k": cpu / n * 10_000,

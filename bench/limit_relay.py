@@ -22,12 +22,13 @@ from confluent_kafka import Producer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.kafka import DEFAULT_PRODUCER_CONFIG  # noqa: E402 - the same producer tuning
+from relay.kafka import DEFAULT_PRODUCER_CONFIG  # the same producer tuning
 
-SELECT = ("SELECT id, message_id::text, topic, key, payload FROM local_message "
-          "WHERE status = 'PENDING' ORDER BY id LIMIT %s")
-CONFIRM = ("UPDATE local_message SET status = 'CONFIRMED', delivered_at = now() "
-           "WHERE id = ANY(%s)")
+SELECT = (
+    "SELECT id, message_id::text, topic, key, payload FROM local_message "
+    "WHERE status = 'PENDING' ORDER BY id LIMIT %s"
+)
+CONFIRM = "UPDATE local_message SET status = 'CONFIRMED', delivered_at = now() WHERE id = ANY(%s)"
 
 
 def main() -> None:
@@ -39,8 +40,14 @@ def main() -> None:
     args = parser.parse_args()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    producer = Producer({**DEFAULT_PRODUCER_CONFIG, "bootstrap.servers": args.bootstrap,
-                         "enable.idempotence": "true", "acks": "all"})
+    producer = Producer(
+        {
+            **DEFAULT_PRODUCER_CONFIG,
+            "bootstrap.servers": args.bootstrap,
+            "enable.idempotence": "true",
+            "acks": "all",
+        }
+    )
     errors: list[str] = []
 
     def on_delivery(err, _msg) -> None:
@@ -58,9 +65,13 @@ def main() -> None:
             for _, message_id, topic, key, payload in rows:
                 while True:
                     try:
-                        producer.produce(topic, payload, key,
-                                         headers=[("message_id", message_id.encode())],
-                                         on_delivery=on_delivery)
+                        producer.produce(
+                            topic,
+                            payload,
+                            key,
+                            headers=[("message_id", message_id.encode())],
+                            on_delivery=on_delivery,
+                        )
                         break
                     except BufferError:
                         producer.poll(0.05)

@@ -20,16 +20,19 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import outbox  # noqa: E402
-from bench.writer_cost import commits_per_writer  # noqa: E402
+import outbox
+from bench.writer_cost import commits_per_writer
 
 SCHEMA = "bench_notify"
 
 
 def run(dsn: str, writers: int, seconds: float, rows_per_tx: int) -> float:
-    batch = [dict(topic="bench", key=f"k{i}", payload={"pad": "x" * 200}) for i in range(rows_per_tx)]
+    batch = [
+        dict(topic="bench", key=f"k{i}", payload={"pad": "x" * 200}) for i in range(rows_per_tx)
+    ]
     commits = commits_per_writer(
-        dsn, writers, seconds, lambda conn, _n, _i: outbox.publish_many(conn, batch, schema=SCHEMA))
+        dsn, writers, seconds, lambda conn, _n, _i: outbox.publish_many(conn, batch, schema=SCHEMA)
+    )
     return sum(commits) / seconds
 
 
@@ -47,18 +50,25 @@ def main() -> None:
     try:
         for setting in ("ENABLE", "DISABLE", "ENABLE", "DISABLE"):
             with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute(f"ALTER TABLE {SCHEMA}.local_message {setting} TRIGGER local_message_notify")
+                conn.execute(
+                    f"ALTER TABLE {SCHEMA}.local_message {setting} TRIGGER local_message_notify"
+                )
                 conn.execute(f"TRUNCATE {SCHEMA}.local_message")
             rate = run(dsn, args.writers, args.seconds, args.rows_per_tx)
-            results.setdefault("notify_on" if setting == "ENABLE" else "notify_off", []).append(rate)
+            results.setdefault("notify_on" if setting == "ENABLE" else "notify_off", []).append(
+                rate
+            )
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
     on, off = max(results["notify_on"]), max(results["notify_off"])
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "writers": args.writers, "rows_per_tx": args.rows_per_tx, "seconds": args.seconds,
-        "commits_per_s_notify_on": round(on), "commits_per_s_notify_off": round(off),
+        "writers": args.writers,
+        "rows_per_tx": args.rows_per_tx,
+        "seconds": args.seconds,
+        "commits_per_s_notify_on": round(on),
+        "commits_per_s_notify_off": round(off),
         "ratio_on_to_off": round(on / off, 3),
     }
     print(json.dumps(report, indent=2))

@@ -58,8 +58,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 OURS_ENV = {"OUTBOX_IDLE_POLL_INTERVAL": "0.2"}
 PEERS = {
     "ours": {},
-    "ours-fast": {"OUTBOX_BATCH_SIZE": "10000", "OUTBOX_KAFKA_LINGER_MS": "20",
-                  "OUTBOX_KAFKA_BATCH_SIZE": "2000000"},
+    "ours-fast": {
+        "OUTBOX_BATCH_SIZE": "10000",
+        "OUTBOX_KAFKA_LINGER_MS": "20",
+        "OUTBOX_KAFKA_BATCH_SIZE": "2000000",
+    },
 }
 
 
@@ -80,7 +83,9 @@ class Env:
 
     def fresh_db(self, name: str, schema: bool = True, notify: bool = False) -> str:
         with psycopg.connect(self.admin_dsn, autocommit=True) as c:
-            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            c.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
             c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         dsn = self.dsn(name)
         if schema:
@@ -97,7 +102,7 @@ class Env:
             try:
                 create_topic(self.bootstrap, name, partitions=PARTITIONS)
                 return name
-            except Exception:  # noqa: BLE001 - deletion still in progress
+            except Exception:  # deletion still in progress (re-raised at the deadline)
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
@@ -106,8 +111,10 @@ class Env:
 def payload_sql(i: str) -> str:
     """SQL for a 256-byte JSON payload numbered by expression I."""
     pad = PAYLOAD_BYTES - 25
-    return (f"convert_to('{{\"i\":\"' || lpad(({i})::text, 8, '0') || '\",\"pad\":\"' || "
-            f"repeat('x', {pad}) || '\"}}', 'UTF8')")
+    return (
+        f'convert_to(\'{{"i":"\' || lpad(({i})::text, 8, \'0\') || \'","pad":"\' || '
+        f"repeat('x', {pad}) || '\"}}', 'UTF8')"
+    )
 
 
 #: False (--no-analyze): the drain starts right after the bulk load, with whatever statistics
@@ -126,7 +133,9 @@ def fill(dsn: str, topic: str, n: int, status: str = "PENDING", start: int = 0) 
                 "INSERT INTO local_message (message_id, topic, key, payload, status) "
                 "SELECT ('01800000-0000-7000-8000-' || lpad(to_hex(i), 12, '0'))::uuid, "
                 f"%s, convert_to('key-' || (i %% {KEYS}), 'UTF8'), {payload_sql('i')}, %s "
-                "FROM generate_series(%s::bigint, %s::bigint) AS i", (topic, status, lo, hi - 1))
+                "FROM generate_series(%s::bigint, %s::bigint) AS i",
+                (topic, status, lo, hi - 1),
+            )
         if ANALYZE_AFTER_FILL:
             c.execute("VACUUM ANALYZE local_message")
 
@@ -137,7 +146,8 @@ def db_counters(dsn: str) -> dict[str, int]:
         lsn = c.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
         ins, upd, dele = c.execute(
             "SELECT n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables "
-            "WHERE relname = 'local_message'").fetchone()
+            "WHERE relname = 'local_message'"
+        ).fetchone()
     return {"wal": int(lsn), "writes": ins + upd + dele, "ins": ins, "upd": upd}
 
 
@@ -146,23 +156,28 @@ def any_pending(dsn: str) -> bool:
     to count CONFIRMED rows every 50 ms; with 5,000,000 of them in the table that count took
     4.2 s on three processes and kept both cores busy, halving every peer's drain.)"""
     with psycopg.connect(dsn, autocommit=True) as c:
-        return c.execute("SELECT EXISTS (SELECT 1 FROM local_message WHERE status = 'PENDING')"
-                         ).fetchone()[0]
+        return c.execute(
+            "SELECT EXISTS (SELECT 1 FROM local_message WHERE status = 'PENDING')"
+        ).fetchone()[0]
 
 
 def delivery_span(dsn: str, first_id: int) -> float:
     """Seconds from the first to the last UPDATE to CONFIRMED of the rows from FIRST_ID on, by
     the database's own clock (delivered_at is the UPDATE's transaction time)."""
     with psycopg.connect(dsn, autocommit=True) as c:
-        return c.execute("SELECT extract(epoch FROM max(delivered_at) - min(delivered_at))"
-                         "::double precision "
-                         "FROM local_message WHERE id >= %s", (first_id,)).fetchone()[0]
+        return c.execute(
+            "SELECT extract(epoch FROM max(delivered_at) - min(delivered_at))"
+            "::double precision "
+            "FROM local_message WHERE id >= %s",
+            (first_id,),
+        ).fetchone()[0]
 
 
 def confirmed(dsn: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as c:
-        return c.execute("SELECT count(*) FROM local_message WHERE status = 'CONFIRMED'"
-                         ).fetchone()[0]
+        return c.execute(
+            "SELECT count(*) FROM local_message WHERE status = 'CONFIRMED'"
+        ).fetchone()[0]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -177,25 +192,45 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_ours(env: Env, dsn: str, peer: str, name: str, extra: dict | None = None,
-               stderr=subprocess.PIPE, listen: bool = False):
-    environ = {**os.environ, **OURS_ENV, **PEERS[peer], **(extra or {}),
-               "OUTBOX_DSN": dsn, "OUTBOX_BOOTSTRAP_SERVERS": env.bootstrap}
-    return subprocess.Popen([PY, "-m", "relay", "relay", "--name", name]
-                            + ([] if listen else ["--no-listen"]),
-                            env=environ, stdout=subprocess.DEVNULL, stderr=stderr)
+def start_ours(
+    env: Env,
+    dsn: str,
+    peer: str,
+    name: str,
+    extra: dict | None = None,
+    stderr=subprocess.PIPE,
+    listen: bool = False,
+):
+    environ = {
+        **os.environ,
+        **OURS_ENV,
+        **PEERS[peer],
+        **(extra or {}),
+        "OUTBOX_DSN": dsn,
+        "OUTBOX_BOOTSTRAP_SERVERS": env.bootstrap,
+    }
+    return subprocess.Popen(
+        [PY, "-m", "relay", "relay", "--name", name] + ([] if listen else ["--no-listen"]),
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )
 
 
 def start_naive(env: Env, dsn: str):
-    return subprocess.Popen([PY, str(ROOT / "bench" / "naive_relay.py"), "--dsn", dsn,
-                             "--bootstrap", env.bootstrap],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [PY, str(ROOT / "bench" / "naive_relay.py"), "--dsn", dsn, "--bootstrap", env.bootstrap],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def start_limit(env: Env, dsn: str):
-    return subprocess.Popen([PY, str(ROOT / "bench" / "limit_relay.py"), "--dsn", dsn,
-                             "--bootstrap", env.bootstrap],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [PY, str(ROOT / "bench" / "limit_relay.py"), "--dsn", dsn, "--bootstrap", env.bootstrap],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -211,8 +246,14 @@ def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
 # --------------------------------------------------------------------------- drain
 
 
-def drain_ours_like(env: Env, peer: str, n: int, replicas: int = 1, confirmed_rows: int = 0,
-                    profile_to: Path | None = None) -> dict:
+def drain_ours_like(
+    env: Env,
+    peer: str,
+    n: int,
+    replicas: int = 1,
+    confirmed_rows: int = 0,
+    profile_to: Path | None = None,
+) -> dict:
     dsn = env.fresh_db("bench_drain")
     topic = env.fresh_topic("bench.drain")
     if confirmed_rows:
@@ -229,10 +270,23 @@ def drain_ours_like(env: Env, peer: str, n: int, replicas: int = 1, confirmed_ro
         procs = [start_ours(env, dsn, peer, f"{peer}-{i}") for i in range(replicas)]
     spy = None
     if profile_to is not None and shutil.which("py-spy", path=str(Path(PY).parent)):
-        spy = subprocess.Popen([str(Path(PY).parent / "py-spy"), "record", "--format", "raw",
-                                "--rate", "200", "--pid", str(procs[0].pid), "--output",
-                                str(profile_to), "--nonblocking"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spy = subprocess.Popen(
+            [
+                str(Path(PY).parent / "py-spy"),
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--pid",
+                str(procs[0].pid),
+                "--output",
+                str(profile_to),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     deadline = started + max(600, n / 50)
     cpu = {p.pid: 0.0 for p in procs}
     rss = {p.pid: 0.0 for p in procs}
@@ -246,8 +300,10 @@ def drain_ours_like(env: Env, peer: str, n: int, replicas: int = 1, confirmed_ro
             break
         if now > deadline or all(p.poll() is not None for p in procs):
             done = confirmed(dsn) - confirmed_rows  # rows CONFIRMED before do not count
-            raise RuntimeError(f"{peer}: {done}/{n} confirmed, relays "
-                               f"{[p.poll() for p in procs]}: {procs[0].stderr.read()[-2000:]!r}")
+            raise RuntimeError(
+                f"{peer}: {done}/{n} confirmed, relays "
+                f"{[p.poll() for p in procs]}: {procs[0].stderr.read()[-2000:]!r}"
+            )
         time.sleep(0.1)
     ended = time.monotonic()
     span = delivery_span(dsn, confirmed_rows + 1)  # the filled rows' ids start after the old
@@ -258,8 +314,12 @@ def drain_ours_like(env: Env, peer: str, n: int, replicas: int = 1, confirmed_ro
         stop(p)
     after = db_counters(dsn)
     return {
-        "peer": peer, "messages": n, "replicas": replicas, "confirmed_rows_before": confirmed_rows,
-        "seconds": ended - started, "seconds_after_first": span,
+        "peer": peer,
+        "messages": n,
+        "replicas": replicas,
+        "confirmed_rows_before": confirmed_rows,
+        "seconds": ended - started,
+        "seconds_after_first": span,
         "msgs_per_s": n / span,
         "msgs_per_s_incl_startup": n / (ended - started),
         "relay_cpu_s_per_10k": sum(cpu.values()) / n * 10_000,
@@ -276,8 +336,7 @@ def drain_ours_like(env: Env, peer: str, n: int, replicas: int = 1, confirmed_ro
 WARM_UP = "warm-up"
 
 
-def _writer(dsn: str, topic: str, rate: int, seconds: float, table: str, counter,
-            done) -> None:
+def _writer(dsn: str, topic: str, rate: int, seconds: float, table: str, counter, done) -> None:
     """Commit RATE messages/s for SECONDS: a transaction every 10 ms carrying rate/100 events,
     each stamped with the wall time taken before its INSERT. Sends back, per stamp, the wall
     time at which its COMMIT returned: latency is counted from there."""
@@ -304,27 +363,34 @@ def _writer(dsn: str, topic: str, rate: int, seconds: float, table: str, counter
     done.put(committed)
 
 
-def _insert(conn: psycopg.Connection, topic: str, table: str, stamp: str,
-            keys: list[str]) -> None:
+def _insert(conn: psycopg.Connection, topic: str, table: str, stamp: str, keys: list[str]) -> None:
     pad = "x" * (PAYLOAD_BYTES - 40)
     if table == "local_message":
-        outbox.publish_many(conn, [{"topic": topic, "key": key,
-                                    "payload": {"t": stamp, "pad": pad}} for key in keys])
+        outbox.publish_many(
+            conn,
+            [{"topic": topic, "key": key, "payload": {"t": stamp, "pad": pad}} for key in keys],
+        )
     else:  # the Debezium outbox table
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO outbox_event (id, aggregatetype, aggregateid, type, payload)"
                 " VALUES (%s, 'drain', %s, 'Event', %s)",
-                [(uuid.uuid4(), key, json.dumps({"t": stamp, "pad": pad})) for key in keys])
+                [(uuid.uuid4(), key, json.dumps({"t": stamp, "pad": pad})) for key in keys],
+            )
 
 
-def _consumer(bootstrap: str, topic: str, expected, ready, warm, result,
-              timeout: float) -> None:
+def _consumer(bootstrap: str, topic: str, expected, ready, warm, result, timeout: float) -> None:
     from confluent_kafka import Consumer, TopicPartition
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}",
-                  "enable.auto.commit": False, "fetch.wait.max.ms": 5,
-                  "isolation.level": "read_committed"})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 5,
+            "isolation.level": "read_committed",
+        }
+    )
     parts = c.list_topics(topic, timeout=10).topics[topic].partitions
     c.assign([TopicPartition(topic, p, 0) for p in parts])
     ready.set()
@@ -353,8 +419,14 @@ def _consumer(bootstrap: str, topic: str, expected, ready, warm, result,
     result.put(received)
 
 
-def steady_run(env: Env, peer: str, rate: int, seconds: float, relay_extra: dict | None = None,
-               relay_stderr=subprocess.PIPE) -> tuple[int, dict[str, float], list]:
+def steady_run(
+    env: Env,
+    peer: str,
+    rate: int,
+    seconds: float,
+    relay_extra: dict | None = None,
+    relay_stderr=subprocess.PIPE,
+) -> tuple[int, dict[str, float], list]:
     """One steady run: (messages written, {stamp: COMMIT end}, [(stamp, produced, received)]).
     Our relay runs with its defaults here: the insert trigger's NOTIFY on, and LISTENing."""
     ctx = mp.get_context("spawn")
@@ -370,13 +442,17 @@ def steady_run(env: Env, peer: str, rate: int, seconds: float, relay_extra: dict
     else:
         dsn = env.fresh_db("bench_steady", notify=True)
         topic = env.fresh_topic("bench.steady")
-        proc = (start_naive(env, dsn) if peer == "naive"
-                else start_ours(env, dsn, peer, peer, relay_extra, relay_stderr, listen=True))
+        proc = (
+            start_naive(env, dsn)
+            if peer == "naive"
+            else start_ours(env, dsn, peer, peer, relay_extra, relay_stderr, listen=True)
+        )
         table = "local_message"
     expected, count = ctx.Value("i", 0), ctx.Value("i", 0)
     ready, warm, result, done = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Queue()
-    consumer = ctx.Process(target=_consumer, args=(env.bootstrap, topic, expected, ready, warm,
-                                                   result, seconds + 90))
+    consumer = ctx.Process(
+        target=_consumer, args=(env.bootstrap, topic, expected, ready, warm, result, seconds + 90)
+    )
     try:
         consumer.start()
         if not ready.wait(30):
@@ -414,11 +490,19 @@ def steady(env: Env, peer: str, rate: int, seconds: float) -> dict:
 
     # A writer that could not commit at RATE (the machine is shared) offered less: no verdict.
     offered = written >= rate * seconds * 0.99
-    return {"peer": peer, "rate": rate, "seconds": seconds, "written": written,
-            "writer_kept_rate": offered,
-            "received": len(received), "keeps_up": offered and len(received) >= written
-            and (pct(99) < 1000),
-            "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99), "max_ms": pct(100)}
+    return {
+        "peer": peer,
+        "rate": rate,
+        "seconds": seconds,
+        "written": written,
+        "writer_kept_rate": offered,
+        "received": len(received),
+        "keeps_up": offered and len(received) >= written and (pct(99) < 1000),
+        "p50_ms": pct(50),
+        "p95_ms": pct(95),
+        "p99_ms": pct(99),
+        "max_ms": pct(100),
+    }
 
 
 # --------------------------------------------------------------------------- profile
@@ -443,47 +527,69 @@ def summarize_profile(raw: Path, top: int = 15) -> list[tuple[str, float]]:
 
 
 def report(results: dict, out: Path) -> None:
-    lines = [f"# Benchmark run {results['started']}", "",
-             f"Machine: {results['machine']}", f"Command: `{results['command']}`", ""]
+    lines = [
+        f"# Benchmark run {results['started']}",
+        "",
+        f"Machine: {results['machine']}",
+        f"Command: `{results['command']}`",
+        "",
+    ]
     drains = results.get("drain", [])
     if drains:
         base = {d["peer"]: d for d in drains}
-        lines += ["## Drain", "",
-                  "| peer | messages | msgs/s | vs limit | vs debezium | vs naive | "
-                  "relay CPU s / 10k | WAL B / msg | row writes / msg (relay) | peak RSS MB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Drain",
+            "",
+            "| peer | messages | msgs/s | vs limit | vs debezium | vs naive | "
+            "relay CPU s / 10k | WAL B / msg | row writes / msg (relay) | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for d in drains:
             vs = []
             for other in ("limit", "debezium", "naive"):
                 o = base.get(other)
-                vs.append(f"{d['msgs_per_s'] / o['msgs_per_s']:.2f}x" if o and o is not d
-                          else "-")
+                vs.append(f"{d['msgs_per_s'] / o['msgs_per_s']:.2f}x" if o and o is not d else "-")
             lines.append(
                 f"| {d['peer']} | {d['messages']:,} | {d['msgs_per_s']:,.0f} | {vs[0]} | {vs[1]} "
                 f"| {vs[2]} "
                 f"| {d['relay_cpu_s_per_10k']:.2f} | {d['wal_bytes_per_msg']:.0f} | "
-                f"{d['row_writes_per_msg_relay']:.2f} | {d['peak_rss_mb']:.0f} |")
+                f"{d['row_writes_per_msg_relay']:.2f} | {d['peak_rss_mb']:.0f} |"
+            )
         lines.append("")
     if results.get("steady"):
-        lines += ["## Steady state (commit to consumer)", "",
-                  "| peer | rate msg/s | p50 ms | p95 ms | p99 ms | max ms | keeps up |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Steady state (commit to consumer)",
+            "",
+            "| peer | rate msg/s | p50 ms | p95 ms | p99 ms | max ms | keeps up |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for s in results["steady"]:
-            lines.append(f"| {s['peer']} | {s['rate']:,} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} "
-                         f"| {s['p99_ms']:.1f} | {s['max_ms']:.1f} | "
-                         f"{'yes' if s['keeps_up'] else 'NO'} ({s['received']:,}/{s['written']:,}"
-                         f"{'' if s.get('writer_kept_rate', True) else ', writer fell behind'}) |")
+            lines.append(
+                f"| {s['peer']} | {s['rate']:,} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} "
+                f"| {s['p99_ms']:.1f} | {s['max_ms']:.1f} | "
+                f"{'yes' if s['keeps_up'] else 'NO'} ({s['received']:,}/{s['written']:,}"
+                f"{'' if s.get('writer_kept_rate', True) else ', writer fell behind'}) |"
+            )
         lines.append("")
     if results.get("scaling"):
-        lines += ["## Scaling (our relay, default settings)", "",
-                  "| relays | CONFIRMED rows already in the table | msgs/s |", "|---|---|---|"]
+        lines += [
+            "## Scaling (our relay, default settings)",
+            "",
+            "| relays | CONFIRMED rows already in the table | msgs/s |",
+            "|---|---|---|",
+        ]
         for s in results["scaling"]:
-            lines.append(f"| {s['replicas']} | {s['confirmed_rows_before']:,} | "
-                         f"{s['msgs_per_s']:,.0f} |")
+            lines.append(
+                f"| {s['replicas']} | {s['confirmed_rows_before']:,} | {s['msgs_per_s']:,.0f} |"
+            )
         lines.append("")
     if results.get("profile"):
-        lines += ["## Profile of `ours-fast` at full speed (py-spy, self time)", "",
-                  "| function | % of samples |", "|---|---|"]
+        lines += [
+            "## Profile of `ours-fast` at full speed (py-spy, self time)",
+            "",
+            "| function | % of samples |",
+            "|---|---|",
+        ]
         for name, share in results["profile"]:
             lines.append(f"| `{name}` | {share:.1f} |")
         lines.append("")
@@ -494,6 +600,7 @@ def report(results: dict, out: Path) -> None:
 def plot(results: dict, out: Path) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -502,8 +609,13 @@ def plot(results: dict, out: Path) -> None:
     drains = results.get("drain", [])
     if drains:
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.bar([d["peer"] for d in drains], [d["msgs_per_s"] for d in drains],
-               color=["#999" if d["peer"] in ("limit", "naive", "debezium") else "#2a7" for d in drains])
+        ax.bar(
+            [d["peer"] for d in drains],
+            [d["msgs_per_s"] for d in drains],
+            color=[
+                "#999" if d["peer"] in ("limit", "naive", "debezium") else "#2a7" for d in drains
+            ],
+        )
         ax.set_ylabel("messages/s (drain)")
         ax.set_title("Drain throughput, same machine, same run")
         for i, d in enumerate(drains):
@@ -514,10 +626,19 @@ def plot(results: dict, out: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for peer in sorted({s["peer"] for s in results["steady"]}):
             rows = [s for s in results["steady"] if s["peer"] == peer]
-            ax.plot([s["rate"] for s in rows], [s["p99_ms"] for s in rows], marker="o",
-                    label=f"{peer} p99")
-            ax.plot([s["rate"] for s in rows], [s["p50_ms"] for s in rows], marker=".",
-                    linestyle="--", label=f"{peer} p50")
+            ax.plot(
+                [s["rate"] for s in rows],
+                [s["p99_ms"] for s in rows],
+                marker="o",
+                label=f"{peer} p99",
+            )
+            ax.plot(
+                [s["rate"] for s in rows],
+                [s["p50_ms"] for s in rows],
+                marker=".",
+                linestyle="--",
+                label=f"{peer} p50",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("committed messages/s")
@@ -537,10 +658,16 @@ def main() -> None:
     parser.add_argument("--peers", default="limit,naive,debezium,ours,ours-fast")
     parser.add_argument("--out", default=None)
     parser.add_argument("--rates", default=None, help="steady's rates, e.g. 2000,10000")
-    parser.add_argument("--table-sizes", default="5000000",
-                        help="scaling: delivered rows kept in the table, e.g. 5000000,20000000")
-    parser.add_argument("--no-analyze", action="store_true",
-                        help="drain right after the bulk load, without VACUUM ANALYZE")
+    parser.add_argument(
+        "--table-sizes",
+        default="5000000",
+        help="scaling: delivered rows kept in the table, e.g. 5000000,20000000",
+    )
+    parser.add_argument(
+        "--no-analyze",
+        action="store_true",
+        help="drain right after the bulk load, without VACUUM ANALYZE",
+    )
     args = parser.parse_args()
     global ANALYZE_AFTER_FILL
     ANALYZE_AFTER_FILL = not args.no_analyze
@@ -551,10 +678,11 @@ def main() -> None:
     results: dict = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                   f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**30} GiB, "
-                   f"Python {platform.python_version()}",
-        "command": " ".join(["bench/run.py"] + sys.argv[1:]),
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**30} GiB, "
+        f"Python {platform.python_version()}",
+        "command": " ".join(["bench/run.py", *sys.argv[1:]]),
     }
+
     def save() -> None:  # after every workload, so that a failure later keeps what was measured
         (out / "results.json").write_text(json.dumps(results, indent=2))
 
@@ -566,16 +694,23 @@ def main() -> None:
             log(f"drain: {peer}")
             if peer == "debezium":
                 from bench.debezium_peer import drain_debezium
+
                 results["drain"].append(drain_debezium(env, n))
             else:
-                results["drain"].append(drain_ours_like(env, peer, naive_n if peer == "naive"
-                                                        else n))
+                results["drain"].append(
+                    drain_ours_like(env, peer, naive_n if peer == "naive" else n)
+                )
             log(f"  {results['drain'][-1]['msgs_per_s']:,.0f} msgs/s")
             save()
     if "steady" in only:
         results["steady"] = []
-        rates = ([int(r) for r in args.rates.split(",")] if args.rates
-                 else [500] if args.smoke else [500, 2000, 5000, 10000, 20000])
+        rates = (
+            [int(r) for r in args.rates.split(",")]
+            if args.rates
+            else [500]
+            if args.smoke
+            else [500, 2000, 5000, 10000, 20000]
+        )
         seconds = 5 if args.smoke else 60
         for peer in [p for p in peers if p not in ("ours-fast", "limit")]:
             for rate in rates:
@@ -584,15 +719,21 @@ def main() -> None:
                 log(f"steady: {peer} at {rate}/s for {seconds}s")
                 r = steady(env, peer, rate, seconds)
                 results["steady"].append(r)
-                log(f"  p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, keeps up: {r['keeps_up']}")
+                log(
+                    f"  p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+                    f"keeps up: {r['keeps_up']}"
+                )
                 save()
                 if not r["keeps_up"]:
                     break
     if "scaling" in only and "ours" in peers:
         results["scaling"] = []
         sizes = [int(size) for size in args.table_sizes.split(",") if size and int(size) > 0]
-        for replicas, old in ([(1, 0), (2, 0)] if args.smoke
-                              else [(1, 0), (2, 0), (4, 0)] + [(1, size) for size in sizes]):
+        for replicas, old in (
+            [(1, 0), (2, 0)]
+            if args.smoke
+            else [(1, 0), (2, 0), (4, 0)] + [(1, size) for size in sizes]
+        ):
             log(f"scaling: {replicas} relays, {old:,} CONFIRMED rows already")
             results["scaling"].append(drain_ours_like(env, "ours", n, replicas, old))
             save()

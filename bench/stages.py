@@ -7,7 +7,8 @@ Fills a fresh database (and topic) with --old-rows CONFIRMED rows, then --rows P
 (256-byte payloads, 1,000 keys, VACUUM ANALYZE), builds the relay as `outbox relay` would with
 default settings, calls Relay.step() until nothing is left, and prints msgs/s and the seconds
 spent in: the reads, the send (Kafka), the confirm UPDATE, the helpers' jobs (the write and the
-read, beside each other and the send), and the main thread's wait for them. No harness query runs meanwhile.
+read, beside each other and the send), and the main thread's wait for them. No harness query runs
+meanwhile.
 """
 
 from __future__ import annotations
@@ -20,19 +21,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import run as run_module  # noqa: E402
-from bench.run import Env, fill  # noqa: E402
-from relay import relay as relay_module  # noqa: E402
-from relay.config import RelayConfig  # noqa: E402
-from relay.runner import build_relay  # noqa: E402
+from bench import run as run_module
+from bench.run import Env, fill
+from relay import relay as relay_module
+from relay.config import RelayConfig
+from relay.runner import build_relay
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--old-rows", type=int, default=0)
-    parser.add_argument("--no-analyze", action="store_true",
-                        help="start right after the bulk load, without VACUUM ANALYZE")
+    parser.add_argument(
+        "--no-analyze",
+        action="store_true",
+        help="start right after the bulk load, without VACUUM ANALYZE",
+    )
     args = parser.parse_args()
     run_module.ANALYZE_AFTER_FILL = not args.no_analyze
     env = Env(os.environ["OUTBOX_DSN"], os.environ["OUTBOX_BOOTSTRAP_SERVERS"])
@@ -72,8 +76,10 @@ def main() -> None:
         relay.store.close()
         relay.reader.close()
     elapsed = time.monotonic() - started
-    print(f"{total:,} rows ({args.old_rows:,} CONFIRMED already) in {elapsed:.2f} s: "
-          f"{total / elapsed:,.0f} msgs/s")
+    print(
+        f"{total:,} rows ({args.old_rows:,} CONFIRMED already) in {elapsed:.2f} s: "
+        f"{total / elapsed:,.0f} msgs/s"
+    )
     for label, seconds in spent.items():
         print(f"  {label:24} {seconds:6.2f} s")
 

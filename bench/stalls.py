@@ -37,11 +37,12 @@ def _checkpoints(dsn: str, stop_flag: threading.Event, out: list) -> None:
     """PostgreSQL's checkpoints as they end (pg_stat_checkpointer, PostgreSQL 17+, or
     pg_stat_bgwriter), polled every 50 ms: (time seen, write ms, sync ms)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        view = ("pg_stat_checkpointer" if conn.info.server_version >= 170000
-                else "pg_stat_bgwriter")
-        cols = ("num_timed + num_requested, write_time, sync_time" if view.endswith("pointer")
-                else "checkpoints_timed + checkpoints_req, checkpoint_write_time, "
-                     "checkpoint_sync_time")
+        view = "pg_stat_checkpointer" if conn.info.server_version >= 170000 else "pg_stat_bgwriter"
+        cols = (
+            "num_timed + num_requested, write_time, sync_time"
+            if view.endswith("pointer")
+            else "checkpoints_timed + checkpoints_req, checkpoint_write_time, checkpoint_sync_time"
+        )
         last = conn.execute(f"SELECT {cols} FROM {view}").fetchone()
         while not stop_flag.wait(0.05):
             row = conn.execute(f"SELECT {cols} FROM {view}").fetchone()
@@ -81,8 +82,9 @@ def main() -> None:
     cp_thread.start()
     try:
         with relay_log.open("w") as log_file:
-            written, committed, seen = steady_run(env, args.peer, args.rate, args.seconds,
-                                                  {"OUTBOX_LOG_LEVEL": "DEBUG"}, log_file)
+            written, committed, seen = steady_run(
+                env, args.peer, args.rate, args.seconds, {"OUTBOX_LOG_LEVEL": "DEBUG"}, log_file
+            )
     finally:
         cp_stop.set()
         cp_thread.join(5)
@@ -94,11 +96,21 @@ def main() -> None:
         rows.append((t, c - t, produced - c, received - produced, received - t, received - c))
     rows.sort()
     print(f"{written:,} written, {len(rows):,} received; percentiles 50/90/99/99.9/100 in ms:")
-    for i, name in [(1, "commit"), (2, "pickup"), (3, "kafka"), (4, "stamp to consumer"),
-                    (5, "commit to consumer")]:
+    for i, name in [
+        (1, "commit"),
+        (2, "pickup"),
+        (3, "kafka"),
+        (4, "stamp to consumer"),
+        (5, "commit to consumer"),
+    ]:
         v = sorted(r[i] for r in rows)
-        print(f"  {name:20}" + "".join(f"{v[min(len(v) - 1, int(p / 100 * len(v)))] * 1000:8.1f}"
-                                       for p in (50, 90, 99, 99.9, 100)))
+        print(
+            f"  {name:20}"
+            + "".join(
+                f"{v[min(len(v) - 1, int(p / 100 * len(v)))] * 1000:8.1f}"
+                for p in (50, 90, 99, 99.9, 100)
+            )
+        )
     slow = [r for r in rows if r[4] > args.threshold]
     print(f"{len(slow)} messages over {args.threshold * 1000:.0f} ms")
     relay_lines = _log_lines(relay_log)
@@ -107,9 +119,11 @@ def main() -> None:
         by_second.setdefault(int(r[0]), []).append(r)
     for second, group in sorted(by_second.items()):
         worst = max(group, key=lambda r: r[4])
-        print(f"\n{time.strftime('%H:%M:%S', time.localtime(second))}: {len(group)} slow, worst "
-              f"{worst[4] * 1000:.0f} ms = commit {worst[1] * 1000:.0f} + pickup "
-              f"{worst[2] * 1000:.0f} + kafka {worst[3] * 1000:.0f}")
+        print(
+            f"\n{time.strftime('%H:%M:%S', time.localtime(second))}: {len(group)} slow, worst "
+            f"{worst[4] * 1000:.0f} ms = commit {worst[1] * 1000:.0f} + pickup "
+            f"{worst[2] * 1000:.0f} + kafka {worst[3] * 1000:.0f}"
+        )
         lo, hi = second - 1, second + 2
         for t, line in relay_lines:
             if lo <= t <= hi:

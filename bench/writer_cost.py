@@ -24,8 +24,8 @@ import argparse
 import json
 import os
 import platform
-import threading
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,16 +34,20 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import outbox  # noqa: E402
-from bench.debezium_peer import TABLE_DDL as DEBEZIUM_DDL  # noqa: E402 - the table it reads
+import outbox
+from bench.debezium_peer import TABLE_DDL as DEBEZIUM_DDL  # the table it reads
 
 SCHEMA = "bench_writer"
 PAYLOAD = {"i": "00000000", "pad": "x" * 222}  # 256 bytes as JSON, like bench/run.py's rows
-V2_CHECK = ("CHECK (topic ~ '^[a-zA-Z0-9._-]{1,249}$' AND topic NOT IN ('.', '..'))")
+V2_CHECK = "CHECK (topic ~ '^[a-zA-Z0-9._-]{1,249}$' AND topic NOT IN ('.', '..'))"
 #: (The dedup_key index stays: publish() names it in ON CONFLICT. It holds only rows that have
 #: a dedup_key, none here.)
-EXTRA_INDEXES = ("local_message_message_id_key", "local_message_pending_idx",
-                 "local_message_blocking_idx", "local_message_created_at_brin")
+EXTRA_INDEXES = (
+    "local_message_message_id_key",
+    "local_message_pending_idx",
+    "local_message_blocking_idx",
+    "local_message_created_at_brin",
+)
 VARIANTS = ("ours", "ours-no-notify", "ours-v2-check", "ours-no-extra", "debezium")
 
 
@@ -73,14 +77,18 @@ def write_events(conn: psycopg.Connection, variant: str, n: int, key: str) -> No
         with conn.cursor() as cur:
             cur.executemany(
                 f"INSERT INTO {SCHEMA}.outbox_event (aggregatetype, aggregateid, type, payload) "
-                "VALUES ('bench', %s, 'event', %s::jsonb)", [(key, body)] * n)
+                "VALUES ('bench', %s, 'event', %s::jsonb)",
+                [(key, body)] * n,
+            )
     else:
-        outbox.publish_many(conn, [dict(topic="bench", key=key, payload=PAYLOAD)] * n,
-                            schema=SCHEMA)
+        outbox.publish_many(
+            conn, [dict(topic="bench", key=key, payload=PAYLOAD)] * n, schema=SCHEMA
+        )
 
 
-def commits_per_writer(dsn: str, writers: int, seconds: float,
-                       write: Callable[[psycopg.Connection, int, int], None]) -> list[int]:
+def commits_per_writer(
+    dsn: str, writers: int, seconds: float, write: Callable[[psycopg.Connection, int, int], None]
+) -> list[int]:
     """WRITERS threads, each committing transactions as fast as it can for SECONDS;
     write(conn, writer, commits_so_far) fills one transaction. Returns each one's commits."""
     stop = time.monotonic() + seconds
@@ -106,14 +114,20 @@ def run(dsn: str, variant: str, writers: int, seconds: float, rows_per_tx: int) 
         prepare(conn, variant)
         wal_before = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
     commits = commits_per_writer(
-        dsn, writers, seconds,
-        lambda conn, n, i: write_events(conn, variant, rows_per_tx, f"k{n}-{i % 100}"))
+        dsn,
+        writers,
+        seconds,
+        lambda conn, n, i: write_events(conn, variant, rows_per_tx, f"k{n}-{i % 100}"),
+    )
     with psycopg.connect(dsn, autocommit=True) as conn:
         wal_after = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
     events = sum(commits) * rows_per_tx
-    return {"variant": variant, "commits_per_s": sum(commits) / seconds,
-            "events_per_s": events / seconds,
-            "wal_bytes_per_event": float(wal_after - wal_before) / max(events, 1)}
+    return {
+        "variant": variant,
+        "commits_per_s": sum(commits) / seconds,
+        "events_per_s": events / seconds,
+        "wal_bytes_per_event": float(wal_after - wal_before) / max(events, 1),
+    }
 
 
 def main() -> None:
@@ -134,14 +148,18 @@ def main() -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
     base = best["debezium"]["commits_per_s"]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; writers {args.writers}, "
-          f"{args.rows_per_tx} event(s) per transaction, {args.seconds:g} s per run, best of 2")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; writers {args.writers}, "
+        f"{args.rows_per_tx} event(s) per transaction, {args.seconds:g} s per run, best of 2"
+    )
     print("| variant | commits/s | events/s | vs debezium | WAL B / event |")
     print("|---|---|---|---|---|")
     for variant in VARIANTS:
         r = best[variant]
-        print(f"| {variant} | {r['commits_per_s']:,.0f} | {r['events_per_s']:,.0f} | "
-              f"{r['commits_per_s'] / base:.2f}x | {r['wal_bytes_per_event']:,.0f} |")
+        print(
+            f"| {variant} | {r['commits_per_s']:,.0f} | {r['events_per_s']:,.0f} | "
+            f"{r['commits_per_s'] / base:.2f}x | {r['wal_bytes_per_event']:,.0f} |"
+        )
 
 
 if __name__ == "__main__":

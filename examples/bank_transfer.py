@@ -74,8 +74,10 @@ def transfer(session: Session, source: int, target: int, amount: Decimal) -> str
         accounts = {
             a.id: a
             for a in session.scalars(
-                select(Account).where(Account.id.in_([source, target]))
-                .order_by(Account.id).with_for_update()
+                select(Account)
+                .where(Account.id.in_([source, target]))
+                .order_by(Account.id)
+                .with_for_update()
             )
         }
         debit, credit = accounts[source], accounts[target]
@@ -84,18 +86,43 @@ def transfer(session: Session, source: int, target: int, amount: Decimal) -> str
         debit.balance -= amount
         credit.balance += amount
         session.add(Transfer(id=transfer_id, from_account=source, to_account=target, amount=amount))
-        debit.record_event(TOPIC, {"type": "AccountDebited", "account": source,
-                                   "amount": str(amount), "transfer": transfer_id,
-                                   "balance": str(debit.balance)}, key=f"account-{source}",
-                           headers={"event-type": "AccountDebited"})
-        credit.record_event(TOPIC, {"type": "AccountCredited", "account": target,
-                                    "amount": str(amount), "transfer": transfer_id,
-                                    "balance": str(credit.balance)}, key=f"account-{target}",
-                            headers={"event-type": "AccountCredited"})
-        debit.record_event(TOPIC, {"type": "TransferCompleted", "transfer": transfer_id,
-                                   "from": source, "to": target, "amount": str(amount)},
-                           key=f"account-{source}", headers={"event-type": "TransferCompleted"},
-                           dedup_key=f"transfer-completed-{transfer_id}")
+        debit.record_event(
+            TOPIC,
+            {
+                "type": "AccountDebited",
+                "account": source,
+                "amount": str(amount),
+                "transfer": transfer_id,
+                "balance": str(debit.balance),
+            },
+            key=f"account-{source}",
+            headers={"event-type": "AccountDebited"},
+        )
+        credit.record_event(
+            TOPIC,
+            {
+                "type": "AccountCredited",
+                "account": target,
+                "amount": str(amount),
+                "transfer": transfer_id,
+                "balance": str(credit.balance),
+            },
+            key=f"account-{target}",
+            headers={"event-type": "AccountCredited"},
+        )
+        debit.record_event(
+            TOPIC,
+            {
+                "type": "TransferCompleted",
+                "transfer": transfer_id,
+                "from": source,
+                "to": target,
+                "amount": str(amount),
+            },
+            key=f"account-{source}",
+            headers={"event-type": "TransferCompleted"},
+            dedup_key=f"transfer-completed-{transfer_id}",
+        )
     return transfer_id
 
 
@@ -120,13 +147,14 @@ def cmd_setup(_args) -> None:
     deadline = time.monotonic() + 30
     while True:
         try:
-            for f in admin.create_topics([NewTopic(TOPIC, num_partitions=3,
-                                                   replication_factor=1)]).values():
+            for f in admin.create_topics(
+                [NewTopic(TOPIC, num_partitions=3, replication_factor=1)]
+            ).values():
                 f.result(timeout=30)
             break
         except Exception as exc:  # the deletion may still be in progress
             if time.monotonic() > deadline:
-                raise SystemExit(f"cannot create topic {TOPIC}: {exc}")
+                raise SystemExit(f"cannot create topic {TOPIC}: {exc}") from exc
             time.sleep(0.2)
     print(f"set up {ACCOUNTS} accounts of 1000.00, the outbox tables and topic {TOPIC}")
 
@@ -150,8 +178,13 @@ def cmd_transfer(args) -> None:
 def cmd_watch(args) -> None:
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": os.environ["OUTBOX_BOOTSTRAP_SERVERS"],
-                         "group.id": f"demo-{uuid.uuid4().hex}", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": os.environ["OUTBOX_BOOTSTRAP_SERVERS"],
+            "group.id": f"demo-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+        }
+    )
     md = consumer.list_topics(TOPIC, timeout=10).topics[TOPIC]
     consumer.assign([TopicPartition(TOPIC, p, 0) for p in md.partitions])
     seen = 0
@@ -165,8 +198,10 @@ def cmd_watch(args) -> None:
                 if seen <= args.show or seen == args.expect:
                     event = json.loads(msg.value())
                     mid = dict(msg.headers() or [])["message_id"].decode()
-                    print(f"  p{msg.partition()}@{msg.offset():<5} {msg.key().decode():<11} "
-                          f"{event['type']:<18} message_id={mid}")
+                    print(
+                        f"  p{msg.partition()}@{msg.offset():<5} {msg.key().decode():<11} "
+                        f"{event['type']:<18} message_id={mid}"
+                    )
                 elif seen == args.show + 1:
                     print("  ...")
     finally:

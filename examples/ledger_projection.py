@@ -55,10 +55,14 @@ def apply_event(conn: psycopg.Connection, msg) -> None:
     if kind not in ("AccountDebited", "AccountCredited"):
         return  # TransferCompleted and any later kinds: nothing to project
     amount = event["amount"] if kind == "AccountCredited" else f"-{event['amount']}"
-    conn.execute("INSERT INTO ledger_entry (account, amount, transfer, kind) "
-                 "VALUES (%s, %s, %s, %s)", (event["account"], amount, event["transfer"], kind))
-    conn.execute("UPDATE ledger_balance SET balance = balance + %s WHERE account = %s",
-                 (amount, event["account"]))
+    conn.execute(
+        "INSERT INTO ledger_entry (account, amount, transfer, kind) VALUES (%s, %s, %s, %s)",
+        (event["account"], amount, event["transfer"], kind),
+    )
+    conn.execute(
+        "UPDATE ledger_balance SET balance = balance + %s WHERE account = %s",
+        (amount, event["account"]),
+    )
 
 
 def cmd_setup(_args) -> None:
@@ -73,8 +77,9 @@ def cmd_run(args) -> None:
         "group.id": args.group,
         "auto.offset.reset": "earliest",
     }
-    consumer = InboxConsumer(config, [TOPIC], apply_event,
-                             connect=lambda: psycopg.connect(os.environ["OUTBOX_DSN"]))
+    consumer = InboxConsumer(
+        config, [TOPIC], apply_event, connect=lambda: psycopg.connect(os.environ["OUTBOX_DSN"])
+    )
     signal.signal(signal.SIGTERM, lambda *_: consumer.stop())
     signal.signal(signal.SIGINT, lambda *_: consumer.stop())
     processed = skipped = 0
@@ -98,13 +103,16 @@ def cmd_check(_args) -> None:
         wrong = conn.execute(
             "SELECT a.id, a.balance, l.balance FROM account a "
             "JOIN ledger_balance l ON l.account = a.id "
-            "WHERE a.balance <> l.balance ORDER BY a.id").fetchall()
+            "WHERE a.balance <> l.balance ORDER BY a.id"
+        ).fetchall()
         (entries,) = conn.execute("SELECT count(*) FROM ledger_entry").fetchone()
         (transfers,) = conn.execute("SELECT count(*) FROM transfer").fetchone()
     for account, balance, projected in wrong:
         print(f"  account {account}: balance {balance}, ledger says {projected}")
-    print(f"{entries} ledger entries for {transfers} transfers; "
-          f"{len(wrong)} accounts differ from the ledger")
+    print(
+        f"{entries} ledger entries for {transfers} transfers; "
+        f"{len(wrong)} accounts differ from the ledger"
+    )
     if wrong or entries != 2 * transfers:
         sys.exit(1)
 
@@ -115,8 +123,12 @@ def main() -> None:
     sub.add_parser("setup").set_defaults(func=cmd_setup)
     p = sub.add_parser("run")
     p.add_argument("--group", default="ledger-projection", help="Kafka and inbox group")
-    p.add_argument("--idle", type=float, default=float("inf"),
-                   help="stop after this many seconds without an event [never]")
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=float("inf"),
+        help="stop after this many seconds without an event [never]",
+    )
     p.set_defaults(func=cmd_run)
     sub.add_parser("check").set_defaults(func=cmd_check)
     args = parser.parse_args()

@@ -19,11 +19,12 @@ from .errors import (
     SchemaError,
 )
 from .message import DEFAULT_MAX_MESSAGE_BYTES, OutboxMessage, build_message
-from .writer import Published, apublish, apublish_many, publish, publish_many
 from .schema import SCHEMA_VERSION, apply_schema, installed_version, require_schema
+from .writer import Published, apublish, apublish_many, publish, publish_many
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "SCHEMA_VERSION",
     "HandlerFailed",
     "InboxError",
     "InvalidMessage",
@@ -33,7 +34,6 @@ __all__ = [
     "OutboxError",
     "OutboxMessage",
     "Published",
-    "SCHEMA_VERSION",
     "SchemaError",
     "apply_schema",
     "apublish",

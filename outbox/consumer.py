@@ -108,8 +108,9 @@ class InboxConsumer:
         clock: Callable[[], float] = time.monotonic,
     ):
         if (conn is None) == (connect is None):
-            raise TypeError("pass exactly one of conn= (a connection) and connect= (a function "
-                            "that makes one)")
+            raise TypeError(
+                "pass exactly one of conn= (a connection) and connect= (a function that makes one)"
+            )
         if max_attempts < 1 or backoff < 0 or max_backoff < backoff:
             raise ValueError("need max_attempts >= 1 and 0 <= backoff <= max_backoff")
         if isinstance(topics, str) or not topics:
@@ -144,8 +145,13 @@ class InboxConsumer:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, *, max_messages: int | None = None, timeout: float | None = None,
-            poll_timeout: float = 1.0) -> int:
+    def run(
+        self,
+        *,
+        max_messages: int | None = None,
+        timeout: float | None = None,
+        poll_timeout: float = 1.0,
+    ) -> int:
         """Consume until stop() is called, MAX_MESSAGES records were handled or TIMEOUT
         seconds passed (None: no limit); return how many records were handled. Raises
         HandlerFailed when a record's attempts are used up, InboxError for a record that has
@@ -193,28 +199,38 @@ class InboxConsumer:
             try:
                 new = self._process(entry, msg)
                 break
-            except Exception as exc:  # noqa: BLE001 - the handler's errors are the caller's
+            except Exception as exc:
                 if attempt >= self._max_attempts:
                     self._rewind(msg)
                     raise HandlerFailed(
                         f"{inbox.describe(msg)} (message_id {entry.message_id}) failed "
                         f"{attempt} time(s), the last with {type(exc).__name__}: {exc}; "
                         "nothing was recorded and its offset was not stored: it is the next "
-                        "record consumed", **inbox.coordinates(msg)) from exc
+                        "record consumed",
+                        **inbox.coordinates(msg),
+                    ) from exc
                 delay = self.backoff_delays()[attempt - 1]
-                log.warning("%s (message_id %s): attempt %d of %d failed (%s: %s); again in "
-                            "%.1fs", inbox.describe(msg), entry.message_id, attempt,
-                            self._max_attempts, type(exc).__name__, exc, delay)
+                log.warning(
+                    "%s (message_id %s): attempt %d of %d failed (%s: %s); again in %.1fs",
+                    inbox.describe(msg),
+                    entry.message_id,
+                    attempt,
+                    self._max_attempts,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
                 if self._wait(delay):
-                    log.info("%s: stopping before its next attempt; it comes again",
-                             inbox.describe(msg))
+                    log.info(
+                        "%s: stopping before its next attempt; it comes again", inbox.describe(msg)
+                    )
                     self._rewind(msg)
                     return None
             except BaseException:
                 self._rewind(msg)
                 raise
         self._store(msg)
-        return Handled(msg.topic(), msg.partition(), msg.offset(), entry.message_id, new)
+        return Handled(*_where(msg), entry.message_id, new)
 
     def _process(self, entry: inbox.InboxEntry, msg: Message) -> bool:
         """One attempt: the inbox row and the handler's writes in one transaction."""
@@ -223,9 +239,11 @@ class InboxConsumer:
             if conn.info.transaction_status != pq.TransactionStatus.IDLE:
                 # A transaction left open would turn ours into a savepoint, committed by
                 # nobody before the offset is stored.
-                raise InboxError("the consumer's connection has a transaction open: it must "
-                                 "be idle between records (its own commit is what makes a "
-                                 "record done)")
+                raise InboxError(
+                    "the consumer's connection has a transaction open: it must "
+                    "be idle between records (its own commit is what makes a "
+                    "record done)"
+                )
             with conn.transaction():
                 new = inbox.record_entry(conn, entry, schema=self._schema)
                 if new:
@@ -233,8 +251,10 @@ class InboxConsumer:
                     if conn.info.transaction_status == pq.TransactionStatus.INERROR:
                         # The handler caught a database error and went on. COMMIT of a failed
                         # transaction rolls back without an error: the record would look done.
-                        raise InboxError("the handler left the transaction failed (a database "
-                                         "error it caught?): rolled back")
+                        raise InboxError(
+                            "the handler left the transaction failed (a database "
+                            "error it caught?): rolled back"
+                        )
             return new
         except BaseException:
             self._drop_broken(conn)
@@ -248,18 +268,20 @@ class InboxConsumer:
         except KafkaException as exc:
             # The partition was taken away meanwhile (a rebalance): its next owner starts from
             # the last committed offset, gets this record again and skips it.
-            log.warning("%s: offset not stored (%s); the record comes again and is skipped",
-                        inbox.describe(msg), exc.args[0] if exc.args else exc)
+            log.warning(
+                "%s: offset not stored (%s); the record comes again and is skipped",
+                inbox.describe(msg),
+                exc.args[0] if exc.args else exc,
+            )
 
     def _rewind(self, msg: Message) -> None:
         """Put the partition back to MSG, so that it is the next record consumed and no later
         record's offset can be stored before it is done."""
         try:
-            self._consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+            self._consumer.seek(TopicPartition(*_where(msg)))
         except KafkaException as exc:
             # Not assigned any more: its next owner starts at or before it.
-            log.info("%s: not rewound (%s)", inbox.describe(msg),
-                     exc.args[0] if exc.args else exc)
+            log.info("%s: not rewound (%s)", inbox.describe(msg), exc.args[0] if exc.args else exc)
 
     def _kafka_error(self, error: KafkaError) -> None:
         if error.fatal():
@@ -291,13 +313,22 @@ class InboxConsumer:
             return
         self._next_purge = self._clock() + self._retention_interval
         try:
-            deleted = inbox.purge_inbox(self._connection(), self._retention, group=self._group,
-                                        max_batches=10, schema=self._schema)
+            deleted = inbox.purge_inbox(
+                self._connection(),
+                self._retention,
+                group=self._group,
+                max_batches=10,
+                schema=self._schema,
+            )
         except (psycopg.Error, InboxError) as exc:
             if self._conn is not None:
                 self._drop_broken(self._conn)
-            log.warning("inbox retention failed (%s: %s); again in %.0fs", type(exc).__name__,
-                        exc, self._retention_interval)
+            log.warning(
+                "inbox retention failed (%s: %s); again in %.0fs",
+                type(exc).__name__,
+                exc,
+                self._retention_interval,
+            )
             return
         if deleted:
             log.info("inbox retention: %d rows of group %r deleted", deleted, self._group)
@@ -306,8 +337,7 @@ class InboxConsumer:
 
     def backoff_delays(self) -> list[float]:
         """The waits between the attempts at one record: doubling from backoff, capped."""
-        return [min(self._max_backoff, self._backoff * 2 ** i)
-                for i in range(self._max_attempts - 1)]
+        return [min(self._max_backoff, self._backoff * 2**i) for i in range(self._max_attempts - 1)]
 
     def stop(self) -> None:
         """Make run() return after the current record (from a signal handler or a thread)."""
@@ -344,13 +374,17 @@ def consumer_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     transaction did, or never commit one."""
     settings = dict(config)
     if _flag(settings.get("enable.auto.offset.store", False)):
-        raise InboxError("enable.auto.offset.store=true would store an offset when a record is "
-                         "handed out, before its transaction committed: a crash then loses it. "
-                         "InboxConsumer stores each offset itself, after the commit")
+        raise InboxError(
+            "enable.auto.offset.store=true would store an offset when a record is "
+            "handed out, before its transaction committed: a crash then loses it. "
+            "InboxConsumer stores each offset itself, after the commit"
+        )
     if not _flag(settings.get("enable.auto.commit", True)):
-        raise InboxError("enable.auto.commit=false: InboxConsumer relies on auto commit to send "
-                         "the offsets it stores to Kafka. To commit yourself, call "
-                         "outbox.inbox.record() in a loop of your own")
+        raise InboxError(
+            "enable.auto.commit=false: InboxConsumer relies on auto commit to send "
+            "the offsets it stores to Kafka. To commit yourself, call "
+            "outbox.inbox.record() in a loop of your own"
+        )
     settings["enable.auto.offset.store"] = False
     return settings
 
@@ -360,10 +394,20 @@ def check_poll_interval(settings: Mapping[str, Any], delays: Sequence[float]) ->
     max.poll.interval.ms, or the consumer is put out of its group while it waits."""
     limit = float(settings.get("max.poll.interval.ms", DEFAULT_MAX_POLL_INTERVAL_MS)) / 1000
     if sum(delays) >= limit / 2:
-        raise InboxError(f"the backoff waits of one record add up to {sum(delays):g}s, over "
-                         f"half of max.poll.interval.ms ({limit:g}s): lower max_attempts or "
-                         "max_backoff, or raise max.poll.interval.ms")
+        raise InboxError(
+            f"the backoff waits of one record add up to {sum(delays):g}s, over "
+            f"half of max.poll.interval.ms ({limit:g}s): lower max_attempts or "
+            "max_backoff, or raise max.poll.interval.ms"
+        )
 
 
 def _flag(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() == "true"
+
+
+def _where(msg: Message) -> tuple[str, int, int]:
+    """A consumed record's topic, partition and offset (None only on error events, which
+    never reach the inbox)."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset

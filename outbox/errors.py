@@ -31,8 +31,14 @@ class InboxError(OutboxError):
     handler kept failing: nothing was recorded and its offset was not stored. TOPIC,
     PARTITION and OFFSET say which record (None when unknown)."""
 
-    def __init__(self, message: str, *, topic: str | None = None,
-                 partition: int | None = None, offset: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        topic: str | None = None,
+        partition: int | None = None,
+        offset: int | None = None,
+    ):
         super().__init__(message)
         self.topic, self.partition, self.offset = topic, partition, offset
 

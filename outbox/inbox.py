@@ -22,13 +22,14 @@ import datetime as dt
 import uuid
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 from psycopg import pq
 
 from . import writer as _writer
 from .errors import InboxError
+from .sql import one_row
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -50,11 +51,14 @@ class Record(Protocol):
     def topic(self) -> str | None: ...
     def partition(self) -> int | None: ...
     def offset(self) -> int | None: ...
-    def headers(self) -> list[tuple[str, bytes | None]] | None: ...
+    # As confluent_kafka's stub has it; a consumed record's headers are a list of pairs.
+    def headers(
+        self,
+    ) -> list[tuple[str, str | bytes | None]] | dict[str, str | bytes | None] | None: ...
 
 
 #: Gives a record's message id, for records of producers that set no message_id header.
-MessageIdOf = Callable[[Any], Union[uuid.UUID, str]]
+MessageIdOf = Callable[[Any], uuid.UUID | str]
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,7 @@ def record(
     return record_entry(conn, inbox_entry(group, record, message_id), schema=schema)
 
 
-def record_entry(conn: psycopg.Connection, entry: InboxEntry, *,
-                 schema: str | None = None) -> bool:
+def record_entry(conn: psycopg.Connection, entry: InboxEntry, *, schema: str | None = None) -> bool:
     """record() for an entry already read from its record (inbox_entry())."""
     return _writer._run_sync(conn, record_flow(entry), schema, "inbox")
 
@@ -130,7 +133,8 @@ async def arecord_in_session(
 ) -> bool:
     """record_in_session() for an AsyncSession or AsyncConnection."""
     return await session_or_connection.run_sync(
-        lambda s: record_in_session(s, group, record, **kwargs))
+        lambda s: record_in_session(s, group, record, **kwargs)
+    )
 
 
 def purge_inbox(
@@ -160,8 +164,11 @@ def purge_inbox(
             "transaction (commit or roll back first)"
         )
     with conn.transaction():
-        (cutoff,) = conn.execute(_writer.statement("purge_cutoff", schema, _SQL),
-                                 {"older_than": older_than}).fetchone()
+        (cutoff,) = one_row(
+            conn.execute(
+                _writer.statement("purge_cutoff", schema, _SQL), {"older_than": older_than}
+            )
+        )
     turn = _writer.statement("purge_turn", schema, _SQL)
     name = "purge_batch" if group is None else "purge_group_batch"
     query = _writer.statement(name, schema, _SQL)
@@ -171,8 +178,9 @@ def purge_inbox(
     while max_batches is None or batches < max_batches:
         with conn.transaction():
             conn.execute(turn)
-            n = conn.execute(query, {"cutoff": cutoff, "group": group,
-                                     "limit": batch_size}).rowcount
+            n = conn.execute(
+                query, {"cutoff": cutoff, "group": group, "limit": batch_size}
+            ).rowcount
         deleted += n
         batches += 1
         if n < batch_size:
@@ -180,11 +188,17 @@ def purge_inbox(
     return deleted
 
 
-def count_old(conn: psycopg.Connection, older_than: dt.timedelta, *, group: str | None = None,
-              schema: str | None = None) -> int:
+def count_old(
+    conn: psycopg.Connection,
+    older_than: dt.timedelta,
+    *,
+    group: str | None = None,
+    schema: str | None = None,
+) -> int:
     """How many inbox rows purge_inbox() would delete now (of GROUP only, if given)."""
-    row = conn.execute(_writer.statement("purge_count", schema, _SQL),
-                       {"older_than": older_than, "group": group}).fetchone()
+    row = conn.execute(
+        _writer.statement("purge_count", schema, _SQL), {"older_than": older_than, "group": group}
+    ).fetchone()
     return row[0] if row else 0
 
 
@@ -195,8 +209,13 @@ def record_flow(entry: InboxEntry) -> Generator[_writer._Query, list[tuple], boo
     """The queries of record(): one INSERT that returns a row only when the pair is new."""
     rows = yield _writer._Query(
         "record_message",
-        {"group": entry.group, "message_id": entry.message_id, "topic": entry.topic,
-         "partition": entry.partition, "offset": entry.offset},
+        {
+            "group": entry.group,
+            "message_id": entry.message_id,
+            "topic": entry.topic,
+            "partition": entry.partition,
+            "offset": entry.offset,
+        },
         _SQL,
     )
     return bool(rows)
@@ -207,31 +226,41 @@ def inbox_entry(group: str, record: Record, message_id: MessageIdOf | None = Non
     check_group(group)
     error = getattr(record, "error", None)
     if error is not None and error() is not None:
-        raise InboxError(f"{describe(record)} is a Kafka error event, not a message: "
-                         f"{error()}", **coordinates(record))
+        raise InboxError(
+            f"{describe(record)} is a Kafka error event, not a message: {error()}",
+            **coordinates(record),
+        )
     if message_id is None:
         value = message_id_of(record)
     else:
         try:
             given = message_id(record)
-        except Exception as exc:  # noqa: BLE001 - the caller's function; named in the error
-            raise InboxError(f"{describe(record)}: the message_id function failed: "
-                             f"{type(exc).__name__}: {exc}", **coordinates(record)) from exc
+        except Exception as exc:
+            raise InboxError(
+                f"{describe(record)}: the message_id function failed: {type(exc).__name__}: {exc}",
+                **coordinates(record),
+            ) from exc
         value = _as_uuid(given, record, "the message_id function returned")
     return InboxEntry(group, value, record.topic(), record.partition(), record.offset())
 
 
 def message_id_of(record: Record) -> uuid.UUID:
     """The UUID in RECORD's message_id header (the relay sends it as text: str(uuid))."""
-    values = [v for k, v in (record.headers() or []) if k == MESSAGE_ID_HEADER]
+    headers = record.headers() or []
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    values = [v for k, v in pairs if k == MESSAGE_ID_HEADER]
     if not values:
         raise InboxError(
             f"{describe(record)} has no {MESSAGE_ID_HEADER} header: the relay sets one on "
             "every message; for records of other producers pass message_id= to say what "
-            "identifies them", **coordinates(record))
+            "identifies them",
+            **coordinates(record),
+        )
     if len(set(values)) > 1:
-        raise InboxError(f"{describe(record)} has {len(values)} different "
-                         f"{MESSAGE_ID_HEADER} headers", **coordinates(record))
+        raise InboxError(
+            f"{describe(record)} has {len(values)} different {MESSAGE_ID_HEADER} headers",
+            **coordinates(record),
+        )
     return _as_uuid(values[0], record, f"its {MESSAGE_ID_HEADER} header is")
 
 
@@ -259,10 +288,10 @@ def check_group(group: str) -> None:
 
 def describe(record: Record) -> str:
     """'record topic 'orders' partition 2 offset 17': where a record came from, for errors."""
-    return (f"record topic {record.topic()!r} partition {record.partition()} "
-            f"offset {record.offset()}")
+    return (
+        f"record topic {record.topic()!r} partition {record.partition()} offset {record.offset()}"
+    )
 
 
 def coordinates(record: Record) -> dict[str, Any]:
-    return {"topic": record.topic(), "partition": record.partition(),
-            "offset": record.offset()}
+    return {"topic": record.topic(), "partition": record.partition(), "offset": record.offset()}

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 from .errors import InvalidMessage, InvalidTopic, MessageTooLarge
 
@@ -35,9 +35,9 @@ MESSAGE_ID_HEADER = "message_id"
 
 _TOPIC_RE = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
-Payload = Union[Mapping[str, Any], list, str, bytes, bytearray, memoryview]
-HeaderValue = Union[str, bytes, None]
-Headers = Union[Mapping[str, HeaderValue], Iterable[tuple[str, HeaderValue]]]
+Payload: TypeAlias = Mapping[str, Any] | list | str | bytes | bytearray | memoryview
+HeaderValue: TypeAlias = str | bytes | None
+Headers: TypeAlias = Mapping[str, HeaderValue] | Iterable[tuple[str, HeaderValue]]
 
 #: Header names the relay sets itself; an application may not set them.
 RESERVED_HEADERS = frozenset({"message_id"})
@@ -97,9 +97,7 @@ def encode_payload(payload: object) -> bytes:
         except (TypeError, ValueError) as exc:
             raise InvalidMessage(f"payload cannot be encoded as JSON: {exc}") from exc
         return _utf8(text, "payload")
-    raise TypeError(
-        f"payload must be a dict, list, str or bytes, not {type(payload).__name__}"
-    )
+    raise TypeError(f"payload must be a dict, list, str or bytes, not {type(payload).__name__}")
 
 
 def encode_key(key: object) -> bytes | None:

@@ -57,7 +57,10 @@ def apply_schema(conn: psycopg.Connection, schema: str | None = None) -> int:
             for number, body in migrations().items():
                 if version < number <= SCHEMA_VERSION:
                     conn.execute(body)
-    return installed_version(conn, target)
+    installed = installed_version(conn, target)
+    if installed is None:  # schema.sql and every migration record their version
+        raise SchemaError(f"outbox schema {target!r} records no version after the install")
+    return installed
 
 
 def installed_version(conn: psycopg.Connection, schema: str | None = None) -> int | None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import re
 from importlib import resources
+from typing import TypeVar
 
+import psycopg
 from psycopg import sql
 
 from .errors import OutboxError
@@ -19,12 +21,22 @@ _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 
 TABLE = "local_message"
 
+_Row = TypeVar("_Row")
+
 
 @functools.cache
 def read_blocks(package: str, filename: str) -> dict[str, str]:
     text = resources.files(package).joinpath(filename).read_text("utf-8")
     parts = _NAME_RE.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2])}
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def one_row(cur: psycopg.Cursor[_Row]) -> _Row:
+    """The row of a query that always returns exactly one (an aggregate without GROUP BY, SHOW,
+    an INSERT ... ON CONFLICT DO UPDATE RETURNING): fetchone() without its None."""
+    row = cur.fetchone()
+    assert row is not None, "a query that always returns one row returned none"
+    return row
 
 
 def schema_sql() -> str:

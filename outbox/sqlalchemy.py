@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Generator, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from sqlalchemy import (
@@ -43,7 +44,7 @@ from sqlalchemy.orm import Session, registry
 
 from . import writer as _writer
 from .errors import OutboxError
-from .message import DEFAULT_MAX_MESSAGE_BYTES
+from .message import DEFAULT_MAX_MESSAGE_BYTES, OutboxMessage
 from .sql import schema_sql, validate_identifier
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ _EVENTS_ATTR = "_outbox_pending_events"
 #: Recording order across all entities of a flush (a process-wide counter).
 _RECORDED = itertools.count()
 _SESSION_KEY = "outbox_recorders"
+
+_T = TypeVar("_T")
 
 
 def local_message_table(metadata: MetaData, schema: str | None = None) -> Table:
@@ -124,7 +127,12 @@ def _connection(session_or_connection: Session | Connection) -> Connection:
     return session_or_connection
 
 
-def _run(conn: Connection, flow, schema: str | None, purpose: str = "publish"):
+def _run(
+    conn: Connection,
+    flow: Generator[_writer._Query, list[tuple], _T],
+    schema: str | None,
+    purpose: str = "publish",
+) -> _T:
     """Run a writer (or inbox) flow through SQLAlchemy, on the connection's DBAPI connection
     and in its transaction: the same queries as outbox.publish() (outbox.inbox.record()), for
     sync sessions and (inside their greenlet) async ones alike."""
@@ -158,13 +166,13 @@ def publish(
     """outbox.publish() in the Session's (or Core Connection's) current transaction. EVENT is
     topic=, payload=, and optionally key=, headers=, dedup_key=."""
     built = _writer.build_all([event], max_bytes)
-    return _run(_connection(session_or_connection), _writer.publish_flow(built, lock_key),
-                schema)[0]
+    conn = _connection(session_or_connection)
+    return _run(conn, _writer.publish_flow(built, lock_key), schema)[0]
 
 
 def publish_many(
     session_or_connection: Session | Connection,
-    messages,
+    messages: Iterable[Mapping[str, Any] | OutboxMessage],
     *,
     lock_key: bool = False,
     schema: str | None = None,
@@ -174,13 +182,18 @@ def publish_many(
     return _run(_connection(session_or_connection), _writer.publish_flow(built, lock_key), schema)
 
 
-async def apublish(session_or_connection: AsyncSession | AsyncConnection, **kwargs: Any):
+async def apublish(
+    session_or_connection: AsyncSession | AsyncConnection, **kwargs: Any
+) -> _writer.Published:
     """publish() for an AsyncSession or AsyncConnection."""
     return await session_or_connection.run_sync(lambda s: publish(s, **kwargs))
 
 
-async def apublish_many(session_or_connection: AsyncSession | AsyncConnection, messages,
-                        **kwargs: Any):
+async def apublish_many(
+    session_or_connection: AsyncSession | AsyncConnection,
+    messages: Iterable[Mapping[str, Any] | OutboxMessage],
+    **kwargs: Any,
+) -> list[_writer.Published]:
     """publish_many() for an AsyncSession or AsyncConnection."""
     return await session_or_connection.run_sync(lambda s: publish_many(s, messages, **kwargs))
 
@@ -215,7 +228,7 @@ class HasEvents:
             # it dirty makes the flush (and our hook) run, without an UPDATE of its own.
             flag_dirty(self)
 
-    def pending_events(self) -> list:
+    def pending_events(self) -> list[OutboxMessage]:
         """Events recorded and not yet flushed."""
         return [message for _, message in self.__dict__.get(_EVENTS_ATTR, ())]
 
@@ -224,13 +237,15 @@ def _max_bytes(obj: Any) -> int:
     return getattr(obj, "__outbox_max_bytes__", DEFAULT_MAX_MESSAGE_BYTES)
 
 
-def install(session_class: Any = Session, *, schema: str | None = None, lock_key: bool = False):
+def install(
+    session_class: Any = Session, *, schema: str | None = None, lock_key: bool = False
+) -> Callable[[Session, Any, Any], None]:
     """Write recorded events in every flush of SESSION_CLASS (a Session subclass, a
     sessionmaker, or Session itself for all sessions; an AsyncSession's flushes run its
     sync_session, so install on that class, which is Session by default)."""
 
     @event.listens_for(session_class, "before_flush")
-    def _write_events(session: Session, _flush_context, _instances) -> None:
+    def _write_events(session: Session, _flush_context: Any, _instances: Any) -> None:
         recorders = set(session.info.get(_SESSION_KEY, ()))
         recorders.update(o for o in session.new if isinstance(o, HasEvents))
         recorders.update(o for o in session.dirty if isinstance(o, HasEvents))
@@ -240,7 +255,10 @@ def install(session_class: Any = Session, *, schema: str | None = None, lock_key
         session.info.pop(_SESSION_KEY, None)
         if recorded:
             recorded.sort(key=lambda item: item[0])
-            _run(session.connection(), _writer.publish_flow([m for _, m in recorded], lock_key),
-                 schema)
+            _run(
+                session.connection(),
+                _writer.publish_flow([m for _, m in recorded], lock_key),
+                schema,
+            )
 
     return _write_events

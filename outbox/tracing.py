@@ -6,14 +6,15 @@ from __future__ import annotations
 try:  # pragma: no cover - depends on what is installed
     from opentelemetry import propagate as _propagate
     from opentelemetry import trace as _trace
+
+    _HAVE_OTEL = True
 except ImportError:  # pragma: no cover
-    _propagate = None
-    _trace = None
+    _HAVE_OTEL = False
 
 
 def trace_headers() -> list[tuple[str, str]]:
     """traceparent (and tracestate) of the active span, or [] without one."""
-    if _trace is None:
+    if not _HAVE_OTEL:
         return []
     span = _trace.get_current_span()
     if not span.get_span_context().is_valid:

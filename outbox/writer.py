@@ -11,10 +11,10 @@ import hashlib
 import uuid
 from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeAlias, TypeVar
 
 import psycopg
-from psycopg import pq
+from psycopg import pq, sql
 
 from . import sql as outbox_sql
 from .errors import NotInTransaction
@@ -25,7 +25,9 @@ from .tracing import trace_headers
 #: the application's own advisory locks (which mostly use the one-bigint form).
 ADVISORY_LOCK_NAMESPACE = 0x0B0C
 
-AnyConnection = Union[psycopg.Connection, psycopg.AsyncConnection]
+AnyConnection: TypeAlias = psycopg.Connection | psycopg.AsyncConnection
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,12 @@ def publish(
     writers of one key are serialised and their events are delivered in commit order.
     """
     message = build_message(
-        topic=topic, payload=payload, key=key, headers=with_trace(headers),
-        dedup_key=dedup_key, max_bytes=max_bytes,
+        topic=topic,
+        payload=payload,
+        key=key,
+        headers=with_trace(headers),
+        dedup_key=dedup_key,
+        max_bytes=max_bytes,
     )
     return _run_sync(conn, publish_flow([message], lock_key), schema)[0]
 
@@ -99,8 +105,12 @@ async def apublish(
 ) -> Published:
     """publish() for an AsyncConnection."""
     message = build_message(
-        topic=topic, payload=payload, key=key, headers=with_trace(headers),
-        dedup_key=dedup_key, max_bytes=max_bytes,
+        topic=topic,
+        payload=payload,
+        key=key,
+        headers=with_trace(headers),
+        dedup_key=dedup_key,
+        max_bytes=max_bytes,
     )
     return (await _run_async(conn, publish_flow([message], lock_key), schema))[0]
 
@@ -196,8 +206,12 @@ def publish_flow(
 #: What a refusal says, by caller: (doing what, which row would commit alone, around what).
 _PURPOSES = {
     "publish": ("publish()", "publishing", "the event", "the business change and publish()"),
-    "inbox": ("outbox.inbox.record()", "recording a message in the inbox", "the inbox row",
-              "the handler's writes and record()"),
+    "inbox": (
+        "outbox.inbox.record()",
+        "recording a message in the inbox",
+        "the inbox row",
+        "the handler's writes and record()",
+    ),
 }
 
 
@@ -220,7 +234,12 @@ def check_transaction(conn: AnyConnection, purpose: str = "publish") -> None:
         raise NotInTransaction("the connection is closed")
 
 
-def _run_sync(conn: psycopg.Connection, flow, schema: str | None, purpose: str = "publish"):
+def _run_sync(
+    conn: psycopg.Connection,
+    flow: Generator[_Query, list[tuple], _T],
+    schema: str | None,
+    purpose: str = "publish",
+) -> _T:
     check_transaction(conn, purpose)
     try:
         step = next(flow)
@@ -231,8 +250,12 @@ def _run_sync(conn: psycopg.Connection, flow, schema: str | None, purpose: str =
         return done.value
 
 
-async def _run_async(conn: psycopg.AsyncConnection, flow, schema: str | None,
-                     purpose: str = "publish"):
+async def _run_async(
+    conn: psycopg.AsyncConnection,
+    flow: Generator[_Query, list[tuple], _T],
+    schema: str | None,
+    purpose: str = "publish",
+) -> _T:
     check_transaction(conn, purpose)
     try:
         step = next(flow)
@@ -243,6 +266,6 @@ async def _run_async(conn: psycopg.AsyncConnection, flow, schema: str | None,
         return done.value
 
 
-def statement(name: str, schema: str | None, file: str = "queries.sql"):
+def statement(name: str, schema: str | None, file: str = "queries.sql") -> sql.Composed:
     """The package's SQL block NAME (from FILE) for SCHEMA."""
     return outbox_sql.query("outbox", file, name, schema)

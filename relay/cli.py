@@ -73,8 +73,9 @@ def _connect(dsn: str) -> psycopg.Connection:
     if not dsn:
         raise Failure("no database: set --dsn or OUTBOX_DSN", EXIT_USAGE)
     try:
-        return psycopg.connect(dsn, autocommit=True, connect_timeout=10,
-                               application_name="outbox-cli")
+        return psycopg.connect(
+            dsn, autocommit=True, connect_timeout=10, application_name="outbox-cli"
+        )
     except psycopg.Error as exc:
         raise Failure(f"cannot connect to {redact_dsn(dsn)}: {_first_line(exc)}") from None
 
@@ -135,19 +136,33 @@ def _confirm(question: str, yes: bool) -> None:
 # --------------------------------------------------------------------------- options
 
 dsn_option = click.option(
-    "--dsn", envvar="OUTBOX_DSN", default="", show_envvar=True,
+    "--dsn",
+    envvar="OUTBOX_DSN",
+    default="",
+    show_envvar=True,
     help="PostgreSQL connection string (its password is never printed).",
 )
 schema_option = click.option(
-    "--schema", envvar="OUTBOX_SCHEMA", default="public", show_default=True, show_envvar=True,
+    "--schema",
+    envvar="OUTBOX_SCHEMA",
+    default="public",
+    show_default=True,
+    show_envvar=True,
     help="Schema that holds local_message.",
 )
 bootstrap_option = click.option(
-    "--bootstrap-servers", "-b", envvar="OUTBOX_BOOTSTRAP_SERVERS", default="",
-    show_envvar=True, help="Kafka bootstrap servers.",
+    "--bootstrap-servers",
+    "-b",
+    envvar="OUTBOX_BOOTSTRAP_SERVERS",
+    default="",
+    show_envvar=True,
+    help="Kafka bootstrap servers.",
 )
 kafka_option = click.option(
-    "-X", "kafka_settings", multiple=True, metavar="KEY=VALUE",
+    "-X",
+    "kafka_settings",
+    multiple=True,
+    metavar="KEY=VALUE",
     help="librdkafka setting, repeatable (security.protocol, sasl.*, ssl.* ...).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -157,18 +172,29 @@ def selection_options(func):
     """The selection shared by list, replay and skip."""
     options = [
         click.argument("refs", nargs=-1, metavar="[ID|MESSAGE_ID]..."),
-        click.option("--status", "statuses", multiple=True, metavar="STATUS",
-                     help="PENDING, SENT, CONFIRMED, FAILED or SKIPPED; repeatable."),
+        click.option(
+            "--status",
+            "statuses",
+            multiple=True,
+            metavar="STATUS",
+            help="PENDING, SENT, CONFIRMED, FAILED or SKIPPED; repeatable.",
+        ),
         click.option("--topic", default=None, help="Only this topic."),
         click.option("--key", default=None, help="Only this key (text)."),
         click.option("--key-hex", default=None, help="Only this key (hex, for binary keys)."),
-        click.option("--since", default=None, metavar="TIME",
-                     help="Created at or after TIME: ISO time, or an age like 2h."),
+        click.option(
+            "--since",
+            default=None,
+            metavar="TIME",
+            help="Created at or after TIME: ISO time, or an age like 2h.",
+        ),
         click.option("--until", default=None, metavar="TIME", help="Created before TIME."),
-        click.option("--error", default=None, metavar="TEXT",
-                     help="last_error contains TEXT (any case)."),
-        click.option("--expired-claims", is_flag=True,
-                     help="SENT rows whose row claim has expired."),
+        click.option(
+            "--error", default=None, metavar="TEXT", help="last_error contains TEXT (any case)."
+        ),
+        click.option(
+            "--expired-claims", is_flag=True, help="SENT rows whose row claim has expired."
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -176,8 +202,9 @@ def selection_options(func):
 
 
 def _selection(refs, statuses, topic, key, key_hex, since, until, error, expired_claims):
-    return Selection.from_cli(refs, statuses, topic, key, key_hex, since, until, error,
-                              expired_claims)
+    return Selection.from_cli(
+        refs, statuses, topic, key, key_hex, since, until, error, expired_claims
+    )
 
 
 def _kafka_settings(items) -> dict[str, str]:
@@ -217,8 +244,12 @@ def main() -> None:
 @main.command()
 @dsn_option
 @schema_option
-@click.option("--print", "print_sql", is_flag=True,
-              help="Write the schema's SQL to stdout instead of applying it.")
+@click.option(
+    "--print",
+    "print_sql",
+    is_flag=True,
+    help="Write the schema's SQL to stdout instead of applying it.",
+)
 @expected_failures
 def migrate(dsn: str, schema: str, print_sql: bool) -> None:
     """Create or upgrade the outbox tables and print the schema version.
@@ -245,8 +276,13 @@ def migrate(dsn: str, schema: str, print_sql: bool) -> None:
 @dsn_option
 @schema_option
 @json_option
-@click.option("--fail-if-lag", type=float, default=None, metavar="SECONDS",
-              help="Exit 1 if the oldest claimable PENDING row is older than SECONDS.")
+@click.option(
+    "--fail-if-lag",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Exit 1 if the oldest claimable PENDING row is older than SECONDS.",
+)
 @click.option("--fail-if-failed", is_flag=True, help="Exit 1 if any row is FAILED.")
 @expected_failures
 def status(dsn: str, schema: str, as_json: bool, fail_if_lag, fail_if_failed) -> None:
@@ -285,18 +321,24 @@ def _print_status(report: dict[str, Any]) -> None:
     click.echo(f"schema {report['schema']}: version {report['schema_version']}")
     click.echo("  " + "  ".join(f"{st} {n}" for st, n in report["counts"].items()))
     age = report["oldest_pending_age_seconds"]
-    click.echo(f"lag (oldest claimable PENDING): {'-' if age is None else f'{age:.1f}s'}"
-               f"   waiting for a retry: {report['in_backoff']}")
+    click.echo(
+        f"lag (oldest claimable PENDING): {'-' if age is None else f'{age:.1f}s'}"
+        f"   waiting for a retry: {report['in_backoff']}"
+    )
     for topic, counts in report["by_topic"].items():
         click.echo(f"  topic {topic}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     blocked = report["blocked_keys"]
     click.echo(f"keys blocked by a FAILED row: {report['blocked_key_count']}")
     for b in blocked:
-        click.echo(f"  key {b['key']}: FAILED row {b['first_failed']}, {b['held']} rows held "
-                   f"behind it  (outbox show {b['first_failed']})")
+        click.echo(
+            f"  key {b['key']}: FAILED row {b['first_failed']}, {b['held']} rows held "
+            f"behind it  (outbox show {b['first_failed']})"
+        )
     click.echo(f"relays alive: {len(report['relays'])}")
     for r in report["relays"]:
-        click.echo(f"  {r['name']}: {r['buckets']} buckets, heartbeat {_age(r['heartbeat_at'])} ago")
+        click.echo(
+            f"  {r['name']}: {r['buckets']} buckets, heartbeat {_age(r['heartbeat_at'])} ago"
+        )
     for p in report.get("problems", []):
         click.echo(f"PROBLEM: {p}")
 
@@ -309,8 +351,22 @@ def _print_status(report: dict[str, Any]) -> None:
 @click.option("--after-id", type=int, default=0, help="Page on: rows with a larger id.")
 @json_option
 @expected_failures
-def list_command(dsn, schema, refs, statuses, topic, key, key_hex, since, until, error,
-                 expired_claims, limit, after_id, as_json) -> None:
+def list_command(
+    dsn,
+    schema,
+    refs,
+    statuses,
+    topic,
+    key,
+    key_hex,
+    since,
+    until,
+    error,
+    expired_claims,
+    limit,
+    after_id,
+    as_json,
+) -> None:
     """List messages, oldest first, filtered.
 
     \b
@@ -323,8 +379,7 @@ def list_command(dsn, schema, refs, statuses, topic, key, key_hex, since, until,
     """
     from .operations import list_rows
 
-    selection = _selection(refs, statuses, topic, key, key_hex, since, until, error,
-                           expired_claims)
+    selection = _selection(refs, statuses, topic, key, key_hex, since, until, error, expired_claims)
     with _connect(dsn) as conn:
         require_schema(conn, schema)
         rows = list_rows(conn, schema, selection, limit, after_id)
@@ -334,13 +389,16 @@ def list_command(dsn, schema, refs, statuses, topic, key, key_hex, since, until,
     if not rows:
         click.echo("no messages match")
         return
-    click.echo(f"{'ID':>10}  {'STATUS':<9} {'TOPIC':<24} {'KEY':<20} {'TRIES':>5} {'AGE':>7}  "
-               "LAST ERROR")
+    click.echo(
+        f"{'ID':>10}  {'STATUS':<9} {'TOPIC':<24} {'KEY':<20} {'TRIES':>5} {'AGE':>7}  LAST ERROR"
+    )
     for r in rows:
         err = (r["last_error"] or "").replace("\n", " ")
-        click.echo(f"{r['id']:>10}  {r['status']:<9} {r['topic'][:24]:<24} "
-                   f"{key_text(r['key'])[:20]:<20} {r['attempts']:>5} "
-                   f"{_age(r['created_at']):>7}  {err[:60]}")
+        click.echo(
+            f"{r['id']:>10}  {r['status']:<9} {r['topic'][:24]:<24} "
+            f"{key_text(r['key'])[:20]:<20} {r['attempts']:>5} "
+            f"{_age(r['created_at']):>7}  {err[:60]}"
+        )
     if len(rows) == limit:
         click.echo(f"(more: --after-id {rows[-1]['id']})")
 
@@ -370,27 +428,36 @@ def show(dsn, schema, ref, as_json) -> None:
     if as_json:
         out = dict(row)
         out["payload"] = _show_payload(row["payload"])
-        out["headers"] = [[k, key_text(v) if v is not None else None]
-                          for k, v in row["headers"]]
+        out["headers"] = [[k, key_text(v) if v is not None else None] for k, v in row["headers"]]
         click.echo(json.dumps(_jsonable(out), indent=2))
         return
     lines = [
-        ("id", row["id"]), ("message_id", row["message_id"]), ("status", row["status"]),
-        ("topic", row["topic"]), ("key", key_text(row["key"])), ("bucket", row["bucket"]),
+        ("id", row["id"]),
+        ("message_id", row["message_id"]),
+        ("status", row["status"]),
+        ("topic", row["topic"]),
+        ("key", key_text(row["key"])),
+        ("bucket", row["bucket"]),
         ("attempts", row["attempts"]),
         ("next attempt", row["next_attempt_at"] or "-"),
         ("last error", row["last_error"] or "-"),
         ("created", f"{row['created_at']} ({_age(row['created_at'])} ago)"),
         ("delivered", row["delivered_at"] or "-"),
-        ("kafka", f"partition {row['kafka_partition']}, offset {row['kafka_offset']}"
-         if row["kafka_offset"] is not None else "-"),
+        (
+            "kafka",
+            f"partition {row['kafka_partition']}, offset {row['kafka_offset']}"
+            if row["kafka_offset"] is not None
+            else "-",
+        ),
         ("dedup key", row["dedup_key"] or "-"),
     ]
     for name, value in lines:
         click.echo(f"{name + ':':<14}{value}")
     if row["held_behind"]:
-        click.echo(f"{'blocking:':<14}{row['held_behind']} later rows of this key wait behind "
-                   "it (outbox replay / outbox skip)")
+        click.echo(
+            f"{'blocking:':<14}{row['held_behind']} later rows of this key wait behind "
+            "it (outbox replay / outbox skip)"
+        )
     click.echo("headers:")
     for k, v in row["headers"] or []:
         click.echo(f"  {k}: {key_text(v) if v is not None else '(null)'}")
@@ -401,52 +468,87 @@ def show(dsn, schema, ref, as_json) -> None:
 def _change_command(action: str):
     """replay and skip: the same selection, dry run, confirmation, batches, audit."""
 
-    def run(dsn, schema, refs, statuses, topic, key, key_hex, since, until, error,
-            expired_claims, dry_run, yes, actor, reason):
+    def run(
+        dsn,
+        schema,
+        refs,
+        statuses,
+        topic,
+        key,
+        key_hex,
+        since,
+        until,
+        error,
+        expired_claims,
+        dry_run,
+        yes,
+        actor,
+        reason,
+    ):
         from . import operations
 
-        selection = _selection(refs, statuses, topic, key, key_hex, since, until, error,
-                               expired_claims)
+        selection = _selection(
+            refs, statuses, topic, key, key_hex, since, until, error, expired_claims
+        )
         if selection.is_empty():
-            raise Failure(f"say what to {action}: ids, --status, --topic, --key, --since ...",
-                          EXIT_USAGE)
+            raise Failure(
+                f"say what to {action}: ids, --status, --topic, --key, --since ...", EXIT_USAGE
+            )
         if action == "skip" and selection.statuses and selection.statuses != ["FAILED"]:
             raise Failure("skip changes FAILED rows only", EXIT_USAGE)
         with _connect(dsn) as conn:
             require_schema(conn, schema)
             counts = operations.count_rows(conn, schema, selection)
-            eligible = (("FAILED",) if action == "skip"
-                        else ("FAILED", "SKIPPED", "CONFIRMED", "PENDING", "SENT"))
+            eligible = (
+                ("FAILED",)
+                if action == "skip"
+                else ("FAILED", "SKIPPED", "CONFIRMED", "PENDING", "SENT")
+            )
             total = sum(n for st, n in counts.items() if st in eligible)
             sample = operations.list_rows(conn, schema, selection, limit=5)
-            click.echo(f"{action}: {total} messages match "
-                       f"({', '.join(f'{st} {n}' for st, n in counts.items()) or 'none'})")
+            click.echo(
+                f"{action}: {total} messages match "
+                f"({', '.join(f'{st} {n}' for st, n in counts.items()) or 'none'})"
+            )
             for r in sample:
-                click.echo(f"  {r['id']:>10} {r['status']:<9} {r['topic']} "
-                           f"{key_text(r['key'])} {(r['last_error'] or '')[:60]}")
+                click.echo(
+                    f"  {r['id']:>10} {r['status']:<9} {r['topic']} "
+                    f"{key_text(r['key'])} {(r['last_error'] or '')[:60]}"
+                )
             if dry_run or total == 0:
                 return
             _confirm(f"{action.capitalize()} these {total} messages?", yes)
             with click.progressbar(length=total, label=action, file=sys.stderr) as bar:
                 do = operations.replay if action == "replay" else operations.skip
-                changed = do(conn, schema, selection, actor or _default_actor(), reason,
-                             progress=bar.update)
-        click.echo(f"{action}: {len(changed)} messages "
-                   f"{'back to PENDING' if action == 'replay' else 'SKIPPED'} "
-                   "(recorded in the audit trail: outbox audit)")
+                changed = do(
+                    conn, schema, selection, actor or _default_actor(), reason, progress=bar.update
+                )
+        click.echo(
+            f"{action}: {len(changed)} messages "
+            f"{'back to PENDING' if action == 'replay' else 'SKIPPED'} "
+            "(recorded in the audit trail: outbox audit)"
+        )
 
     return run
 
 
 def _change_options(func):
-    for option in reversed([
-        dsn_option, schema_option, selection_options,
-        click.option("--dry-run", is_flag=True, help="Show the count and a sample; change nothing."),
-        click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation."),
-        click.option("--actor", default=None, help="Who does it, for the audit trail [user@host]."),
-        click.option("--reason", default=None, help="Why, for the audit trail."),
-        expected_failures,
-    ]):
+    for option in reversed(
+        [
+            dsn_option,
+            schema_option,
+            selection_options,
+            click.option(
+                "--dry-run", is_flag=True, help="Show the count and a sample; change nothing."
+            ),
+            click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation."),
+            click.option(
+                "--actor", default=None, help="Who does it, for the audit trail [user@host]."
+            ),
+            click.option("--reason", default=None, help="Why, for the audit trail."),
+            expected_failures,
+        ]
+    ):
         func = option(func)
     return func
 
@@ -488,8 +590,12 @@ def skip(**kwargs) -> None:
 @main.command()
 @dsn_option
 @schema_option
-@click.option("--older-than", required=True, metavar="AGE",
-              help="Delete rows created more than AGE ago (30m, 12h, 7d ...).")
+@click.option(
+    "--older-than",
+    required=True,
+    metavar="AGE",
+    help="Delete rows created more than AGE ago (30m, 12h, 7d ...).",
+)
 @click.option("--include-skipped", is_flag=True, help="Delete SKIPPED rows too.")
 @click.option("--dry-run", is_flag=True, help="Count only.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
@@ -512,14 +618,17 @@ def purge(dsn, schema, older_than, include_skipped, dry_run, yes, actor) -> None
     with _connect(dsn) as conn:
         require_schema(conn, schema)
         total = operations.purge_count(conn, schema, statuses, cutoff)
-        click.echo(f"purge: {total} {' and '.join(statuses)} rows created before "
-                   f"{cutoff.isoformat(timespec='seconds')}")
+        click.echo(
+            f"purge: {total} {' and '.join(statuses)} rows created before "
+            f"{cutoff.isoformat(timespec='seconds')}"
+        )
         if dry_run or total == 0:
             return
         _confirm(f"Delete these {total} rows?", yes)
         with click.progressbar(length=total, label="purge", file=sys.stderr) as bar:
-            deleted = operations.purge(conn, schema, statuses, cutoff,
-                                       actor or _default_actor(), progress=bar.update)
+            deleted = operations.purge(
+                conn, schema, statuses, cutoff, actor or _default_actor(), progress=bar.update
+            )
     click.echo(f"purge: {deleted} rows deleted")
 
 
@@ -537,9 +646,13 @@ def inbox() -> None:
 @inbox.command(name="purge")
 @dsn_option
 @schema_option
-@click.option("--older-than", required=True, metavar="AGE",
-              help="Delete rows processed more than AGE ago (12h, 7d ...). Keep AGE above the "
-                   "longest time a message can take to come again.")
+@click.option(
+    "--older-than",
+    required=True,
+    metavar="AGE",
+    help="Delete rows processed more than AGE ago (12h, 7d ...). Keep AGE above the "
+    "longest time a message can take to come again.",
+)
 @click.option("--group", default=None, help="Only this consumer group's rows.")
 @click.option("--dry-run", is_flag=True, help="Count only.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
@@ -597,10 +710,12 @@ def audit(dsn, schema, limit, as_json) -> None:
     for e in entries:
         ids = e["ids"] or []
         shown = ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else "")
-        click.echo(f"{e['at']:%Y-%m-%d %H:%M:%S%z}  {e['action']:<6} {e['affected']:>7} rows  "
-                   f"by {e['actor']} ({e['db_user']})  {json.dumps(e['selection'])}"
-                   + (f"  reason: {e['reason']}" if e["reason"] else "")
-                   + (f"  ids: {shown}" if ids else ""))
+        click.echo(
+            f"{e['at']:%Y-%m-%d %H:%M:%S%z}  {e['action']:<6} {e['affected']:>7} rows  "
+            f"by {e['actor']} ({e['db_user']})  {json.dumps(e['selection'])}"
+            + (f"  reason: {e['reason']}" if e["reason"] else "")
+            + (f"  ids: {shown}" if ids else "")
+        )
 
 
 @main.command()
@@ -629,8 +744,9 @@ def doctor(dsn, schema, bootstrap_servers, kafka_settings, as_json) -> None:
     if bootstrap_servers:
         kafka["bootstrap.servers"] = bootstrap_servers
     limit = os.environ.get("OUTBOX_MAX_MESSAGE_BYTES", "")
-    findings = run_checks(dsn, schema, kafka,
-                          int(limit) if limit.isdigit() else DEFAULT_MAX_MESSAGE_BYTES)
+    findings = run_checks(
+        dsn, schema, kafka, int(limit) if limit.isdigit() else DEFAULT_MAX_MESSAGE_BYTES
+    )
     secrets = secrets_of(RelayConfig(dsn=dsn, kafka=kafka))
     if as_json:
         click.echo(redact_text(json.dumps([f.as_dict() for f in findings], indent=2), *secrets))
@@ -644,9 +760,14 @@ def doctor(dsn, schema, bootstrap_servers, kafka_settings, as_json) -> None:
 @main.command()
 @schema_option
 @click.option("--role", required=True, help="The database role to grant to.")
-@click.option("--for", "kind",
-              type=click.Choice(["relay", "writer", "operator", "consumer"]),
-              default="relay", show_default=True, help="What the role does.")
+@click.option(
+    "--for",
+    "kind",
+    type=click.Choice(["relay", "writer", "operator", "consumer"]),
+    default="relay",
+    show_default=True,
+    help="What the role does.",
+)
 @click.option("--retention", is_flag=True, help="The relay runs with --retention (DELETE).")
 @expected_failures
 def grants(schema, role, kind, retention) -> None:
@@ -668,7 +789,8 @@ def grants(schema, role, kind, retention) -> None:
     for name in names:
         text = pgsql.SQL(blocks[name]).format(
             schema=pgsql.Identifier(validate_identifier(schema)),
-            role=pgsql.Identifier(validate_identifier(role, "role")))
+            role=pgsql.Identifier(validate_identifier(role, "role")),
+        )
         click.echo(text.as_string(None))
 
 
@@ -680,16 +802,38 @@ def grants(schema, role, kind, retention) -> None:
 @click.option("--name", default=None, help="Relay name in status and logs [host-pid].")
 @click.option("--batch-size", type=int, default=None, help="Rows per batch [2000].")
 @click.option("--no-listen", is_flag=True, help="Do not LISTEN for NOTIFY; poll only.")
-@click.option("--metrics-port", type=int, default=None,
-              help="Serve /metrics, /healthz and /readyz on this port [off].")
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Serve /metrics, /healthz and /readyz on this port [off].",
+)
 @click.option("--dead-letter-topic", default=None, help="Copy rows that become FAILED here.")
-@click.option("--retention", "retention_seconds", type=float, default=None, metavar="SECONDS",
-              help="Delete CONFIRMED rows older than this, in small batches [keep all].")
+@click.option(
+    "--retention",
+    "retention_seconds",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Delete CONFIRMED rows older than this, in small batches [keep all].",
+)
 @click.option("--once", is_flag=True, help="Deliver until nothing is pending, then exit.")
 @click.option("--log-json", is_flag=True, default=None, help="One JSON object per log line.")
 @expected_failures
-def relay(dsn, schema, bootstrap_servers, kafka_settings, name, batch_size, no_listen,
-          metrics_port, dead_letter_topic, retention_seconds, once, log_json) -> None:
+def relay(
+    dsn,
+    schema,
+    bootstrap_servers,
+    kafka_settings,
+    name,
+    batch_size,
+    no_listen,
+    metrics_port,
+    dead_letter_topic,
+    retention_seconds,
+    once,
+    log_json,
+) -> None:
     """Deliver pending events to Kafka until SIGTERM or SIGINT.
 
     Every setting also reads an OUTBOX_* environment variable (OUTBOX_BATCH_SIZE,
@@ -706,10 +850,16 @@ def relay(dsn, schema, bootstrap_servers, kafka_settings, name, batch_size, no_l
     from .runner import run_relay
 
     cfg = RelayConfig.from_env(
-        dsn=dsn or None, schema=schema, bootstrap_servers=bootstrap_servers or None,
-        name=name, batch_size=batch_size, listen=False if no_listen else None,
-        metrics_port=metrics_port, dead_letter_topic=dead_letter_topic,
-        retention_seconds=retention_seconds, log_json=log_json,
+        dsn=dsn or None,
+        schema=schema,
+        bootstrap_servers=bootstrap_servers or None,
+        name=name,
+        batch_size=batch_size,
+        listen=False if no_listen else None,
+        metrics_port=metrics_port,
+        dead_letter_topic=dead_letter_topic,
+        retention_seconds=retention_seconds,
+        log_json=log_json,
         kafka=_kafka_settings(kafka_settings),
     )
     configure_logging(cfg.log_level, cfg.log_json, secrets_of(cfg))

@@ -4,14 +4,15 @@ librdkafka passthrough. Invalid configuration fails at start with one clear line
 from __future__ import annotations
 
 import math
-
 import os
 import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from outbox.errors import OutboxError
 from outbox.message import DEFAULT_MAX_MESSAGE_BYTES
 from outbox.sql import validate_identifier
 
@@ -81,7 +82,7 @@ class RelayConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> RelayConfig:
         """Defaults, then OUTBOX_* environment variables, then OVERRIDES (None ones ignored)."""
         env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
             if f.name == "kafka":
                 continue
@@ -89,7 +90,7 @@ class RelayConfig:
             if raw is not None and raw != "":
                 values[f.name] = _parse(f.name, f.type, raw)
         kafka = {
-            k[len(KAFKA_ENV_PREFIX):].lower().replace("_", "."): v
+            k[len(KAFKA_ENV_PREFIX) :].lower().replace("_", "."): v
             for k, v in env.items()
             if k.startswith(KAFKA_ENV_PREFIX)
         }
@@ -110,7 +111,7 @@ class RelayConfig:
             validate_identifier(self.schema)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        except Exception as exc:  # OutboxError
+        except OutboxError as exc:  # the only other error validate_identifier raises
             raise ConfigError(str(exc)) from None
         for name in ("batch_size", "max_attempts"):
             if getattr(self, name) < 1:
@@ -126,8 +127,16 @@ class RelayConfig:
                 raise ConfigError(f"dead_letter_topic: {exc}") from None
         if self.idle_poll_min > self.idle_poll_interval:
             raise ConfigError("idle_poll_min must not exceed idle_poll_interval")
-        for name in ("idle_poll_min", "idle_poll_interval", "lease_seconds", "heartbeat_interval", "flush_timeout",
-                     "backoff_base", "backoff_max", "shutdown_timeout"):
+        for name in (
+            "idle_poll_min",
+            "idle_poll_interval",
+            "lease_seconds",
+            "heartbeat_interval",
+            "flush_timeout",
+            "backoff_base",
+            "backoff_max",
+            "shutdown_timeout",
+        ):
             if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a positive number of seconds")
         if self.metadata_timeout >= self.flush_timeout:

@@ -6,16 +6,19 @@ from dataclasses import dataclass
 
 import psycopg
 
-from outbox.schema import SCHEMA_VERSION, installed_version
-from outbox.sql import validate_identifier
-
 from outbox.message import RECORD_BATCH_OVERHEAD
+from outbox.schema import SCHEMA_VERSION, installed_version
+from outbox.sql import one_row, validate_identifier
 
 from .kafka import check_kafka, missing_topics, topic_limits
 
 EXPECTED_INDEXES = (
-    "local_message_pkey", "local_message_message_id_key", "local_message_dedup_key_key",
-    "local_message_pending_idx", "local_message_blocking_idx", "local_message_created_at_brin",
+    "local_message_pkey",
+    "local_message_message_id_key",
+    "local_message_dedup_key_key",
+    "local_message_pending_idx",
+    "local_message_blocking_idx",
+    "local_message_created_at_brin",
 )
 EXPECTED_AUTOVACUUM = ("autovacuum_vacuum_scale_factor", "autovacuum_vacuum_threshold")
 OLD_TRANSACTION_SECONDS = 300
@@ -30,54 +33,94 @@ class Finding:
 
     def line(self) -> str:
         mark = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}[self.level]
-        return f"[{mark}] {self.check}: {self.message}" + (f"\n       -> {self.advice}"
-                                                            if self.advice else "")
+        return f"[{mark}] {self.check}: {self.message}" + (
+            f"\n       -> {self.advice}" if self.advice else ""
+        )
 
     def as_dict(self) -> dict[str, str]:
-        return {"check": self.check, "level": self.level, "message": self.message,
-                "advice": self.advice}
+        return {
+            "check": self.check,
+            "level": self.level,
+            "message": self.message,
+            "advice": self.advice,
+        }
 
 
-def run_checks(dsn: str, schema: str, kafka: dict[str, str],
-               max_message_bytes: int | None = None) -> list[Finding]:
+def run_checks(
+    dsn: str, schema: str, kafka: dict[str, str], max_message_bytes: int | None = None
+) -> list[Finding]:
     out: list[Finding] = []
     validate_identifier(schema)
     try:
-        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10,
-                               application_name="outbox-doctor")
+        conn = psycopg.connect(
+            dsn, autocommit=True, connect_timeout=10, application_name="outbox-doctor"
+        )
     except psycopg.Error as exc:
         first = (str(exc).strip().splitlines() or ["error"])[0]
-        out.append(Finding("postgresql", "fail", f"cannot connect: {first}",
-                           "check the DSN, the server, pg_hba.conf and the password"))
+        out.append(
+            Finding(
+                "postgresql",
+                "fail",
+                f"cannot connect: {first}",
+                "check the DSN, the server, pg_hba.conf and the password",
+            )
+        )
         return out
     with conn:
-        version = conn.execute("SHOW server_version").fetchone()[0]
+        version = one_row(conn.execute("SHOW server_version"))[0]
         out.append(Finding("postgresql", "ok", f"connected, server {version}"))
         out.extend(_schema_checks(conn, schema))
         if out[-1].check == "schema" and out[-1].level == "fail":
             return out + _kafka_checks(kafka, [], max_message_bytes)
         out.extend(_table_checks(conn, schema))
-        pending_topics = [r[0] for r in conn.execute(
-            f'SELECT DISTINCT topic FROM "{schema}".local_message WHERE status = \'PENDING\'')]
+        pending_topics = [
+            r[0]
+            for r in conn.execute(
+                f"SELECT DISTINCT topic FROM \"{schema}\".local_message WHERE status = 'PENDING'"
+            )
+        ]
     return out + _kafka_checks(kafka, pending_topics, max_message_bytes)
 
 
 def _schema_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
     version = installed_version(conn, schema)
     if version is None:
-        return [Finding("schema", "fail", f"no outbox tables in schema {schema!r}",
-                        f"run: outbox migrate --schema {schema}")]
+        return [
+            Finding(
+                "schema",
+                "fail",
+                f"no outbox tables in schema {schema!r}",
+                f"run: outbox migrate --schema {schema}",
+            )
+        ]
     if version != SCHEMA_VERSION:
-        return [Finding("schema", "fail", f"version {version}, this code needs {SCHEMA_VERSION}",
-                        f"run: outbox migrate --schema {schema}")]
-    found = {r[0] for r in conn.execute(
-        "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND tablename = 'local_message'",
-        (schema,))}
+        return [
+            Finding(
+                "schema",
+                "fail",
+                f"version {version}, this code needs {SCHEMA_VERSION}",
+                f"run: outbox migrate --schema {schema}",
+            )
+        ]
+    found = {
+        r[0]
+        for r in conn.execute(
+            "SELECT indexname FROM pg_indexes "
+            "WHERE schemaname = %s AND tablename = 'local_message'",
+            (schema,),
+        )
+    }
     missing = [i for i in EXPECTED_INDEXES if i not in found]
     out = [Finding("schema", "ok", f"version {version}")]
     if missing:
-        out.append(Finding("indexes", "fail", f"missing: {', '.join(missing)}",
-                           f"run: outbox migrate --schema {schema} (it recreates them)"))
+        out.append(
+            Finding(
+                "indexes",
+                "fail",
+                f"missing: {', '.join(missing)}",
+                f"run: outbox migrate --schema {schema} (it recreates them)",
+            )
+        )
     else:
         out.append(Finding("indexes", "ok", f"all {len(EXPECTED_INDEXES)} present"))
     return out
@@ -85,90 +128,154 @@ def _schema_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
 
 def _table_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
     out = []
-    (options,) = conn.execute(
-        "SELECT coalesce(reloptions, '{}') FROM pg_class WHERE oid = %s::regclass",
-        (f'"{schema}".local_message',)).fetchone()
+    (options,) = one_row(
+        conn.execute(
+            "SELECT coalesce(reloptions, '{}') FROM pg_class WHERE oid = %s::regclass",
+            (f'"{schema}".local_message',),
+        )
+    )
     have = {o.split("=")[0] for o in options}
     if all(o in have for o in EXPECTED_AUTOVACUUM):
         out.append(Finding("autovacuum", "ok", "queue settings on local_message"))
     else:
-        out.append(Finding("autovacuum", "warn", "local_message has default autovacuum settings",
-                           f"run: outbox migrate --schema {schema} on a fresh install, or "
-                           "ALTER TABLE local_message SET (autovacuum_vacuum_scale_factor = "
-                           "0.01, autovacuum_vacuum_threshold = 1000)"))
+        out.append(
+            Finding(
+                "autovacuum",
+                "warn",
+                "local_message has default autovacuum settings",
+                f"run: outbox migrate --schema {schema} on a fresh install, or "
+                "ALTER TABLE local_message SET (autovacuum_vacuum_scale_factor = "
+                "0.01, autovacuum_vacuum_threshold = 1000)",
+            )
+        )
     old = conn.execute(
         "SELECT pid, usename, state, extract(epoch FROM now() - xact_start)::int, "
         "left(query, 80) FROM pg_stat_activity WHERE xact_start < now() - make_interval("
         "secs => %s) AND pid <> pg_backend_pid() ORDER BY xact_start LIMIT 5",
-        (OLD_TRANSACTION_SECONDS,)).fetchall()
+        (OLD_TRANSACTION_SECONDS,),
+    ).fetchall()
     if old:
         pid, user, state, age, query = old[0]
-        out.append(Finding(
-            "old transactions", "warn",
-            f"{len(old)} transaction(s) open for over {OLD_TRANSACTION_SECONDS}s; oldest: pid "
-            f"{pid} ({user}, {state}, {age}s): {query!r}",
-            "they stop vacuum from removing delivered rows and the claim query slows down: end "
-            "them (pg_terminate_backend) and set idle_in_transaction_session_timeout"))
+        out.append(
+            Finding(
+                "old transactions",
+                "warn",
+                f"{len(old)} transaction(s) open for over {OLD_TRANSACTION_SECONDS}s; oldest: pid "
+                f"{pid} ({user}, {state}, {age}s): {query!r}",
+                "they stop vacuum from removing delivered rows and the claim query slows down: end "
+                "them (pg_terminate_backend) and set idle_in_transaction_session_timeout",
+            )
+        )
     else:
-        out.append(Finding("old transactions", "ok",
-                           f"none open for over {OLD_TRANSACTION_SECONDS}s"))
+        out.append(
+            Finding("old transactions", "ok", f"none open for over {OLD_TRANSACTION_SECONDS}s")
+        )
     slots = conn.execute(
-        "SELECT slot_name, active FROM pg_replication_slots WHERE NOT active").fetchall()
+        "SELECT slot_name, active FROM pg_replication_slots WHERE NOT active"
+    ).fetchall()
     if slots:
-        out.append(Finding("replication slots", "warn",
-                           f"inactive slots hold WAL and the xmin horizon: "
-                           f"{', '.join(s[0] for s in slots)}",
-                           "drop slots nobody reads: SELECT pg_drop_replication_slot('name')"))
+        out.append(
+            Finding(
+                "replication slots",
+                "warn",
+                f"inactive slots hold WAL and the xmin horizon: {', '.join(s[0] for s in slots)}",
+                "drop slots nobody reads: SELECT pg_drop_replication_slot('name')",
+            )
+        )
     live, dead = conn.execute(
         "SELECT coalesce(n_live_tup, 0), coalesce(n_dead_tup, 0) FROM pg_stat_user_tables "
-        "WHERE schemaname = %s AND relname = 'local_message'", (schema,)).fetchone() or (0, 0)
+        "WHERE schemaname = %s AND relname = 'local_message'",
+        (schema,),
+    ).fetchone() or (0, 0)
     if dead > 10_000 and dead > live * 0.2:
-        out.append(Finding("dead rows", "warn", f"{dead} dead rows for {live} live",
-                           "see the old transactions check; VACUUM (VERBOSE) local_message "
-                           "says what holds them"))
+        out.append(
+            Finding(
+                "dead rows",
+                "warn",
+                f"{dead} dead rows for {live} live",
+                "see the old transactions check; VACUUM (VERBOSE) local_message "
+                "says what holds them",
+            )
+        )
     else:
         out.append(Finding("dead rows", "ok", f"{dead} dead rows for {live} live"))
-    counts = dict(conn.execute(
-        f'SELECT status, count(*) FROM "{schema}".local_message GROUP BY status').fetchall())
+    counts: dict[str, int] = dict(
+        conn.execute(
+            f'SELECT status, count(*) FROM "{schema}".local_message GROUP BY status'
+        ).fetchall()
+    )
     if counts.get("FAILED"):
-        out.append(Finding("failed messages", "warn", f"{counts['FAILED']} FAILED rows block "
-                           "their keys", "outbox list --status FAILED; then outbox replay or "
-                           "outbox skip"))
+        out.append(
+            Finding(
+                "failed messages",
+                "warn",
+                f"{counts['FAILED']} FAILED rows block their keys",
+                "outbox list --status FAILED; then outbox replay or outbox skip",
+            )
+        )
     else:
         out.append(Finding("failed messages", "ok", "none"))
-    (alive,) = conn.execute(
-        f'SELECT count(*) FROM "{schema}".local_message_relay WHERE lease_until > now()'
-    ).fetchone()
+    (alive,) = one_row(
+        conn.execute(
+            f'SELECT count(*) FROM "{schema}".local_message_relay WHERE lease_until > now()'
+        )
+    )
     if counts.get("PENDING") and not alive:
-        out.append(Finding("relays", "fail", f"{counts['PENDING']} PENDING rows and no relay "
-                           "alive", "start one: outbox relay"))
+        out.append(
+            Finding(
+                "relays",
+                "fail",
+                f"{counts['PENDING']} PENDING rows and no relay alive",
+                "start one: outbox relay",
+            )
+        )
     else:
         out.append(Finding("relays", "ok", f"{alive} alive"))
     return out
 
 
-def _kafka_checks(kafka: dict[str, str], pending_topics: list[str],
-                  max_message_bytes: int | None) -> list[Finding]:
+def _kafka_checks(
+    kafka: dict[str, str], pending_topics: list[str], max_message_bytes: int | None
+) -> list[Finding]:
     if not kafka.get("bootstrap.servers"):
-        return [Finding("kafka", "warn", "not checked: no bootstrap servers given",
-                        "add -b HOST:PORT (or OUTBOX_BOOTSTRAP_SERVERS)")]
+        return [
+            Finding(
+                "kafka",
+                "warn",
+                "not checked: no bootstrap servers given",
+                "add -b HOST:PORT (or OUTBOX_BOOTSTRAP_SERVERS)",
+            )
+        ]
     problem = check_kafka(kafka, timeout=10)
     if problem:
-        return [Finding("kafka", "fail", f"not reachable: {problem}",
-                        "check bootstrap.servers, the listeners, and security.protocol/sasl.*")]
+        return [
+            Finding(
+                "kafka",
+                "fail",
+                f"not reachable: {problem}",
+                "check bootstrap.servers, the listeners, and security.protocol/sasl.*",
+            )
+        ]
     out = [Finding("kafka", "ok", f"reachable at {kafka['bootstrap.servers']}")]
     missing = missing_topics(kafka, pending_topics)
     if missing:
-        out.append(Finding("topics", "fail",
-                           f"PENDING messages for topics that do not exist: {', '.join(missing)}",
-                           "create them (kafka-topics --create ...), then outbox replay "
-                           "--status FAILED --error UNKNOWN_TOPIC --yes"))
+        out.append(
+            Finding(
+                "topics",
+                "fail",
+                f"PENDING messages for topics that do not exist: {', '.join(missing)}",
+                "create them (kafka-topics --create ...), then outbox replay "
+                "--status FAILED --error UNKNOWN_TOPIC --yes",
+            )
+        )
     else:
-        out.append(Finding("topics", "ok", f"all {len(pending_topics)} topics with pending "
-                           "messages exist"))
+        out.append(
+            Finding("topics", "ok", f"all {len(pending_topics)} topics with pending messages exist")
+        )
     if max_message_bytes:
-        out.append(_size_check(kafka, [t for t in pending_topics if t not in missing],
-                               max_message_bytes))
+        out.append(
+            _size_check(kafka, [t for t in pending_topics if t not in missing], max_message_bytes)
+        )
     return out
 
 
@@ -179,14 +286,20 @@ def _size_check(kafka: dict[str, str], topics: list[str], max_message_bytes: int
     small = sorted(t for t, limit in limits.items() if limit < needed)
     if small:
         shown = ", ".join(f"{t} ({limits[t]})" for t in small[:10])
-        return Finding("message size", "warn",
-                       f"topics whose max.message.bytes is below {needed} (max_message_bytes "
-                       f"{max_message_bytes} + {RECORD_BATCH_OVERHEAD} of batch framing): "
-                       f"{shown}",
-                       "a message near the writer's limit would be refused by the broker and "
-                       "end FAILED: raise the topics' max.message.bytes, or lower "
-                       "max_message_bytes and publish()'s max_bytes together")
+        return Finding(
+            "message size",
+            "warn",
+            f"topics whose max.message.bytes is below {needed} (max_message_bytes "
+            f"{max_message_bytes} + {RECORD_BATCH_OVERHEAD} of batch framing): "
+            f"{shown}",
+            "a message near the writer's limit would be refused by the broker and "
+            "end FAILED: raise the topics' max.message.bytes, or lower "
+            "max_message_bytes and publish()'s max_bytes together",
+        )
     unread = len(topics) - len(limits)
-    return Finding("message size", "ok",
-                   f"{len(limits)} topics take records of max_message_bytes "
-                   f"({max_message_bytes})" + (f"; {unread} not readable" if unread else ""))
+    return Finding(
+        "message size",
+        "ok",
+        f"{len(limits)} topics take records of max_message_bytes "
+        f"({max_message_bytes})" + (f"; {unread} not readable" if unread else ""),
+    )

@@ -37,21 +37,25 @@ class HealthServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
+            def do_GET(self):  # http.server's name
                 path = self.path.split("?")[0]
                 if path == "/metrics":
                     self._send(200, generate_latest(server._registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     since = server._since()
                     ok = since < server._stuck_after
-                    body = {"status": "ok" if ok else "stuck",
-                            "seconds_since_progress": round(since, 3)}
+                    body: dict[str, object] = {
+                        "status": "ok" if ok else "stuck",
+                        "seconds_since_progress": round(since, 3),
+                    }
                     self._send(200 if ok else 503, json.dumps(body).encode())
                 elif path == "/readyz":
                     checks = server.ready()
                     ok = all(v is None for v in checks.values())
-                    body = {"status": "ready" if ok else "not ready",
-                            "checks": {k: v or "ok" for k, v in checks.items()}}
+                    body = {
+                        "status": "ready" if ok else "not ready",
+                        "checks": {k: v or "ok" for k, v in checks.items()},
+                    }
                     self._send(200 if ok else 503, json.dumps(body).encode())
                 else:
                     self._send(404, b'{"status": "not found"}')
@@ -69,8 +73,9 @@ class HealthServer:
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="outbox-health",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="outbox-health", daemon=True
+        )
 
     def ready(self) -> dict[str, str | None]:
         with self._lock:

@@ -38,7 +38,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from outbox.message import DEFAULT_MAX_MESSAGE_BYTES, RECORD_BATCH_OVERHEAD, record_size
@@ -131,8 +131,20 @@ def describe(err: KafkaError) -> str:
 _SERVE_SLICE = 0.2
 
 #: Settings an AdminClient shares with the producer (connection and security).
-_CLIENT_PREFIXES = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "client.", "broker.",
-                    "metadata.", "reconnect.", "connections.", "api.", "debug")
+_CLIENT_PREFIXES = (
+    "bootstrap.",
+    "security.",
+    "sasl.",
+    "ssl.",
+    "socket.",
+    "client.",
+    "broker.",
+    "metadata.",
+    "reconnect.",
+    "connections.",
+    "api.",
+    "debug",
+)
 
 
 def message_size(message: PendingMessage) -> int:
@@ -147,19 +159,28 @@ _EMPTY_RECORD = record_size(None, b"")
 
 
 class _Topic:
-    __slots__ = ("problem", "max_bytes", "until")
+    __slots__ = ("max_bytes", "problem", "until")
 
     def __init__(self, problem: Failed | None, max_bytes: int | None, until: float):
         self.problem, self.max_bytes, self.until = problem, max_bytes, until
 
 
 class KafkaSink:
-    def __init__(self, config: Mapping[str, str], flush_timeout: float = 35.0, *,
-                 metadata_timeout: float = 10.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 outage_log: OutageLog | None = None):
-        self._config = {**DEFAULT_PRODUCER_CONFIG, **config, **REQUIRED_PRODUCER_CONFIG,
-                        "message.max.bytes": str(max_message_bytes)}
+    def __init__(
+        self,
+        config: Mapping[str, str],
+        flush_timeout: float = 35.0,
+        *,
+        metadata_timeout: float = 10.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        outage_log: OutageLog | None = None,
+    ):
+        self._config = {
+            **DEFAULT_PRODUCER_CONFIG,
+            **config,
+            **REQUIRED_PRODUCER_CONFIG,
+            "message.max.bytes": str(max_message_bytes),
+        }
         self._flush_timeout = flush_timeout
         self._metadata_timeout = metadata_timeout
         self._producer: Producer | None = None
@@ -252,8 +273,9 @@ class KafkaSink:
         asked in one metadata request and one DescribeConfigs, within metadata_timeout and the
         batch's deadline. A lookup that fails is not cached: the cluster may be back soon."""
         now = time.monotonic()
-        found = {t: self._topics[t] for t in names if t in self._topics
-                 and self._topics[t].until > now}
+        found = {
+            t: self._topics[t] for t in names if t in self._topics and self._topics[t].until > now
+        }
         wanted = sorted(names - found.keys())
         if not wanted:
             return found
@@ -261,11 +283,15 @@ class KafkaSink:
         try:
             return self._ask_for_topics(wanted, found, now, end)
         finally:
-            log.debug("looked up topics %s in %.0f ms", ", ".join(wanted)[:200],
-                      (time.monotonic() - now) * 1000)
+            log.debug(
+                "looked up topics %s in %.0f ms",
+                ", ".join(wanted)[:200],
+                (time.monotonic() - now) * 1000,
+            )
 
-    def _ask_for_topics(self, wanted: list[str], found: dict[str, _Topic], now: float,
-                        end: float) -> dict[str, _Topic]:
+    def _ask_for_topics(
+        self, wanted: list[str], found: dict[str, _Topic], now: float, end: float
+    ) -> dict[str, _Topic]:
         budget = max(0.0, end - now)
         try:
             metadata = self.producer.list_topics(
@@ -275,7 +301,8 @@ class KafkaSink:
             # Not the messages' fault, whatever the error: nothing is counted.
             problem = Failed(0, FailureKind.OUTAGE, f"topic metadata: {describe(exc.args[0])}")
             self.outage_log.problem(
-                "metadata", logging.WARNING,
+                "metadata",
+                logging.WARNING,
                 f"topic metadata for {', '.join(wanted)[:200]} not available: "
                 f"{problem.error}; their messages wait for a later batch",
             )
@@ -286,10 +313,14 @@ class KafkaSink:
             md = metadata.get(t)
             err = md.error if md is not None else None
             if md is None or (err is not None and err.code() in _PERMANENT):
-                why = (describe(err) if err is not None
-                       else "UNKNOWN_TOPIC_OR_PART: the cluster has no such topic")
-                info = _Topic(Failed(0, FailureKind.PERMANENT, f"{why} (topic {t!r})"), None,
-                              now + 5.0)
+                why = (
+                    describe(err)
+                    if err is not None
+                    else "UNKNOWN_TOPIC_OR_PART: the cluster has no such topic"
+                )
+                info = _Topic(
+                    Failed(0, FailureKind.PERMANENT, f"{why} (topic {t!r})"), None, now + 5.0
+                )
                 self._topics[t] = info
             elif err is not None:
                 info = _Topic(Failed(0, classify(err), describe(err)), None, 0.0)
@@ -310,8 +341,11 @@ class KafkaSink:
         try:
             if self._admin is None:
                 settings = {k: v for k, v in self._config.items() if k.startswith(_CLIENT_PREFIXES)}
-                self._admin = AdminClient({**settings, "error_cb": self._on_error},
-                                          logger=self.outage_log)
+                # error_cb is a librdkafka setting; AdminClient's stub allows only scalars.
+                self._admin = AdminClient(
+                    {**settings, "error_cb": self._on_error},  # type: ignore[dict-item]
+                    logger=self.outage_log,
+                )
             resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics]
             futures = self._admin.describe_configs(resources, request_timeout=budget)
         except Exception as exc:  # noqa: BLE001 - no DescribeConfigs: just no pre-check
@@ -346,7 +380,7 @@ class KafkaSink:
         topics = self._look_up_topics({m.topic for m in batch}, deadline)
         producer = self.producer
         # Reports as librdkafka gives them, by row id; read once the batch is over.
-        reports: dict[int, object] = {}
+        reports: dict[int, Message] = {}
         # Keys with a failure report already in: their later messages are not produced.
         failed_keys: set[bytes] = set()
         sent_alone: set[int] = set()
@@ -355,10 +389,10 @@ class KafkaSink:
             # Runs inside poll()/flush() on this thread (confluent-kafka-python #417): no
             # locking, no poll() in here (#457). Store first: after a fatal error this runs
             # with an exception set, and any call could raise (see _serve).
-            def report(err: KafkaError | None, msg) -> None:
+            def report(err: KafkaError | None, msg: Message) -> None:
                 reports[row_id] = msg
-                if err is not None and msg.key() is not None:
-                    failed_keys.add(msg.key())
+                if err is not None and (key := msg.key()) is not None:
+                    failed_keys.add(key)
 
             return report
 
@@ -366,7 +400,9 @@ class KafkaSink:
 
         def produce(message: PendingMessage) -> Failed | None:
             nonlocal produced
-            headers = [("message_id", str(message.message_id).encode())]
+            headers: list[tuple[str, str | bytes | None]] = [
+                ("message_id", str(message.message_id).encode())
+            ]
             if message.headers:
                 headers.extend(message.headers)
             while True:
@@ -398,8 +434,9 @@ class KafkaSink:
             if topic.problem is not None:
                 return Failed(message.id, topic.problem.kind, topic.problem.error)
             if failed_keys and message.key in failed_keys:
-                return Failed(message.id, FailureKind.DEFERRED,
-                              "an earlier message of its key failed")
+                return Failed(
+                    message.id, FailureKind.DEFERRED, "an earlier message of its key failed"
+                )
             if time.monotonic() >= deadline:
                 return Failed(message.id, FailureKind.OUTAGE, "batch deadline passed")
             risky = message.id in alone or (
@@ -418,9 +455,9 @@ class KafkaSink:
                 return failure
             self._serve(deadline - time.monotonic())
             msg = reports.get(message.id)
-            if msg is not None and msg.error() is not None:
+            err = msg.error() if msg is not None else None
+            if err is not None:
                 del reports[message.id]
-                err = msg.error()
                 return Failed(message.id, classify(err), describe(err), err.fatal())
             return None
 
@@ -457,15 +494,20 @@ class KafkaSink:
             if outcome is None:
                 msg = reports.get(message.id)
                 if msg is None:
-                    outcome = Failed(message.id, FailureKind.UNKNOWN,
-                                     "no delivery report before the batch deadline")
+                    outcome = Failed(
+                        message.id,
+                        FailureKind.UNKNOWN,
+                        "no delivery report before the batch deadline",
+                    )
                 elif msg.error() is None:
                     outcome = Delivered(message.id, msg.partition(), msg.offset())
                 else:
                     err = msg.error()
                     kind = classify(err)
-                    if (kind in (FailureKind.PERMANENT, FailureKind.TRANSIENT)
-                            and message.id not in sent_alone):
+                    if (
+                        kind in (FailureKind.PERMANENT, FailureKind.TRANSIENT)
+                        and message.id not in sent_alone
+                    ):
                         # Rejected in a request shared with other messages: which one was at
                         # fault is not known. Nobody's attempt is counted; the relay sends
                         # them alone next time.
@@ -481,8 +523,11 @@ def check_kafka(config: Mapping[str, str], timeout: float = 5.0) -> str | None:
     settings = {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
     problems: list[str] = []
     try:
-        admin = AdminClient({**settings, "error_cb": lambda e: problems.append(describe(e))},
-                            logger=log)
+        # error_cb is a librdkafka setting; AdminClient's stub allows only scalars.
+        admin = AdminClient(
+            {**settings, "error_cb": lambda e: problems.append(describe(e))},  # type: ignore[dict-item]
+            logger=log,
+        )
         admin.list_topics(timeout=timeout)
     except KafkaException as exc:
         return describe(exc.args[0]) + (f" ({problems[-1]})" if problems else "")
@@ -493,7 +538,9 @@ def missing_topics(config: Mapping[str, str], topics: Sequence[str]) -> list[str
     """Which of TOPICS the cluster does not have."""
     if not topics:
         return []
-    settings = {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
+    settings: dict[str, str | int | float | bool] = {
+        k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)
+    }
     existing = AdminClient(settings, logger=log).list_topics(timeout=10).topics
     return sorted(t for t in topics if t not in existing)
 
@@ -502,7 +549,9 @@ def topic_limits(config: Mapping[str, str], topics: Sequence[str]) -> dict[str, 
     """The max.message.bytes of TOPICS, as far as they can be read (DescribeConfigs)."""
     if not topics:
         return {}
-    settings = {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
+    settings: dict[str, str | int | float | bool] = {
+        k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)
+    }
     admin = AdminClient(settings, logger=log)
     resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics]
     limits = {}

@@ -28,7 +28,9 @@ class Listener:
             return None
         try:
             self._conn = psycopg.connect(
-                self._dsn, autocommit=True, connect_timeout=5,
+                self._dsn,
+                autocommit=True,
+                connect_timeout=5,
                 application_name="outbox-relay-listen",
             )
             self._conn.execute(f"LISTEN {CHANNEL}")

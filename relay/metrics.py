@@ -15,45 +15,79 @@ class RelayMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.published = Counter(
-            "outbox_messages_published", "Messages acknowledged by Kafka and confirmed.",
-            ["topic"], registry=r)
+            "outbox_messages_published",
+            "Messages acknowledged by Kafka and confirmed.",
+            ["topic"],
+            registry=r,
+        )
         self.failures = Counter(
-            "outbox_delivery_failures", "Failed delivery attempts, by kind "
+            "outbox_delivery_failures",
+            "Failed delivery attempts, by kind "
             "(outage, unknown, transient, permanent, deferred, isolate).",
-            ["topic", "kind"], registry=r)
+            ["topic", "kind"],
+            registry=r,
+        )
         self.failed = Counter(
-            "outbox_messages_failed", "Rows moved to FAILED.", ["topic"], registry=r)
+            "outbox_messages_failed", "Rows moved to FAILED.", ["topic"], registry=r
+        )
         self.dead_lettered = Counter(
-            "outbox_messages_dead_lettered", "FAILED rows copied to the dead-letter topic.",
-            ["topic"], registry=r)
+            "outbox_messages_dead_lettered",
+            "FAILED rows copied to the dead-letter topic.",
+            ["topic"],
+            registry=r,
+        )
         self.producer_resets = Counter(
-            "outbox_producer_resets", "Producers replaced: after a fatal error, or a batch deadline that took "
-            "unreported messages back.", registry=r)
+            "outbox_producer_resets",
+            "Producers replaced: after a fatal error, or a batch deadline that took "
+            "unreported messages back.",
+            registry=r,
+        )
         self.order_inversions = Counter(
-            "outbox_order_inversions", "Deliveries that overtook an undelivered earlier "
-            "message of their key (expected to stay 0).", registry=r)
+            "outbox_order_inversions",
+            "Deliveries that overtook an undelivered earlier "
+            "message of their key (expected to stay 0).",
+            registry=r,
+        )
         self.lease_lost = Counter(
-            "outbox_confirms_refused", "Delivered rows not confirmed because their bucket "
-            "lease had moved to another relay.", registry=r)
+            "outbox_confirms_refused",
+            "Delivered rows not confirmed because their bucket lease had moved to another relay.",
+            registry=r,
+        )
         self.kafka_up = Gauge(
             "outbox_kafka_up",
             "1 while batches get through to Kafka, 0 since a batch got nothing through for an "
-            "outage (broker unreachable, timed out).", registry=r)
+            "outage (broker unreachable, timed out).",
+            registry=r,
+        )
         self.kafka_up.set(1)
         self.pending = Gauge(
-            "outbox_pending_messages", "PENDING rows in this relay's buckets.", registry=r)
+            "outbox_pending_messages", "PENDING rows in this relay's buckets.", registry=r
+        )
         self.oldest_claimable_age = Gauge(
-            "outbox_oldest_claimable_age_seconds", "Age of the oldest PENDING row of this "
+            "outbox_oldest_claimable_age_seconds",
+            "Age of the oldest PENDING row of this "
             "relay's buckets that may be sent now (rows in backoff not counted): the lag to "
-            "alert on.", registry=r)
+            "alert on.",
+            registry=r,
+        )
         self.buckets_owned = Gauge(
-            "outbox_buckets_owned", "Buckets this relay holds a lease on (of 256).", registry=r)
+            "outbox_buckets_owned", "Buckets this relay holds a lease on (of 256).", registry=r
+        )
         self.batch_size = Histogram(
-            "outbox_batch_size", "Rows per batch.",
-            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000), registry=r)
+            "outbox_batch_size",
+            "Rows per batch.",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
+            registry=r,
+        )
         self.batch_duration = Histogram(
-            "outbox_batch_duration_seconds", "Fetch, produce, acknowledgements and record of "
-            "one batch.", buckets=_LATENCY_BUCKETS, registry=r)
+            "outbox_batch_duration_seconds",
+            "Fetch, produce, acknowledgements and record of one batch.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.commit_to_ack = Histogram(
-            "outbox_commit_to_ack_seconds", "From the row's created_at to Kafka's "
-            "acknowledgement.", buckets=_LATENCY_BUCKETS, registry=r)
+            "outbox_commit_to_ack_seconds",
+            "From the row's created_at to Kafka's acknowledgement.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )

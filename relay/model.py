@@ -6,8 +6,7 @@ import datetime as dt
 import uuid
 from collections.abc import Sequence
 from enum import Enum
-from typing import NamedTuple, Protocol, Union
-
+from typing import NamedTuple, Protocol, TypeAlias
 
 #: Seconds a sink's send() may take beyond the flush_timeout it was given: taking back what is
 #: unreported at the deadline and replacing the producer. A batch's Kafka part takes at most
@@ -62,7 +61,7 @@ class Failed(NamedTuple):
     fatal: bool = False
 
 
-Outcome = Union[Delivered, Failed]
+Outcome: TypeAlias = Delivered | Failed
 
 
 class FailureUpdate(NamedTuple):
@@ -78,7 +77,7 @@ class FailureUpdate(NamedTuple):
     delay_seconds: float
 
 
-def send_in_key_order(batch, produce_one) -> dict[int, "Failed"]:
+def send_in_key_order(batch, produce_one) -> dict[int, Failed]:
     """Hand BATCH to PRODUCE_ONE in id order, holding back every later message of a key once
     one of its messages failed synchronously (PRODUCE_ONE returned a Failed). Returns the
     failures by row id; the rest were handed to the producer. Shared by every sink, so that
@@ -120,8 +119,9 @@ class Store(Protocol):
     def heartbeat(self, relay_id: uuid.UUID, name: str, lease_seconds: float) -> frozenset[int]:
         """Say this relay is alive, renew and rebalance its bucket leases, return them."""
 
-    def fetch_pending(self, buckets: frozenset[int], limit: int,
-                      exclude: Sequence[int] = ()) -> list[PendingMessage]:
+    def fetch_pending(
+        self, buckets: frozenset[int], limit: int, exclude: Sequence[int] = ()
+    ) -> list[PendingMessage]:
         """Up to LIMIT deliverable rows of BUCKETS in id order, none of EXCLUDE. A key whose
         oldest unfinished row is FAILED or waits for a retry has no row deliverable."""
 

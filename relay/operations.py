@@ -16,7 +16,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from outbox.message import headers_from_json
-from outbox.sql import compose, read_blocks
+from outbox.sql import compose, one_row, read_blocks
 
 from .selection import Selection
 
@@ -32,8 +32,9 @@ def _q(name: str, schema: str, selection: Selection | None = None):
     return compose(body, schema, where=where), params
 
 
-def list_rows(conn: psycopg.Connection, schema: str, selection: Selection, limit: int = 50,
-              after_id: int = 0) -> list[dict[str, Any]]:
+def list_rows(
+    conn: psycopg.Connection, schema: str, selection: Selection, limit: int = 50, after_id: int = 0
+) -> list[dict[str, Any]]:
     query, params = _q("list_rows", schema, selection)
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(query, {**params, "limit": limit, "after_id": after_id}).fetchall()
@@ -46,8 +47,10 @@ def count_rows(conn: psycopg.Connection, schema: str, selection: Selection) -> d
 
 def get_row(conn: psycopg.Connection, schema: str, ref: int | uuid.UUID) -> dict[str, Any] | None:
     query, _ = _q("get_row", schema)
-    params = {"id": ref if isinstance(ref, int) else -1,
-              "message_id": ref if isinstance(ref, uuid.UUID) else None}
+    params = {
+        "id": ref if isinstance(ref, int) else -1,
+        "message_id": ref if isinstance(ref, uuid.UUID) else None,
+    }
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(query, params).fetchone()
     if row is None:
@@ -56,20 +59,32 @@ def get_row(conn: psycopg.Connection, schema: str, ref: int | uuid.UUID) -> dict
     row["held_behind"] = 0
     if row["key"] is not None and row["status"] in ("FAILED", "PENDING"):
         held, _ = _q("rows_held_behind", schema)
-        row["held_behind"] = conn.execute(held, {"key": row["key"], "id": row["id"]}).fetchone()[0]
+        row["held_behind"] = one_row(conn.execute(held, {"key": row["key"], "id": row["id"]}))[0]
     return row
 
 
-def _batched(conn: psycopg.Connection, name: str, schema: str, selection: Selection, actor: str,
-             reason: str | None, progress: Progress | None) -> list[int]:
+def _batched(
+    conn: psycopg.Connection,
+    name: str,
+    schema: str,
+    selection: Selection,
+    actor: str,
+    reason: str | None,
+    progress: Progress | None,
+) -> list[int]:
     query, params = _q(name, schema, selection)
-    params = {**params, "actor": actor, "reason": reason,
-              "selection": json.dumps(selection.describe()), "limit": BATCH}
+    params = {
+        **params,
+        "actor": actor,
+        "reason": reason,
+        "selection": json.dumps(selection.describe()),
+        "limit": BATCH,
+    }
     changed: list[int] = []
     after = 0
     while True:  # bounded: every batch moves `after` past the rows it took, or ends the loop
         with conn.transaction():
-            ids = conn.execute(query, {**params, "after_id": after}).fetchone()[0]
+            ids = one_row(conn.execute(query, {**params, "after_id": after}))[0]
         if not ids:
             return changed
         changed.extend(ids)
@@ -78,27 +93,47 @@ def _batched(conn: psycopg.Connection, name: str, schema: str, selection: Select
             progress(len(ids))
 
 
-def replay(conn: psycopg.Connection, schema: str, selection: Selection, actor: str,
-           reason: str | None = None, progress: Progress | None = None) -> list[int]:
+def replay(
+    conn: psycopg.Connection,
+    schema: str,
+    selection: Selection,
+    actor: str,
+    reason: str | None = None,
+    progress: Progress | None = None,
+) -> list[int]:
     """Put the selected FAILED, SKIPPED, CONFIRMED, backed-off PENDING and expired SENT rows back
     to PENDING with attempts and backoff cleared; return their ids."""
     return _batched(conn, "replay_batch", schema, selection, actor, reason, progress)
 
 
-def skip(conn: psycopg.Connection, schema: str, selection: Selection, actor: str,
-         reason: str | None = None, progress: Progress | None = None) -> list[int]:
+def skip(
+    conn: psycopg.Connection,
+    schema: str,
+    selection: Selection,
+    actor: str,
+    reason: str | None = None,
+    progress: Progress | None = None,
+) -> list[int]:
     """Mark the selected FAILED rows SKIPPED (on purpose, audited): their keys flow again."""
     return _batched(conn, "skip_batch", schema, selection, actor, reason, progress)
 
 
-def purge_count(conn: psycopg.Connection, schema: str, statuses: list[str],
-                cutoff: dt.datetime) -> int:
+def purge_count(
+    conn: psycopg.Connection, schema: str, statuses: list[str], cutoff: dt.datetime
+) -> int:
     query, _ = _q("purge_count", schema)
-    return conn.execute(query, {"statuses": statuses, "cutoff": cutoff}).fetchone()[0]
+    return one_row(conn.execute(query, {"statuses": statuses, "cutoff": cutoff}))[0]
 
 
-def purge(conn: psycopg.Connection, schema: str, statuses: list[str], cutoff: dt.datetime,
-          actor: str, reason: str | None = None, progress: Progress | None = None) -> int:
+def purge(
+    conn: psycopg.Connection,
+    schema: str,
+    statuses: list[str],
+    cutoff: dt.datetime,
+    actor: str,
+    reason: str | None = None,
+    progress: Progress | None = None,
+) -> int:
     """Delete CONFIRMED (and SKIPPED, if in STATUSES) rows created before CUTOFF."""
     if set(statuses) - {"CONFIRMED", "SKIPPED"}:
         raise ValueError("purge deletes CONFIRMED and SKIPPED rows only")
@@ -106,8 +141,9 @@ def purge(conn: psycopg.Connection, schema: str, statuses: list[str], cutoff: dt
     deleted = 0
     while True:  # bounded: each round deletes up to BATCH rows or ends the loop
         with conn.transaction():
-            n = conn.execute(query, {"statuses": statuses, "cutoff": cutoff,
-                                     "limit": BATCH}).rowcount
+            n = conn.execute(
+                query, {"statuses": statuses, "cutoff": cutoff, "limit": BATCH}
+            ).rowcount
         deleted += n
         if progress and n:
             progress(n)
@@ -115,9 +151,17 @@ def purge(conn: psycopg.Connection, schema: str, statuses: list[str], cutoff: dt
             break
     audit, _ = _q("audit_purge", schema)
     with conn.transaction():
-        conn.execute(audit, {"actor": actor, "reason": reason, "affected": deleted,
-                             "selection": json.dumps({"statuses": statuses,
-                                                      "created_before": cutoff.isoformat()})})
+        conn.execute(
+            audit,
+            {
+                "actor": actor,
+                "reason": reason,
+                "affected": deleted,
+                "selection": json.dumps(
+                    {"statuses": statuses, "created_before": cutoff.isoformat()}
+                ),
+            },
+        )
     return deleted
 
 
@@ -135,4 +179,4 @@ def blocked_keys(conn: psycopg.Connection, schema: str, limit: int = 20) -> list
 
 def blocked_key_count(conn: psycopg.Connection, schema: str) -> int:
     query, _ = _q("blocked_key_count", schema)
-    return conn.execute(query).fetchone()[0]
+    return one_row(conn.execute(query))[0]

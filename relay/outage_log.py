@@ -25,8 +25,12 @@ _EXPECTED = ("enable.gapless.guarantee is experimental",)
 
 
 class OutageLog:
-    def __init__(self, logger: logging.Logger, interval: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._log = logger
         self.interval = interval
         self._clock = clock
@@ -77,7 +81,9 @@ class OutageLog:
         top = ", ".join(f"{n} x {key[:80]}" for key, n in repeats.most_common(3))
         self._log.warning(
             "Kafka problems for %.0fs: %d repeated reports not logged%s%s",
-            now - since, sum(repeats.values()), f" ({top})" if top else "",
+            now - since,
+            sum(repeats.values()),
+            f" ({top})" if top else "",
             "" if waiting is None else f"; {waiting} rows waiting",
         )
         return True
@@ -92,5 +98,6 @@ class OutageLog:
             self._since = None
             self._seen.clear()
             self._repeats.clear()
-        self._log.warning("Kafka reachable again after %.0fs (%d repeated reports not logged)",
-                          lasted, repeats)
+        self._log.warning(
+            "Kafka reachable again after %.0fs (%d repeated reports not logged)", lasted, repeats
+        )

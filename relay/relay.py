@@ -32,15 +32,22 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .clock import Clock, SystemClock
 from .metrics import RelayMetrics
 from .model import (
-    SEND_MARGIN, Delivered, Failed, FailureKind, FailureUpdate, Outcome, PendingMessage, Sink,
+    SEND_MARGIN,
+    Delivered,
+    Failed,
+    FailureKind,
+    FailureUpdate,
+    Outcome,
+    PendingMessage,
+    Sink,
     Store,
 )
 from .outage_log import OutageLog
@@ -143,7 +150,7 @@ class Relay:
         self._helper_spent = [0.0, 0.0]
         self._resets_seen = 0
         self._pending: int | None = None  # as of the last heartbeat
-        self.stats = Counter()
+        self.stats: Counter[str] = Counter()
         self.last_progress = self.clock.monotonic()
 
     # -- leases
@@ -153,8 +160,10 @@ class Relay:
         s = self.settings
         # Produce only while the lease outlives every message this batch could leave in flight:
         # a batch's Kafka part ends by flush_timeout + SEND_MARGIN (relay.kafka).
-        if (now < self._next_heartbeat
-                and now + s.flush_timeout + SEND_MARGIN < self._lease_valid_until):
+        if (
+            now < self._next_heartbeat
+            and now + s.flush_timeout + SEND_MARGIN < self._lease_valid_until
+        ):
             return
         self.settle()  # a rebalance may give buckets away: nothing of them left unwritten
         # What was read ahead is read again after every renewal: the lease may have lapsed
@@ -206,6 +215,7 @@ class Relay:
         alone = frozenset(self._alone.intersection(m.id for m in batch))
         in_flight = [m.id for m in batch]
         held: frozenset[bytes] = frozenset()
+        jobs: list[Future[Any]]  # the last one's result is the next batch
         if self.reader is None:
             jobs = [self._helper.submit(self._write_then_read, in_flight)]
         else:
@@ -224,8 +234,11 @@ class Relay:
         self._account(batch, outcomes, started)
         # A database error surfaces here, with the outcomes kept (written by a later settle()).
         read_ahead = [job.result() for job in jobs][-1]
-        failed_keys = held | {m.key for m, o in zip(batch, outcomes)
-                              if m.key is not None and not isinstance(o, Delivered)}
+        failed_keys = held | {
+            m.key
+            for m, o in zip(batch, outcomes, strict=False)
+            if m.key is not None and not isinstance(o, Delivered)
+        }
         if failed_keys:
             # Read before these failures were written (or beside): SQL could not hold them back.
             read_ahead = [m for m in read_ahead if m.key not in failed_keys]
@@ -244,10 +257,18 @@ class Relay:
         now = self.clock.monotonic()
         if now - begun > SLOW_STEP and log.isEnabledFor(logging.DEBUG):
             write, read = self._helper_spent
-            log.debug("slow step: %d rows in %.0f ms: before the send %.0f ms, send %.0f ms, "
-                      "then waited on the database %.0f ms (it wrote for %.0f ms and read for "
-                      "%.0f ms)", rows, (now - begun) * 1000, (started - begun) * 1000,
-                      (sent - started) * 1000, (now - sent) * 1000, write * 1000, read * 1000)
+            log.debug(
+                "slow step: %d rows in %.0f ms: before the send %.0f ms, send %.0f ms, "
+                "then waited on the database %.0f ms (it wrote for %.0f ms and read for "
+                "%.0f ms)",
+                rows,
+                (now - begun) * 1000,
+                (started - begun) * 1000,
+                (sent - started) * 1000,
+                (now - sent) * 1000,
+                write * 1000,
+                read * 1000,
+            )
 
     def _write(self) -> None:
         """A helper's job beside _read: the outcomes of the batches sent before."""
@@ -262,7 +283,8 @@ class Relay:
         begun = self.clock.monotonic()
         try:
             return self.reader.fetch_pending(  # type: ignore[union-attr]
-                self.buckets, self.settings.batch_size, leave_out)
+                self.buckets, self.settings.batch_size, leave_out
+            )
         finally:
             self._helper_spent[1] = self.clock.monotonic() - begun
 
@@ -297,9 +319,12 @@ class Relay:
                     # PENDING and are sent again, in row order (duplicates for consumers).
                     self._unwritten.pop(0)
                     self._write_errors = 0
-                    log.error("gave up recording the outcomes of %d rows after %d attempts: "
-                              "they stay PENDING and will be sent again",
-                              len(batch.delivered) + len(batch.updates), _WRITE_ATTEMPTS)
+                    log.error(
+                        "gave up recording the outcomes of %d rows after %d attempts: "
+                        "they stay PENDING and will be sent again",
+                        len(batch.delivered) + len(batch.updates),
+                        _WRITE_ATTEMPTS,
+                    )
                 raise
             self._write_errors = 0
             self._unwritten.pop(0)
@@ -314,12 +339,13 @@ class Relay:
             # owner will send them again (a documented duplicate), and we must not write.
             self.metrics.lease_lost.inc(len(delivered) - confirmed)
             log.warning(
-                "%d delivered rows were not confirmed: their bucket lease moved to another "
-                "relay", len(delivered) - confirmed,
+                "%d delivered rows were not confirmed: their bucket lease moved to another relay",
+                len(delivered) - confirmed,
             )
 
-    def _account(self, batch: Sequence[PendingMessage], outcomes: Sequence[Outcome],
-                 started: float) -> None:
+    def _account(
+        self, batch: Sequence[PendingMessage], outcomes: Sequence[Outcome], started: float
+    ) -> None:
         """Everything a batch's outcomes decide that is not a database write."""
         acked_at = dt.datetime.now(dt.timezone.utc)
         delivered = [o for o in outcomes if isinstance(o, Delivered)]
@@ -331,10 +357,14 @@ class Relay:
             updates = self.retry.updates(failed, by_id)
             if self.settings.dead_letter_topic:
                 dead = [(u, by_id[u.id]) for u in updates if u.give_up]
-        held = frozenset(m.key for m, o in zip(batch, outcomes)
-                         if m.key is not None and not isinstance(o, Delivered))
-        self._unwritten.append(_Unwritten(delivered, updates, dead,
-                                          tuple(m.id for m in batch), held))
+        held = frozenset(
+            m.key
+            for m, o in zip(batch, outcomes, strict=False)
+            if m.key is not None and not isinstance(o, Delivered)
+        )
+        self._unwritten.append(
+            _Unwritten(delivered, updates, dead, tuple(m.id for m in batch), held)
+        )
         self._track_isolation(outcomes, bool(failed))
         if failed:  # with every message delivered there is nothing to overtake
             self._check_order(batch, outcomes)
@@ -360,12 +390,18 @@ class Relay:
         if self.outage_log.in_outage:
             self.outage_log.summary_if_due(waiting=self._pending)
 
-    def _observe(self, batch: Sequence[PendingMessage], outcomes: Sequence[Outcome],
-                 updates: Sequence[FailureUpdate], acked_at: dt.datetime, started: float) -> None:
+    def _observe(
+        self,
+        batch: Sequence[PendingMessage],
+        outcomes: Sequence[Outcome],
+        updates: Sequence[FailureUpdate],
+        acked_at: dt.datetime,
+        started: float,
+    ) -> None:
         m = self.metrics
         published: Counter = Counter()
         failures: Counter = Counter()
-        for message, outcome in zip(batch, outcomes):
+        for message, outcome in zip(batch, outcomes, strict=False):
             if isinstance(outcome, Delivered):
                 published[message.topic] += 1
             else:
@@ -375,7 +411,7 @@ class Relay:
         for (topic, kind), n in failures.items():
             m.failures.labels(topic, kind).inc(n)
         step = max(1, len(batch) // _LATENCY_SAMPLES)
-        for message, outcome in list(zip(batch, outcomes))[::step]:
+        for message, outcome in list(zip(batch, outcomes, strict=False))[::step]:
             if isinstance(outcome, Delivered):
                 m.commit_to_ack.observe(max(0.0, (acked_at - message.created_at).total_seconds()))
         resets = self.sink.resets
@@ -407,7 +443,7 @@ class Relay:
         """Count deliveries that overtook an earlier, undelivered message of their key. The
         sink is built so that this does not happen; if it ever does, it is loud."""
         first_undelivered: dict[bytes, int] = {}
-        for message, outcome in zip(batch, outcomes):
+        for message, outcome in zip(batch, outcomes, strict=False):
             if message.key is None:
                 continue
             if isinstance(outcome, Delivered):
@@ -416,7 +452,9 @@ class Relay:
                     self.metrics.order_inversions.inc()
                     log.error(
                         "order inversion: row %d of key %r was delivered while row %d of the "
-                        "same key was not", message.id, message.key[:40],
+                        "same key was not",
+                        message.id,
+                        message.key[:40],
                         first_undelivered[message.key],
                     )
             else:
@@ -431,18 +469,23 @@ class Relay:
         topic = self.settings.dead_letter_topic
         copies = []
         for update, original in pending:
-            headers = list(original.headers) + [
+            headers = [
+                *original.headers,
                 ("outbox_original_topic", original.topic.encode()),
                 ("outbox_error", update.error.encode("utf-8", "replace")[:1000]),
                 ("outbox_row_id", str(original.id).encode()),
             ]
             copies.append(original._replace(topic=topic, headers=headers))
-        for (_, original), outcome in zip(pending, self.sink.send(copies)):
+        for (_, original), outcome in zip(pending, self.sink.send(copies), strict=False):
             if isinstance(outcome, Delivered):
                 self.metrics.dead_lettered.labels(original.topic).inc()
             else:
-                log.error("row %d could not be copied to dead-letter topic %s: %s",
-                          original.id, topic, outcome.error)
+                log.error(
+                    "row %d could not be copied to dead-letter topic %s: %s",
+                    original.id,
+                    topic,
+                    outcome.error,
+                )
 
     def _retention_if_due(self) -> None:
         s = self.settings
@@ -456,8 +499,9 @@ class Relay:
             if n < s.retention_batch:
                 break
         if deleted:
-            log.info("retention: deleted %d CONFIRMED rows older than %gs", deleted,
-                     s.retention_seconds)
+            log.info(
+                "retention: deleted %d CONFIRMED rows older than %gs", deleted, s.retention_seconds
+            )
 
     # -- the loop
 
@@ -481,7 +525,8 @@ class Relay:
                     continue
                 if self._pause:
                     self.outage_log.problem(
-                        "pause", logging.WARNING,
+                        "pause",
+                        logging.WARNING,
                         f"Kafka unreachable: pausing {self._pause:.1f}s before the next batch "
                         "(and up to 30s while it lasts)",
                     )
@@ -521,8 +566,11 @@ class Relay:
         try:
             self.settle()
         except Exception as exc:  # noqa: BLE001
-            log.error("could not record the last batch's outcomes (its delivered rows will be "
-                      "sent again): %s", exc)
+            log.error(
+                "could not record the last batch's outcomes (its delivered rows will be "
+                "sent again): %s",
+                exc,
+            )
         self._helper.shutdown(wait=False)
         try:
             self._send_dead_letters()
@@ -534,5 +582,7 @@ class Relay:
             log.warning("could not release bucket leases (they expire by themselves): %s", exc)
         log.info(
             "relay %s stopped: %d delivered, %d failed",
-            self.name, self.stats["delivered"], self.stats["failed"],
+            self.name,
+            self.stats["delivered"],
+            self.stats["failed"],
         )

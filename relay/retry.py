@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from .model import Failed, FailureKind, FailureUpdate, PendingMessage
 
-
 #: Failures that leave the row untouched: not the message's fault, or not even tried.
 NO_WRITE = frozenset(
     {FailureKind.OUTAGE, FailureKind.UNKNOWN, FailureKind.DEFERRED, FailureKind.ISOLATE}
@@ -41,7 +40,10 @@ class RetryPolicy:
             give_up = attempts >= self.max_attempts
             out.append(
                 FailureUpdate(
-                    failure.id, 1, f"{failure.kind.value}: {failure.error}", give_up,
+                    failure.id,
+                    1,
+                    f"{failure.kind.value}: {failure.error}",
+                    give_up,
                     0.0 if give_up else self.delay(attempts),
                 )
             )

@@ -6,7 +6,13 @@ import logging
 import threading
 
 import psycopg
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from outbox.errors import OutboxError
 
@@ -38,16 +44,21 @@ def _first_line(exc: BaseException, cfg: RelayConfig) -> str:
 def connect_store(cfg: RelayConfig, startup_timeout: float = 30.0) -> PostgresStore:
     """A connected store; PostgreSQL not up yet is retried (tenacity) for STARTUP_TIMEOUT."""
     store = PostgresStore(cfg.dsn, cfg.schema)
+
+    def warn(rs: RetryCallState) -> None:
+        # tenacity sleeps only after an attempt that raised (retry_if_exception): outcome has it.
+        assert rs.outcome is not None
+        exc = rs.outcome.exception()
+        assert exc is not None
+        log.warning("PostgreSQL not reachable yet (%s), retrying", _first_line(exc, cfg))
+
     try:
         for attempt in Retrying(
             retry=retry_if_exception(_retryable),
             stop=stop_after_delay(startup_timeout),
             wait=wait_exponential(multiplier=0.5, max=5),
             reraise=True,
-            before_sleep=lambda rs: log.warning(
-                "PostgreSQL not reachable yet (%s), retrying",
-                _first_line(rs.outcome.exception(), cfg),
-            ),
+            before_sleep=warn,
         ):
             with attempt:
                 store.connect()
@@ -81,9 +92,13 @@ def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
     # A second connection: the next batch is read while the outcomes are written (relay.relay).
     reader = PostgresStore(cfg.dsn, cfg.schema)  # connects on its first read
     outage_log = OutageLog(logging.getLogger("relay.kafka"))
-    sink = KafkaSink(cfg.producer_config(), flush_timeout=cfg.flush_timeout,
-                     metadata_timeout=cfg.metadata_timeout,
-                     max_message_bytes=cfg.max_message_bytes, outage_log=outage_log)
+    sink = KafkaSink(
+        cfg.producer_config(),
+        flush_timeout=cfg.flush_timeout,
+        metadata_timeout=cfg.metadata_timeout,
+        max_message_bytes=cfg.max_message_bytes,
+        outage_log=outage_log,
+    )
     listener = Listener(cfg.dsn, cfg.schema) if cfg.listen else None
     settings = LoopSettings(
         batch_size=cfg.batch_size,
@@ -115,7 +130,9 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
         if cfg.metrics_port:
             try:
                 health = HealthServer(
-                    cfg.metrics_host, cfg.metrics_port, relay.metrics.registry,
+                    cfg.metrics_host,
+                    cfg.metrics_port,
+                    relay.metrics.registry,
                     seconds_since_progress=lambda: relay.clock.monotonic() - relay.last_progress,
                     readiness=readiness(cfg),
                     stuck_after=max(60.0, cfg.flush_timeout * 2),

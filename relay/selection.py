@@ -10,7 +10,6 @@ from typing import Any
 
 from psycopg import sql
 
-
 STATUSES = ("PENDING", "SENT", "CONFIRMED", "FAILED", "SKIPPED")
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|w)")
@@ -90,12 +89,25 @@ class Selection:
     expired_claims: bool = False
 
     @classmethod
-    def from_cli(cls, refs=(), statuses=(), topic=None, key=None, key_hex=None, since=None,
-                 until=None, error=None, expired_claims=False) -> Selection:
+    def from_cli(
+        cls,
+        refs=(),
+        statuses=(),
+        topic=None,
+        key=None,
+        key_hex=None,
+        since=None,
+        until=None,
+        error=None,
+        expired_claims=False,
+    ) -> Selection:
         sel = cls(topic=topic or None, error=error or None, expired_claims=expired_claims)
         for ref in refs:
             value = parse_ref(ref)
-            (sel.ids if isinstance(value, int) else sel.message_ids).append(value)
+            if isinstance(value, int):
+                sel.ids.append(value)
+            else:
+                sel.message_ids.append(value)
         for st in statuses:
             if st.upper() not in STATUSES:
                 raise SelectionError(f"unknown status {st!r} (one of {', '.join(STATUSES)})")
@@ -114,30 +126,47 @@ class Selection:
         return sel
 
     def is_empty(self) -> bool:
-        return not (self.ids or self.message_ids or self.statuses or self.topic or self.key
-                    or self.since or self.until or self.error or self.expired_claims)
+        return not (
+            self.ids
+            or self.message_ids
+            or self.statuses
+            or self.topic
+            or self.key
+            or self.since
+            or self.until
+            or self.error
+            or self.expired_claims
+        )
 
     def where(self) -> tuple[sql.Composable, dict[str, Any]]:
         """A WHERE condition (ANDed filters; ids OR message_ids) and its parameters."""
         parts: list[sql.Composable] = []
         params: dict[str, Any] = {}
         if self.ids or self.message_ids:
-            parts.append(sql.SQL("(id = ANY(%(sel_ids)s::bigint[]) "
-                                 "OR message_id = ANY(%(sel_mids)s::uuid[]))"))
+            parts.append(
+                sql.SQL(
+                    "(id = ANY(%(sel_ids)s::bigint[]) OR message_id = ANY(%(sel_mids)s::uuid[]))"
+                )
+            )
             params["sel_ids"], params["sel_mids"] = self.ids, self.message_ids
         if self.statuses:
             parts.append(sql.SQL("status = ANY(%(sel_statuses)s::text[])"))
             params["sel_statuses"] = self.statuses
         if self.expired_claims:
             parts.append(sql.SQL("(status = 'SENT' AND claim_expires_at < now())"))
-        for name, clause in (("topic", "topic = %(sel_topic)s"), ("key", "key = %(sel_key)s"),
-                             ("since", "created_at >= %(sel_since)s"),
-                             ("until", "created_at < %(sel_until)s")):
+        for name, clause in (
+            ("topic", "topic = %(sel_topic)s"),
+            ("key", "key = %(sel_key)s"),
+            ("since", "created_at >= %(sel_since)s"),
+            ("until", "created_at < %(sel_until)s"),
+        ):
             if getattr(self, name) is not None:
                 parts.append(sql.SQL(clause))
                 params[f"sel_{name}"] = getattr(self, name)
         if self.error:
-            parts.append(sql.SQL("strpos(lower(coalesce(last_error, '')), lower(%(sel_error)s)) > 0"))
+            parts.append(
+                sql.SQL("strpos(lower(coalesce(last_error, '')), lower(%(sel_error)s)) > 0")
+            )
             params["sel_error"] = self.error
         if not parts:
             return sql.SQL("true"), params

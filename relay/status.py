@@ -7,7 +7,7 @@ from typing import Any
 import psycopg
 
 from outbox.schema import require_schema
-from outbox.sql import query
+from outbox.sql import one_row, query
 
 from . import operations
 from .selection import key_text
@@ -27,13 +27,13 @@ def read_status(conn: psycopg.Connection, schema: str) -> dict[str, Any]:
         for topic, st, n in conn.execute(q("counts_by_topic")):
             counts[st] = counts.get(st, 0) + n
             by_topic.setdefault(topic, {})[st] = n
-        (age,) = conn.execute(q("oldest_claimable_age")).fetchone()
+        (age,) = one_row(conn.execute(q("oldest_claimable_age")))
         relays = [
             {"relay_id": str(rid), "name": name, "heartbeat_at": hb, "buckets": buckets}
             for rid, name, hb, buckets in conn.execute(q("relays"))
         ]
-        version = conn.execute(q("schema_version")).fetchone()[0]
-        (in_backoff,) = conn.execute(q("in_backoff")).fetchone()
+        version = one_row(conn.execute(q("schema_version")))[0]
+        (in_backoff,) = one_row(conn.execute(q("in_backoff")))
         blocked = operations.blocked_keys(conn, schema, limit=10)
         blocked_count = operations.blocked_key_count(conn, schema)
     return {
@@ -45,10 +45,13 @@ def read_status(conn: psycopg.Connection, schema: str) -> dict[str, Any]:
         "in_backoff": in_backoff,
         "blocked_key_count": blocked_count,
         "blocked_keys": [
-            {"key": key_text(b["key"]), "first_failed": b["first_failed"],
-             "failed": b["failed"], "held": b["held"]}
+            {
+                "key": key_text(b["key"]),
+                "first_failed": b["first_failed"],
+                "failed": b["failed"],
+                "held": b["held"],
+            }
             for b in blocked
         ],
         "relays": relays,
     }
-

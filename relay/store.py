@@ -11,7 +11,7 @@ from psycopg.rows import tuple_row
 
 from outbox.message import headers_from_json
 from outbox.schema import require_schema
-from outbox.sql import query
+from outbox.sql import one_row, query
 
 from .model import BUCKETS, Delivered, FailureUpdate, PendingMessage, fair_share
 
@@ -27,18 +27,26 @@ def confirm_params(relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> dict:
     """The parameters of queries.sql's mark_confirmed: ids, and {id: [partition, offset]}
     (integers only: joined as text, without json.dumps's cost on 2,000 rows a batch)."""
     places = ",".join(f'"{d.id}":[{d.partition},{d.offset}]' for d in delivered)
-    return {"relay_id": relay_id, "ids": int_array([d.id for d in delivered]),
-            "places": "{" + places + "}"}
+    return {
+        "relay_id": relay_id,
+        "ids": int_array([d.id for d in delivered]),
+        "places": "{" + places + "}",
+    }
 
 
 def failure_params(relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> dict:
     """The parameters of record_failures: ids, and {id: [counted, error, give_up, delay]}."""
     # PostgreSQL's text (and jsonb) cannot hold NUL: an error text from a broker must not make
     # the write of its outcome fail.
-    outcomes = {str(f.id): [f.counted, f.error.replace("\x00", ""), f.give_up, f.delay_seconds]
-                for f in failures}
-    return {"relay_id": relay_id, "ids": int_array([f.id for f in failures]),
-            "outcomes": json.dumps(outcomes, ensure_ascii=False, allow_nan=False)}
+    outcomes = {
+        str(f.id): [f.counted, f.error.replace("\x00", ""), f.give_up, f.delay_seconds]
+        for f in failures
+    }
+    return {
+        "relay_id": relay_id,
+        "ids": int_array([f.id for f in failures]),
+        "outcomes": json.dumps(outcomes, ensure_ascii=False, allow_nan=False),
+    }
 
 
 class PostgresStore:
@@ -73,8 +81,8 @@ class PostgresStore:
                 # it was kept once a backlog grew: seconds per write, then the 60 s timeout
                 # (bench/stalls.py at 10,000 msgs/s). Planning costs under 1 ms per statement.
                 options="-c lock_timeout=5s -c statement_timeout=60s "
-                        "-c idle_in_transaction_session_timeout=60s "
-                        "-c plan_cache_mode=force_custom_plan",
+                "-c idle_in_transaction_session_timeout=60s "
+                "-c plan_cache_mode=force_custom_plan",
             )
             require_schema(self._conn, self._schema)
         return self._conn
@@ -101,10 +109,12 @@ class PostgresStore:
     def heartbeat(self, relay_id: uuid.UUID, name: str, lease_seconds: float) -> frozenset[int]:
         conn = self.connect()
         with conn.transaction():
-            alive, rank = conn.execute(
-                self._q("heartbeat"),
-                {"relay_id": relay_id, "name": name, "lease_seconds": lease_seconds},
-            ).fetchone()
+            alive, rank = one_row(
+                conn.execute(
+                    self._q("heartbeat"),
+                    {"relay_id": relay_id, "name": name, "lease_seconds": lease_seconds},
+                )
+            )
             owned = {
                 row[0]
                 for row in conn.execute(
@@ -117,9 +127,7 @@ class PostgresStore:
                 # Give back the highest-numbered surplus; the relay calls heartbeat only
                 # between batches, so nothing of these buckets is in flight.
                 surplus = sorted(owned)[target:]
-                conn.execute(
-                    self._q("release_buckets"), {"relay_id": relay_id, "buckets": surplus}
-                )
+                conn.execute(self._q("release_buckets"), {"relay_id": relay_id, "buckets": surplus})
                 owned.difference_update(surplus)
             elif len(owned) < target:
                 got = conn.execute(
@@ -144,8 +152,9 @@ class PostgresStore:
 
     # -- messages
 
-    def fetch_pending(self, buckets: frozenset[int], limit: int,
-                      exclude: Sequence[int] = ()) -> list[PendingMessage]:
+    def fetch_pending(
+        self, buckets: frozenset[int], limit: int, exclude: Sequence[int] = ()
+    ) -> list[PendingMessage]:
         if not buckets:
             return []
         conn = self.connect()
@@ -154,13 +163,25 @@ class PostgresStore:
             # Binary results: bytea and timestamps arrive as they are, not as text to parse.
             rows = conn.execute(
                 self._q("fetch_pending"),
-                {"buckets": self._bucket_array(buckets), "limit": limit,
-                 "exclude": int_array(exclude)},
-                prepare=True, binary=True,
+                {
+                    "buckets": self._bucket_array(buckets),
+                    "limit": limit,
+                    "exclude": int_array(exclude),
+                },
+                prepare=True,
+                binary=True,
             ).fetchall()
         return [
-            PendingMessage(row[0], row[1], row[2], row[3], row[4],
-                           headers_from_json(row[5]) if row[5] else [], row[6], row[7])
+            PendingMessage(
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                row[4],
+                headers_from_json(row[5]) if row[5] else [],
+                row[6],
+                row[7],
+            )
             for row in rows
         ]
 
@@ -179,8 +200,9 @@ class PostgresStore:
     def pending_stats(self, buckets: frozenset[int]) -> tuple[int, float | None]:
         if not buckets:
             return 0, None
-        count, age = self._execute(
-            "pending_stats", {"buckets": self._bucket_array(buckets)}).fetchone()
+        count, age = one_row(
+            self._execute("pending_stats", {"buckets": self._bucket_array(buckets)})
+        )
         return count, age
 
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:

@@ -87,8 +87,7 @@ class InMemoryStore:
                 owned = owned[:target]
             else:
                 free = [
-                    b for b in range(BUCKETS)
-                    if b not in self.owners or self.owners[b][1] < now
+                    b for b in range(BUCKETS) if b not in self.owners or self.owners[b][1] < now
                 ]
                 for b in free[: target - len(owned)]:
                     self.owners[b] = (relay_id, now + lease_seconds)
@@ -101,8 +100,9 @@ class InMemoryStore:
                 del self.owners[b]
             self.relays.pop(relay_id, None)
 
-    def fetch_pending(self, buckets: frozenset[int], limit: int,
-                      exclude: Sequence[int] = ()) -> list[PendingMessage]:
+    def fetch_pending(
+        self, buckets: frozenset[int], limit: int, exclude: Sequence[int] = ()
+    ) -> list[PendingMessage]:
         excluded = set(exclude)
         with self._lock:
             now = self._now()
@@ -110,11 +110,14 @@ class InMemoryStore:
             for row in sorted(self.rows.values(), key=lambda r: r.id):
                 if row.bucket not in buckets or row.key is None:
                     continue
-                waiting = row.status == "PENDING" and row.next_attempt_at is not None \
+                waiting = (
+                    row.status == "PENDING"
+                    and row.next_attempt_at is not None
                     and row.next_attempt_at > now
+                )
                 if row.status in ("FAILED", "SENT") or waiting:
                     blockers.setdefault(row.key, row.id)
-            out = []
+            out: list[PendingMessage] = []
             for row in sorted(self.rows.values(), key=lambda r: r.id):
                 if len(out) >= limit:
                     break
@@ -125,8 +128,16 @@ class InMemoryStore:
                 if row.key is not None and blockers.get(row.key, row.id + 1) < row.id:
                     continue
                 out.append(
-                    PendingMessage(row.id, row.message_id, row.topic, row.key, row.payload,
-                                   list(row.headers), row.attempts, row.created_at)
+                    PendingMessage(
+                        row.id,
+                        row.message_id,
+                        row.topic,
+                        row.key,
+                        row.payload,
+                        list(row.headers),
+                        row.attempts,
+                        row.created_at,
+                    )
                 )
             return out
 
@@ -167,8 +178,9 @@ class InMemoryStore:
         with self._lock:
             now_wall = dt.datetime.now(dt.timezone.utc)
             now = self._now()
-            pending = [r for r in self.rows.values()
-                       if r.status == "PENDING" and r.bucket in buckets]
+            pending = [
+                r for r in self.rows.values() if r.status == "PENDING" and r.bucket in buckets
+            ]
             ready = [r for r in pending if r.next_attempt_at is None or r.next_attempt_at <= now]
             oldest = min((r.created_at for r in ready), default=None)
             return len(pending), (now_wall - oldest).total_seconds() if oldest else None
@@ -176,8 +188,11 @@ class InMemoryStore:
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
         with self._lock:
             cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_seconds)
-            old = [r.id for r in sorted(self.rows.values(), key=lambda r: r.id)
-                   if r.status == "CONFIRMED" and r.created_at < cutoff][:limit]
+            old = [
+                r.id
+                for r in sorted(self.rows.values(), key=lambda r: r.id)
+                if r.status == "CONFIRMED" and r.created_at < cutoff
+            ][:limit]
             for row_id in old:
                 del self.rows[row_id]
             return len(old)

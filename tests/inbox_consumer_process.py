@@ -44,34 +44,46 @@ class KillBeforeStoring:
 
 def handler(conn: psycopg.Connection, msg) -> None:
     mid = dict(msg.headers())["message_id"].decode()
-    conn.execute("INSERT INTO effect (message_id, value) VALUES (%s, %s)",
-                 (mid, msg.value().decode()))
+    conn.execute(
+        "INSERT INTO effect (message_id, value) VALUES (%s, %s)", (mid, msg.value().decode())
+    )
 
 
 def main() -> int:
     env = os.environ
     kill_at = int(env["INBOX_KILL_AT_OFFSET"]) if env.get("INBOX_KILL_AT_OFFSET") else None
     last = int(env["INBOX_LAST_OFFSET"])
-    settings = consumer_settings({
-        "bootstrap.servers": env["INBOX_BOOTSTRAP"],
-        "group.id": env["INBOX_GROUP"],
-        "auto.offset.reset": "earliest",
-        # A killed member holds its partitions until its session ends: keep that short.
-        "session.timeout.ms": 6000,
-        "heartbeat.interval.ms": 500,
-    })
+    settings = consumer_settings(
+        {
+            "bootstrap.servers": env["INBOX_BOOTSTRAP"],
+            "group.id": env["INBOX_GROUP"],
+            "auto.offset.reset": "earliest",
+            # A killed member holds its partitions until its session ends: keep that short.
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 500,
+        }
+    )
     real = Consumer(settings)
     conn = psycopg.connect(env["INBOX_DSN"])
-    consumer = InboxConsumer(None, [env["INBOX_TOPIC"]], handler, conn=conn,
-                             group=env["INBOX_GROUP"], consumer=KillBeforeStoring(real, kill_at))
+    consumer = InboxConsumer(
+        None,
+        [env["INBOX_TOPIC"]],
+        handler,
+        conn=conn,
+        group=env["INBOX_GROUP"],
+        consumer=KillBeforeStoring(real, kill_at),
+    )
     deadline = time.monotonic() + float(env.get("INBOX_TIMEOUT", "120"))
     try:
         while time.monotonic() < deadline:
             handled = consumer.poll_once(1.0)
             if handled is None:
                 continue
-            print(f"handled {handled.partition} {handled.offset} {handled.message_id} "
-                  f"{'new' if handled.new else 'skipped'}", flush=True)
+            print(
+                f"handled {handled.partition} {handled.offset} {handled.message_id} "
+                f"{'new' if handled.new else 'skipped'}",
+                flush=True,
+            )
             if handled.partition == 0 and handled.offset == last:
                 return 0
         print(f"offset {last} not reached in time", flush=True)

@@ -33,8 +33,11 @@ def create_topic(servers: str, name: str, partitions: int = 3, config: dict | No
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         md = admin.list_topics(name, timeout=5).topics.get(name)
-        if md and md.error is None and md.partitions and all(
-            p.leader >= 0 for p in md.partitions.values()
+        if (
+            md
+            and md.error is None
+            and md.partitions
+            and all(p.leader >= 0 for p in md.partitions.values())
         ):
             return
         time.sleep(0.1)
@@ -90,8 +93,14 @@ def read_all(servers: str, topic: str, expected: int, timeout: float = 60.0) -> 
                 if msg.error():
                     continue
                 out.append(
-                    Received(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
-                             list(msg.headers() or []))
+                    Received(
+                        msg.topic(),
+                        msg.partition(),
+                        msg.offset(),
+                        msg.key(),
+                        msg.value(),
+                        list(msg.headers() or []),
+                    )
                 )
         return out
     finally:

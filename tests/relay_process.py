@@ -25,11 +25,18 @@ class RelayProcess:
         self.name = name
         self.log_path = log_dir / f"relay-{name}.log"
         self._log = open(self.log_path, "ab")
-        environ = {**os.environ, **FAST, "OUTBOX_DSN": dsn, "OUTBOX_BOOTSTRAP_SERVERS": bootstrap,
-                   **env}
+        environ = {
+            **os.environ,
+            **FAST,
+            "OUTBOX_DSN": dsn,
+            "OUTBOX_BOOTSTRAP_SERVERS": bootstrap,
+            **env,
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relay", "relay", "--name", name, "--no-listen"],
-            env=environ, stdout=self._log, stderr=subprocess.STDOUT,
+            env=environ,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def log(self) -> str:
@@ -45,10 +52,10 @@ class RelayProcess:
         self.signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             self.proc.kill()
             self.proc.wait(10)
-            raise AssertionError(f"relay {self.name} did not stop within {timeout}s")
+            raise AssertionError(f"relay {self.name} did not stop within {timeout}s") from exc
         finally:
             self._log.close()
 
@@ -63,8 +70,11 @@ class RelayProcess:
     def wait_started(self, timeout: float = 60.0) -> None:
         """Until its loop runs (it logs "started"): a SIGTERM before that meets Python's default
         handler, not the relay's drain, and the process ends with -15 having done nothing."""
-        wait_for(lambda: " started" in self.log() or not self.alive(), timeout,
-                 f"relay {self.name} to start")
+        wait_for(
+            lambda: " started" in self.log() or not self.alive(),
+            timeout,
+            f"relay {self.name} to start",
+        )
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.1):

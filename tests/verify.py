@@ -30,7 +30,8 @@ def verify(dsn: str, bootstrap: str, topic: str, timeout: float = 60.0) -> Verdi
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
             "SELECT id, message_id::text, key, status FROM local_message WHERE topic = %s "
-            "ORDER BY id", (topic,)
+            "ORDER BY id",
+            (topic,),
         ).fetchall()
     verdict = Verdict(rows=len(rows))
     for _, _, _, status in rows:

@@ -13,12 +13,20 @@ def test_bench_smoke_runs_every_peer_and_writes_the_report(admin_dsn, bootstrap,
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(tmp_path)],
         env={**os.environ, "OUTBOX_DSN": admin_dsn, "OUTBOX_BOOTSTRAP_SERVERS": bootstrap},
-        capture_output=True, text=True, timeout=1200, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert {d["peer"] for d in results["drain"]} == {"limit", "naive", "debezium", "ours",
-                                                   "ours-fast"}
+    assert {d["peer"] for d in results["drain"]} == {
+        "limit",
+        "naive",
+        "debezium",
+        "ours",
+        "ours-fast",
+    }
     assert all(d["msgs_per_s"] > 0 for d in results["drain"])
     assert {s["peer"] for s in results["steady"]} == {"naive", "debezium", "ours"}
     assert all(s["received"] == s["written"] > 0 for s in results["steady"])

@@ -16,14 +16,18 @@ from tests.kafka_helpers import create_topic, delete_topic, read_all
 
 
 def cli(*args, env=None, input=None):
-    return CliRunner().invoke(main, list(args), env=env or {}, input=input,
-                              catch_exceptions=False)
+    return CliRunner().invoke(main, list(args), env=env or {}, input=input, catch_exceptions=False)
 
 
 def run(*args, env=None, timeout=60):
     """The installed command, as an operator types it."""
-    return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def set_status(dsn, status, where="true", **cols):
@@ -59,22 +63,32 @@ def test_stuck_message_found_understood_and_replayed(dsn, bootstrap, topic):
 
     create_topic(bootstrap, missing, partitions=1)
     try:
-        dry = run("replay", "--status", "FAILED", "--error", "unknown_topic", "--dry-run",
-                  env=env)
+        dry = run("replay", "--status", "FAILED", "--error", "unknown_topic", "--dry-run", env=env)
         assert "replay: 1 messages match (FAILED 1)" in dry.stdout
         refused = run("replay", "--status", "FAILED", env=env)  # no terminal, no --yes
         assert refused.returncode == 2 and "--yes" in refused.stderr
-        done = run("replay", "--status", "FAILED", "--error", "UNKNOWN_TOPIC", "--yes",
-                   "--actor", "oncall@pager", "--reason", "topic created", env=env)
+        done = run(
+            "replay",
+            "--status",
+            "FAILED",
+            "--error",
+            "UNKNOWN_TOPIC",
+            "--yes",
+            "--actor",
+            "oncall@pager",
+            "--reason",
+            "topic created",
+            env=env,
+        )
         assert done.returncode == 0, done.stderr
         assert "replay: 1 messages back to PENDING" in done.stdout
         drain(dsn, bootstrap)
-        assert [json.loads(m.value) for m in read_all(bootstrap, missing, expected=1)] == \
-            [{"n": 1}]
+        assert [json.loads(m.value) for m in read_all(bootstrap, missing, expected=1)] == [{"n": 1}]
         assert sorted(json.loads(m.value)["n"] for m in read_all(bootstrap, topic, 2)) == [2, 3]
         with psycopg.connect(dsn) as c:
-            rows = c.execute("SELECT id, status, delivered_at FROM local_message ORDER BY id"
-                             ).fetchall()
+            rows = c.execute(
+                "SELECT id, status, delivered_at FROM local_message ORDER BY id"
+            ).fetchall()
         assert [r[1] for r in rows] == ["CONFIRMED"] * 3
         assert rows[0][2] <= rows[1][2], "the held row did not go out before the replayed one"
         trail = json.loads(run("audit", "--json", env=env).stdout)
@@ -104,17 +118,27 @@ def test_skip_unblocks_a_key_and_is_audited(dsn, bootstrap, topic):
 
 def test_list_filters_and_pages(conn, dsn):
     with conn.transaction():
-        outbox.publish_many(conn, [dict(topic="a" if i % 2 else "b", key=f"k{i % 3}",
-                                        payload={"i": i}) for i in range(30)])
+        outbox.publish_many(
+            conn,
+            [
+                dict(topic="a" if i % 2 else "b", key=f"k{i % 3}", payload={"i": i})
+                for i in range(30)
+            ],
+        )
     env = {"OUTBOX_DSN": dsn}
     page = json.loads(cli("list", "--topic", "a", "--limit", "5", "--json", env=env).output)
     assert [r["topic"] for r in page] == ["a"] * 5
     after = page[-1]["id"]
-    nxt = json.loads(cli("list", "--topic", "a", "--limit", "5", "--after-id", str(after),
-                         "--json", env=env).output)
+    nxt = json.loads(
+        cli(
+            "list", "--topic", "a", "--limit", "5", "--after-id", str(after), "--json", env=env
+        ).output
+    )
     assert nxt[0]["id"] > after and len(nxt) == 5
-    assert len(json.loads(cli("list", "--key", "k1", "--limit", "100", "--json",
-                              env=env).output)) == 10
+    assert (
+        len(json.loads(cli("list", "--key", "k1", "--limit", "100", "--json", env=env).output))
+        == 10
+    )
     assert json.loads(cli("list", "--since", "1h", "--until", "2h", "--json", env=env).output) == []
     assert "(more: --after-id" in cli("list", "--limit", "3", env=env).output
     bad = cli("list", "--since", "yesterday", env=env)
@@ -131,7 +155,10 @@ def test_replay_of_confirmed_rows_resends_them(conn, dsn):
     assert result.exit_code == 0 and "1 messages back to PENDING" in result.output
     with psycopg.connect(dsn) as c:
         assert c.execute("SELECT status FROM local_message ORDER BY id").fetchall() == [
-            ("PENDING",), ("CONFIRMED",), ("CONFIRMED",)]
+            ("PENDING",),
+            ("CONFIRMED",),
+            ("CONFIRMED",),
+        ]
 
 
 def test_replay_in_batches_with_one_audit_row_per_batch(conn, dsn):
@@ -142,17 +169,24 @@ def test_replay_in_batches_with_one_audit_row_per_batch(conn, dsn):
     assert "replay: 2500 messages back to PENDING" in result.output
     with psycopg.connect(dsn) as c:
         assert c.execute("SELECT affected FROM local_message_audit ORDER BY id").fetchall() == [
-            (1000,), (1000,), (500,)]
+            (1000,),
+            (1000,),
+            (500,),
+        ]
 
 
 def test_purge_deletes_only_old_confirmed_and_skipped_rows(conn, dsn):
     with conn.transaction():
         outbox.publish_many(conn, [dict(topic="t", payload={})] * 2500)
     with psycopg.connect(dsn) as c:
-        c.execute("UPDATE local_message SET created_at = now() - interval '10 days', "
-                  "status = CASE WHEN id % 5 = 0 THEN 'PENDING' WHEN id % 5 = 1 THEN 'FAILED' "
-                  "WHEN id % 5 = 2 THEN 'SKIPPED' ELSE 'CONFIRMED' END")
-        c.execute("INSERT INTO local_message (topic, payload, status) VALUES ('t', 'x', 'CONFIRMED')")
+        c.execute(
+            "UPDATE local_message SET created_at = now() - interval '10 days', "
+            "status = CASE WHEN id % 5 = 0 THEN 'PENDING' WHEN id % 5 = 1 THEN 'FAILED' "
+            "WHEN id % 5 = 2 THEN 'SKIPPED' ELSE 'CONFIRMED' END"
+        )
+        c.execute(
+            "INSERT INTO local_message (topic, payload, status) VALUES ('t', 'x', 'CONFIRMED')"
+        )
     env = {"OUTBOX_DSN": dsn}
     dry = cli("purge", "--older-than", "7d", "--dry-run", env=env)
     assert "purge: 1000 CONFIRMED rows created before" in dry.output
@@ -169,9 +203,18 @@ def test_status_json_fields(conn, dsn):
     with conn.transaction():
         outbox.publish(conn, topic="t", key="k", payload={})
     report = json.loads(cli("status", "--json", env={"OUTBOX_DSN": dsn}).output)
-    assert set(report) >= {"schema", "schema_version", "counts", "by_topic",
-                           "oldest_pending_age_seconds", "in_backoff", "blocked_key_count",
-                           "blocked_keys", "relays", "problems"}
+    assert set(report) >= {
+        "schema",
+        "schema_version",
+        "counts",
+        "by_topic",
+        "oldest_pending_age_seconds",
+        "in_backoff",
+        "blocked_key_count",
+        "blocked_keys",
+        "relays",
+        "problems",
+    }
     assert report["counts"]["PENDING"] == 1 and report["by_topic"] == {"t": {"PENDING": 1}}
     lagging = cli("status", "--fail-if-lag", "0", env={"OUTBOX_DSN": dsn})
     assert lagging.exit_code == 1 and "PROBLEM: lag" in lagging.output
@@ -196,13 +239,18 @@ def test_migrate_then_doctor(empty_dsn, bootstrap):
     before = run("doctor", "-b", bootstrap, env=env)
     assert before.returncode == 1 and "FAIL] schema: no outbox tables" in before.stdout
     assert "-> run: outbox migrate --schema public" in before.stdout
-    assert run("migrate", env=env).stdout.strip() == f"outbox schema public: version {outbox.SCHEMA_VERSION} (was absent)"
+    assert (
+        run("migrate", env=env).stdout.strip()
+        == f"outbox schema public: version {outbox.SCHEMA_VERSION} (was absent)"
+    )
     assert "already up to date" in run("migrate", env=env).stdout
     with psycopg.connect(empty_dsn) as c:
         c.execute("INSERT INTO local_message (topic, payload) VALUES ('no.such.topic', 'x')")
     after = run("doctor", "-b", bootstrap, "--json", env=env)
     findings = {f["check"]: f for f in json.loads(after.stdout)}
-    assert findings["topics"]["level"] == "fail" and "no.such.topic" in findings["topics"]["message"]
+    assert (
+        findings["topics"]["level"] == "fail" and "no.such.topic" in findings["topics"]["message"]
+    )
     assert findings["relays"]["level"] == "fail"
     assert findings["indexes"]["level"] == "ok" and findings["kafka"]["level"] == "ok"
     down = run("doctor", "-b", "127.0.0.1:1", env=env, timeout=90)
@@ -222,10 +270,20 @@ def test_metrics_port_in_use_is_one_line_and_exit_2(dsn, bootstrap):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run("relay", "--dsn", dsn, "-b", bootstrap, "--metrics-port", str(port),
-                     "--name", "port-test")
+        result = run(
+            "relay",
+            "--dsn",
+            dsn,
+            "-b",
+            bootstrap,
+            "--metrics-port",
+            str(port),
+            "--name",
+            "port-test",
+        )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: invalid configuration: metrics_port: cannot serve on 127.0.0.1:{port} "
-        "(Address already in use)")
+        "(Address already in use)"
+    )
     assert "Traceback" not in result.stderr

@@ -33,8 +33,9 @@ DURATION = 900 if SOAK else 150  # seconds of writing, faults spread over it
 
 
 def services(*args: str) -> None:
-    subprocess.run([str(ROOT / "scripts" / "services"), *args], check=True, timeout=300,
-                   capture_output=True)
+    subprocess.run(
+        [str(ROOT / "scripts" / "services"), *args], check=True, timeout=300, capture_output=True
+    )
 
 
 class Writers:
@@ -48,8 +49,9 @@ class Writers:
         self.errors = 0
         self.written = 0
         self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(w,), daemon=True)
-                        for w in range(WRITERS)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(w,), daemon=True) for w in range(WRITERS)
+        ]
 
     def start(self) -> None:
         for t in self.threads:
@@ -69,9 +71,15 @@ class Writers:
         seq = 0
         conn = None
         while seq < per_writer:
-            messages = [dict(topic=self.topic, key=keys[(seq + j) % len(keys)],
-                             payload={"w": w, "seq": seq + j}, dedup_key=f"w{w}-{seq + j}")
-                        for j in range(min(batch, per_writer - seq))]
+            messages = [
+                dict(
+                    topic=self.topic,
+                    key=keys[(seq + j) % len(keys)],
+                    payload={"w": w, "seq": seq + j},
+                    dedup_key=f"w{w}-{seq + j}",
+                )
+                for j in range(min(batch, per_writer - seq))
+            ]
             try:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(self.dsn, connect_timeout=5)
@@ -98,8 +106,9 @@ class Writers:
 UNSEEN_ROWS = 12  # rows on a topic no relay has seen, between two rows of one key
 
 
-def kill_broker_and_commit_across_an_unseen_topic(dsn: str, topic: str, unseen: str,
-                                                  key: str) -> None:
+def kill_broker_and_commit_across_an_unseen_topic(
+    dsn: str, topic: str, unseen: str, key: str
+) -> None:
     """The pattern that once broke order: the broker dies (kill -9); one transaction commits
     a row of KEY on TOPIC, UNSEEN_ROWS rows on a topic no relay has looked up yet, and a second
     row of KEY; the caller brings the broker back a little later."""
@@ -109,13 +118,29 @@ def kill_broker_and_commit_across_an_unseen_topic(dsn: str, topic: str, unseen: 
     for _ in range(30):  # PostgreSQL may be restarting too: retry, bounded
         try:
             with psycopg.connect(dsn, connect_timeout=5) as conn, conn.transaction():
-                outbox.publish(conn, topic=topic, key=key, payload={"unseen": unseen, "m": "a"},
-                               dedup_key=f"{unseen}-a", lock_key=True)
-                outbox.publish_many(conn, [dict(topic=unseen, key=f"u{i}", payload={"u": i},
-                                                dedup_key=f"{unseen}-{i}")
-                                           for i in range(UNSEEN_ROWS)])
-                outbox.publish(conn, topic=topic, key=key, payload={"unseen": unseen, "m": "b"},
-                               dedup_key=f"{unseen}-b", lock_key=True)
+                outbox.publish(
+                    conn,
+                    topic=topic,
+                    key=key,
+                    payload={"unseen": unseen, "m": "a"},
+                    dedup_key=f"{unseen}-a",
+                    lock_key=True,
+                )
+                outbox.publish_many(
+                    conn,
+                    [
+                        dict(topic=unseen, key=f"u{i}", payload={"u": i}, dedup_key=f"{unseen}-{i}")
+                        for i in range(UNSEEN_ROWS)
+                    ],
+                )
+                outbox.publish(
+                    conn,
+                    topic=topic,
+                    key=key,
+                    payload={"unseen": unseen, "m": "b"},
+                    dedup_key=f"{unseen}-b",
+                    lock_key=True,
+                )
             return
         except psycopg.Error:
             time.sleep(1)
@@ -124,8 +149,10 @@ def kill_broker_and_commit_across_an_unseen_topic(dsn: str, topic: str, unseen: 
 
 def test_campaign(dsn, bootstrap, topic, tmp_path):
     seed = int(os.environ.get("CHAOS_SEED", random.randrange(1_000_000)))
-    print(f"\nchaos campaign seed {seed}: CHAOS_SEED={seed} replays it "
-          f"({MESSAGES} messages, {KEYS} keys, {DURATION}s)")
+    print(
+        f"\nchaos campaign seed {seed}: CHAOS_SEED={seed} replays it "
+        f"({MESSAGES} messages, {KEYS} keys, {DURATION}s)"
+    )
     rng = random.Random(seed)
     relays: dict[str, RelayProcess] = {}
     counter = iter(range(10_000))
@@ -145,8 +172,9 @@ def test_campaign(dsn, bootstrap, topic, tmp_path):
     # The fault schedule: at least 10 kills, one broker restart, one PostgreSQL restart, one
     # relay paused past its lease; the relay count moves between 1 and 3.
     # Plus the broker killed while a transaction spans a topic no relay has seen.
-    plan = ["kill"] * (40 if SOAK else 10) + ["kafka", "pg", "pause",
-                                               "kafka-unseen"] * (3 if SOAK else 1)
+    plan = ["kill"] * (40 if SOAK else 10) + ["kafka", "pg", "pause", "kafka-unseen"] * (
+        3 if SOAK else 1
+    )
     rng.shuffle(plan)
     unseen = [f"{topic}.unseen{i}" for i in range(plan.count("kafka-unseen"))]
     for name in unseen:
@@ -171,12 +199,15 @@ def test_campaign(dsn, bootstrap, topic, tmp_path):
             elif fault == "kafka-unseen":
                 name = unseen[len([f for f in faults if "unseen" in f])]
                 kill_broker_and_commit_across_an_unseen_topic(
-                    dsn, topic, name, f"key-{rng.randrange(KEYS)}")
+                    dsn, topic, name, f"key-{rng.randrange(KEYS)}"
+                )
                 extra_rows += UNSEEN_ROWS + 2
                 time.sleep(rng.uniform(3, 12))
                 services("up", "kafka")
-                faults.append(f"{time.monotonic() - started:.0f}s broker killed, unseen topic "
-                              f"{name} committed, broker back")
+                faults.append(
+                    f"{time.monotonic() - started:.0f}s broker killed, unseen topic "
+                    f"{name} committed, broker back"
+                )
             elif fault == "pg":
                 services("restart", "pg")
                 faults.append(f"{time.monotonic() - started:.0f}s PostgreSQL restarted (fast)")
@@ -198,18 +229,21 @@ def test_campaign(dsn, bootstrap, topic, tmp_path):
 
     def all_confirmed() -> bool:
         with psycopg.connect(dsn) as c:
-            return c.execute("SELECT count(*) FILTER (WHERE status <> 'CONFIRMED'), count(*) "
-                             "FROM local_message").fetchone() == (0, MESSAGES + extra_rows)
+            return c.execute(
+                "SELECT count(*) FILTER (WHERE status <> 'CONFIRMED'), count(*) FROM local_message"
+            ).fetchone() == (0, MESSAGES + extra_rows)
 
     wait_for(all_confirmed, 300, "every row CONFIRMED after the faults stopped", interval=1)
     for r in living():
         r.wait_started()  # one spawned just before the end may still be importing
         assert r.stop() == 0, r.log()[-2000:]
     verdict = verify(dsn, bootstrap, topic, timeout=120)
-    print(f"verdict: rows {verdict.rows}, received {verdict.received}, missing "
-          f"{len(verdict.missing)}, duplicates {verdict.duplicates}, inversions "
-          f"{len(verdict.inversions)}, not confirmed {verdict.not_confirmed}, writer retries "
-          f"{writers.errors}")
+    print(
+        f"verdict: rows {verdict.rows}, received {verdict.received}, missing "
+        f"{len(verdict.missing)}, duplicates {verdict.duplicates}, inversions "
+        f"{len(verdict.inversions)}, not confirmed {verdict.not_confirmed}, writer retries "
+        f"{writers.errors}"
+    )
     assert writers.written == MESSAGES
     assert sum(f.startswith(tuple("0123456789")) and "SIGKILL" in f for f in faults) >= 10
     assert extra_rows == len(unseen) * (UNSEEN_ROWS + 2)
@@ -220,5 +254,6 @@ def test_campaign(dsn, bootstrap, topic, tmp_path):
         other.assert_clean()
         delete_topic(bootstrap, name)
     with psycopg.connect(dsn) as c:
-        assert c.execute("SELECT count(*) FROM local_message WHERE attempts > 0").fetchone() \
-            == (0,), "no fault of this campaign is the messages' fault"
+        assert c.execute("SELECT count(*) FROM local_message WHERE attempts > 0").fetchone() == (
+            0,
+        ), "no fault of this campaign is the messages' fault"

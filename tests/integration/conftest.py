@@ -35,9 +35,10 @@ def write(dsn, topic, n, keys, start=0, per_tx=100):
     with psycopg.connect(dsn) as conn:
         for base in range(start, start + n, per_tx):
             with conn.transaction():
-                outbox.publish_many(conn, [
-                    dict(topic=topic, key=f"key-{i % keys}", payload={"i": i})
-                    for i in range(base, min(base + per_tx, start + n))
-                ])
-
-
+                outbox.publish_many(
+                    conn,
+                    [
+                        dict(topic=topic, key=f"key-{i % keys}", payload={"i": i})
+                        for i in range(base, min(base + per_tx, start + n))
+                    ],
+                )

@@ -38,8 +38,9 @@ def test_nul_and_non_utf8_bytes_and_sql_looking_strings_arrive_exactly(dsn, boot
         assert by_mid[mid].header("x-bin") == b"\x00\xff"
         assert by_mid[mid].header("x-empty") == b""
     with psycopg.connect(dsn) as c:
-        assert c.execute("SELECT count(*) FROM local_message WHERE status = 'CONFIRMED'"
-                         ).fetchone() == (3,)
+        assert c.execute(
+            "SELECT count(*) FROM local_message WHERE status = 'CONFIRMED'"
+        ).fetchone() == (3,)
 
 
 @pytest.mark.parametrize("topic_name", ["bad; DROP TABLE local_message", "a b", "", "x" * 250])
@@ -55,7 +56,10 @@ def relay_once(dsn, bootstrap, **env):
     return subprocess.run(
         [sys.executable, "-m", "relay", "relay", "--once", "--no-listen"],
         env={**os.environ, "OUTBOX_DSN": dsn, "OUTBOX_BOOTSTRAP_SERVERS": bootstrap, **env},
-        capture_output=True, text=True, timeout=120)
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_relay_refuses_a_missing_or_older_schema_with_what_to_do(empty_dsn, dsn, bootstrap):
@@ -67,16 +71,19 @@ def test_relay_refuses_a_missing_or_older_schema_with_what_to_do(empty_dsn, dsn,
         c.execute("DELETE FROM local_message_schema WHERE version > 1")
     older = relay_once(dsn, bootstrap)
     assert older.returncode == 1
-    assert (f"outbox schema version 1 in 'public', this code needs {outbox.SCHEMA_VERSION}: "
-            "run `outbox migrate`") in older.stderr
+    assert (
+        f"outbox schema version 1 in 'public', this code needs {outbox.SCHEMA_VERSION}: "
+        "run `outbox migrate`"
+    ) in older.stderr
 
 
 def test_wrong_dsn_fails_at_start_in_one_line_without_the_password(bootstrap):
     result = relay_once("postgresql://outbox:not-the-pw-93@127.0.0.1:54329/outbox", bootstrap)
     assert result.returncode == 1
     assert "not-the-pw-93" not in result.stderr + result.stdout
-    assert "error: cannot connect to postgresql://outbox:***@127.0.0.1:54329/outbox" \
-        in result.stderr
+    assert (
+        "error: cannot connect to postgresql://outbox:***@127.0.0.1:54329/outbox" in result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 
@@ -110,8 +117,11 @@ def test_unreachable_bootstrap_server_burns_no_attempts(dsn, tmp_path):
         if relay.alive():
             relay.kill()
     with psycopg.connect(dsn) as c:
-        assert c.execute("SELECT status, attempts, last_error FROM local_message").fetchone() \
-            == ("PENDING", 0, None)
+        assert c.execute("SELECT status, attempts, last_error FROM local_message").fetchone() == (
+            "PENDING",
+            0,
+            None,
+        )
 
 
 def test_an_outage_is_logged_once_per_problem_not_once_per_retry(dsn, tmp_path):
@@ -123,16 +133,21 @@ def test_an_outage_is_logged_once_per_problem_not_once_per_retry(dsn, tmp_path):
 
     def metric(name: str) -> float:
         try:
-            body = urllib.request.urlopen("http://127.0.0.1:19494/metrics",
-                                          timeout=5).read().decode()
+            body = (
+                urllib.request.urlopen("http://127.0.0.1:19494/metrics", timeout=5).read().decode()
+            )
         except OSError:  # not serving yet
             return float("nan")
-        return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
-                   if line.startswith(name))
+        return sum(
+            float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(name)
+        )
 
     try:
-        wait_for(lambda: metric("outbox_delivery_failures_total") >= 4, 90,
-                 "four batches failed for the outage")
+        wait_for(
+            lambda: metric("outbox_delivery_failures_total") >= 4,
+            90,
+            "four batches failed for the outage",
+        )
         assert metric("outbox_kafka_up") == 0.0
         lines = relay.log().splitlines()
         assert relay.stop() == 0

@@ -29,13 +29,17 @@ def effects(dsn):
     """The handlers' side effect: one row per run of a handler, no unique key (a second run
     of the same message shows as a second row)."""
     with psycopg.connect(dsn) as c:
-        c.execute("CREATE TABLE effect (id bigint GENERATED ALWAYS AS IDENTITY, "
-                  "message_id uuid NOT NULL, value text NOT NULL)")
+        c.execute(
+            "CREATE TABLE effect (id bigint GENERATED ALWAYS AS IDENTITY, "
+            "message_id uuid NOT NULL, value text NOT NULL)"
+        )
 
     def read() -> list[tuple[str, str]]:
         with psycopg.connect(dsn) as c:
-            return [(str(m), v) for m, v in
-                    c.execute("SELECT message_id, value FROM effect ORDER BY id")]
+            return [
+                (str(m), v)
+                for m, v in c.execute("SELECT message_id, value FROM effect ORDER BY id")
+            ]
 
     return read
 
@@ -45,7 +49,9 @@ def inbox_rows(dsn, group=None):
         return c.execute(
             "SELECT consumer_group, message_id::text, topic, kafka_partition, kafka_offset "
             "FROM inbox_message WHERE consumer_group = coalesce(%s, consumer_group) "
-            "ORDER BY kafka_partition, kafka_offset", (group,)).fetchall()
+            "ORDER BY kafka_partition, kafka_offset",
+            (group,),
+        ).fetchall()
 
 
 def produce(bootstrap, topic, records) -> list[tuple[str | None, int]]:
@@ -54,25 +60,41 @@ def produce(bootstrap, topic, records) -> list[tuple[str | None, int]]:
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
     reports: list = []
     for value, mid in records:
-        headers = mid if isinstance(mid, list) else (
-            [("message_id", str(mid).encode())] if mid is not None else None)
-        producer.produce(topic, value=value.encode(), partition=0, headers=headers,
-                         on_delivery=lambda err, msg: reports.append((err, msg)))
+        headers = (
+            mid
+            if isinstance(mid, list)
+            else ([("message_id", str(mid).encode())] if mid is not None else None)
+        )
+        producer.produce(
+            topic,
+            value=value.encode(),
+            partition=0,
+            headers=headers,
+            on_delivery=lambda err, msg: reports.append((err, msg)),
+        )
     assert producer.flush(30) == 0, "not delivered within 30 s"
     assert all(err is None for err, _ in reports), reports
-    return [(str(mid) if mid is not None and not isinstance(mid, list) else None, msg.offset())
-            for (value, mid), (_, msg) in zip(records, reports)]
+    return [
+        (str(mid) if mid is not None and not isinstance(mid, list) else None, msg.offset())
+        for (value, mid), (_, msg) in zip(records, reports, strict=True)
+    ]
 
 
 def settings(bootstrap, group):
-    return {"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+    return {
+        "bootstrap.servers": bootstrap,
+        "group.id": group,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 500,
+    }
 
 
 def write_effect(conn, msg):
     mid = dict(msg.headers())["message_id"].decode()
-    conn.execute("INSERT INTO effect (message_id, value) VALUES (%s, %s)",
-                 (mid, msg.value().decode()))
+    conn.execute(
+        "INSERT INTO effect (message_id, value) VALUES (%s, %s)", (mid, msg.value().decode())
+    )
 
 
 def handle(consumer: InboxConsumer, n: int, timeout: float = 60) -> list[Handled]:
@@ -103,32 +125,49 @@ def test_a_message_delivered_twice_has_its_side_effect_once(dsn, bootstrap, topi
     a, b = uuid.uuid4(), uuid.uuid4()
     produced = produce(bootstrap, topic, [("a", a), ("b", b), ("a again", a), ("b again", b)])
     group = f"g-{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(dsn) as conn, InboxConsumer(settings(bootstrap, group), [topic],
-                                                     write_effect, conn=conn) as consumer:
+    with (
+        psycopg.connect(dsn) as conn,
+        InboxConsumer(settings(bootstrap, group), [topic], write_effect, conn=conn) as consumer,
+    ):
         handled = handle(consumer, 4)
-    assert [(h.offset, h.new) for h in handled] == [(o, new) for (_, o), new in
-                                                   zip(produced, [True, True, False, False])]
+    assert [(h.offset, h.new) for h in handled] == [
+        (o, new) for (_, o), new in zip(produced, [True, True, False, False], strict=True)
+    ]
     assert effects() == [(str(a), "a"), (str(b), "b")]
     assert [r[1] for r in inbox_rows(dsn, group)] == [str(a), str(b)]
     assert committed(bootstrap, group, topic) == produced[-1][1] + 1
 
 
 def test_killed_between_the_commit_and_the_offset_the_record_comes_again_and_is_skipped(
-        dsn, bootstrap, topic, effects):
+    dsn, bootstrap, topic, effects
+):
     """SIGKILL after a record's transaction committed and before its offset was stored: the
     restarted consumer gets the record again, the inbox skips it, every effect is there once."""
     produced = produce(bootstrap, topic, [(f"v{i}", uuid.uuid4()) for i in range(5)])
     group = f"g-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "INBOX_DSN": dsn, "INBOX_BOOTSTRAP": bootstrap, "INBOX_TOPIC": topic,
-           "INBOX_GROUP": group, "INBOX_LAST_OFFSET": str(produced[-1][1]),
-           "INBOX_TIMEOUT": "90"}
+    env = {
+        **os.environ,
+        "INBOX_DSN": dsn,
+        "INBOX_BOOTSTRAP": bootstrap,
+        "INBOX_TOPIC": topic,
+        "INBOX_GROUP": group,
+        "INBOX_LAST_OFFSET": str(produced[-1][1]),
+        "INBOX_TIMEOUT": "90",
+    }
     kill_at = produced[2][1]
     procs: list[subprocess.Popen] = []
 
     def start(**extra) -> subprocess.Popen:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.inbox_consumer_process"], cwd=ROOT,
-            env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.inbox_consumer_process"],
+                cwd=ROOT,
+                env={**env, **extra},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
         return procs[-1]
 
     try:
@@ -172,16 +211,24 @@ def failing(bootstrap, topic):
     return produced, state, handler
 
 
-def test_a_handler_that_raises_leaves_no_row_and_no_stored_offset(dsn, bootstrap, topic,
-                                                                 effects, failing):
+def test_a_handler_that_raises_leaves_no_row_and_no_stored_offset(
+    dsn, bootstrap, topic, effects, failing
+):
     """Bad input from the handler's side: after max_attempts the record is neither recorded
     nor stored, the committed offset stops before it, and once the handler is fixed a new
     consumer processes it, and then the later record."""
     produced, state, handler = failing
     group = f"g-{uuid.uuid4().hex[:8]}"
     with psycopg.connect(dsn) as conn:
-        consumer = InboxConsumer(settings(bootstrap, group), [topic], handler, conn=conn,
-                                 max_attempts=3, backoff=0.05, max_backoff=0.1)
+        consumer = InboxConsumer(
+            settings(bootstrap, group),
+            [topic],
+            handler,
+            conn=conn,
+            max_attempts=3,
+            backoff=0.05,
+            max_backoff=0.1,
+        )
         try:
             with pytest.raises(HandlerFailed) as caught:
                 consumer.run(timeout=60)
@@ -189,7 +236,10 @@ def test_a_handler_that_raises_leaves_no_row_and_no_stored_offset(dsn, bootstrap
             consumer.close()  # commits the stored offsets
         x_offset = produced[1][1]
         assert (caught.value.topic, caught.value.partition, caught.value.offset) == (
-            topic, 0, x_offset)
+            topic,
+            0,
+            x_offset,
+        )
         assert f"record topic '{topic}' partition 0 offset {x_offset}" in str(caught.value)
         assert state["tries"] == 3
         assert [v for _, v in effects()] == ["a"]
@@ -204,13 +254,18 @@ def test_a_handler_that_raises_leaves_no_row_and_no_stored_offset(dsn, bootstrap
 
 
 def test_after_giving_up_the_same_consumer_goes_on_from_the_failed_record(
-        dsn, bootstrap, topic, effects, failing):
+    dsn, bootstrap, topic, effects, failing
+):
     """The rewind, against librdkafka: b was already fetched when x failed; without the seek
     back, the next poll would hand out b, store its offset and so commit past x."""
     produced, state, handler = failing
     group = f"g-{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(dsn) as conn, InboxConsumer(
-            settings(bootstrap, group), [topic], handler, conn=conn, max_attempts=1) as consumer:
+    with (
+        psycopg.connect(dsn) as conn,
+        InboxConsumer(
+            settings(bootstrap, group), [topic], handler, conn=conn, max_attempts=1
+        ) as consumer,
+    ):
         with pytest.raises(HandlerFailed):
             consumer.run(timeout=60)
         state["broken"] = False
@@ -232,23 +287,31 @@ def test_a_handler_that_swallows_a_database_error_is_not_done(dsn, bootstrap, to
             pass
 
     group = f"g-{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(dsn) as conn, InboxConsumer(
-            settings(bootstrap, group), [topic], handler, conn=conn, max_attempts=2,
-            backoff=0.01) as consumer:
+    with (
+        psycopg.connect(dsn) as conn,
+        InboxConsumer(
+            settings(bootstrap, group), [topic], handler, conn=conn, max_attempts=2, backoff=0.01
+        ) as consumer,
+    ):
         with pytest.raises(HandlerFailed, match="left the transaction failed"):
             consumer.run(timeout=60)
     assert effects() == [] and inbox_rows(dsn, group) == []
     assert committed(bootstrap, group, topic) < produced[0][1] + 1
 
 
-@pytest.mark.parametrize("headers, problem", [
-    (None, "has no message_id header"),
-    ([("message_id", b"12345")], "its message_id header is b'12345', not a UUID"),
-])
+@pytest.mark.parametrize(
+    "headers, problem",
+    [
+        (None, "has no message_id header"),
+        ([("message_id", b"12345")], "its message_id header is b'12345', not a UUID"),
+    ],
+)
 def test_a_record_without_a_valid_message_id_is_refused_and_nothing_written(
-        dsn, bootstrap, topic, effects, headers, problem):
-    produced = produce(bootstrap, topic, [("a", uuid.uuid4()), ("bad", headers or []),
-                                          ("b", uuid.uuid4())])
+    dsn, bootstrap, topic, effects, headers, problem
+):
+    produced = produce(
+        bootstrap, topic, [("a", uuid.uuid4()), ("bad", headers or []), ("b", uuid.uuid4())]
+    )
     bad = produced[1][1]
     group = f"g-{uuid.uuid4().hex[:8]}"
     with psycopg.connect(dsn) as conn:
@@ -256,8 +319,7 @@ def test_a_record_without_a_valid_message_id_is_refused_and_nothing_written(
         try:
             with pytest.raises(InboxError) as caught:
                 consumer.run(timeout=60)
-            assert str(caught.value).startswith(
-                f"record topic '{topic}' partition 0 offset {bad}")
+            assert str(caught.value).startswith(f"record topic '{topic}' partition 0 offset {bad}")
             assert problem in str(caught.value)
             with pytest.raises(InboxError):  # still the next record: b does not go past it
                 consumer.run(timeout=60)
@@ -273,9 +335,16 @@ def test_records_of_other_producers_are_known_by_a_function(dsn, bootstrap, topi
     ns = uuid.UUID("0192d3c4-0000-7000-8000-00000000abcd")
     seen = []
     group = f"g-{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(dsn) as conn, InboxConsumer(
-            settings(bootstrap, group), [topic], lambda c, m: seen.append(m.value()),
-            conn=conn, message_id=lambda m: uuid.uuid5(ns, m.value().decode())) as consumer:
+    with (
+        psycopg.connect(dsn) as conn,
+        InboxConsumer(
+            settings(bootstrap, group),
+            [topic],
+            lambda c, m: seen.append(m.value()),
+            conn=conn,
+            message_id=lambda m: uuid.uuid5(ns, m.value().decode()),
+        ) as consumer,
+    ):
         handled = handle(consumer, 3)
     assert [h.new for h in handled] == [True, True, False]
     assert seen == [b"order-1", b"order-2"]
@@ -293,7 +362,7 @@ def test_concurrent_copies_wait_for_the_first_and_then_skip_or_take_over(dsn):
             assert inbox.record(c1, "g", rec) is True
             pid2 = c2.info.backend_pid
 
-            def second():
+            def second(c2=c2, rec=rec, result=result):
                 with c2.transaction():
                     result.append(inbox.record(c2, "g", rec))
 
@@ -301,9 +370,14 @@ def test_concurrent_copies_wait_for_the_first_and_then_skip_or_take_over(dsn):
             t.start()
             try:
                 with psycopg.connect(dsn, autocommit=True) as watch:
-                    wait_for(lambda: watch.execute(
-                        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
-                        (pid2,)).fetchone()[0], 30, "the second to wait on the first")
+                    wait_for(
+                        lambda pid2=pid2: watch.execute(
+                            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                            (pid2,),
+                        ).fetchone()[0],
+                        30,
+                        "the second to wait on the first",
+                    )
                 c1.commit() if first_commits else c1.rollback()
             finally:
                 t.join(30)
@@ -323,8 +397,12 @@ def test_purge_deletes_only_rows_older_than_the_window(dsn):
 
     def left():
         with psycopg.connect(dsn) as c:
-            return sorted(c.execute("SELECT consumer_group, extract(day FROM now() - processed_at)"
-                                    "::int FROM inbox_message").fetchall())
+            return sorted(
+                c.execute(
+                    "SELECT consumer_group, extract(day FROM now() - processed_at)"
+                    "::int FROM inbox_message"
+                ).fetchall()
+            )
 
     week = dt.timedelta(days=7)
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -340,16 +418,24 @@ def test_purge_deletes_only_rows_older_than_the_window(dsn):
 
 def test_the_inbox_purge_command(dsn):
     with psycopg.connect(dsn) as c:
-        c.execute("INSERT INTO inbox_message (consumer_group, message_id, processed_at) "
-                  "SELECT g, gen_random_uuid(), now() - interval '10 days' "
-                  "FROM unnest(ARRAY['g', 'g', 'g', 'other']) AS g")
-        c.execute("INSERT INTO inbox_message (consumer_group, message_id) "
-                  "VALUES ('g', gen_random_uuid())")
+        c.execute(
+            "INSERT INTO inbox_message (consumer_group, message_id, processed_at) "
+            "SELECT g, gen_random_uuid(), now() - interval '10 days' "
+            "FROM unnest(ARRAY['g', 'g', 'g', 'other']) AS g"
+        )
+        c.execute(
+            "INSERT INTO inbox_message (consumer_group, message_id) VALUES ('g', gen_random_uuid())"
+        )
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "relay", "inbox", "purge", *args],
-                              capture_output=True, text=True, timeout=60, cwd=ROOT,
-                              env={**os.environ, "OUTBOX_DSN": dsn})
+        return subprocess.run(
+            [sys.executable, "-m", "relay", "inbox", "purge", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env={**os.environ, "OUTBOX_DSN": dsn},
+        )
 
     dry = run("--older-than", "7d", "--dry-run")
     assert dry.returncode == 0, dry.stderr
@@ -408,12 +494,21 @@ def test_the_ledger_projection_example_applies_each_event_once(dsn, bootstrap):
     event again (`outbox replay`) and the consumer read them all a second time."""
     from tests.integration.test_docs import dsn_to_url
 
-    env = {**os.environ, "OUTBOX_DSN": "postgresql://" + dsn_to_url(dsn),
-           "OUTBOX_BOOTSTRAP_SERVERS": bootstrap}
+    env = {
+        **os.environ,
+        "OUTBOX_DSN": "postgresql://" + dsn_to_url(dsn),
+        "OUTBOX_BOOTSTRAP_SERVERS": bootstrap,
+    }
 
     def run(*args, timeout=120):
-        result = subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                                env=env, cwd=ROOT, timeout=timeout)
+        result = subprocess.run(
+            [sys.executable, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=timeout,
+        )
         assert result.returncode == 0, f"{args}\n{result.stdout}\n{result.stderr}"
         return result.stdout
 
@@ -424,16 +519,23 @@ def test_the_ledger_projection_example_applies_each_event_once(dsn, bootstrap):
     transfers = int(out.split()[0])
     events = 3 * transfers
     run("-m", "relay", "relay", "--once", "--no-listen")
-    assert run(ledger, "run", "--idle", "5") == f"{events} events processed, 0 copies skipped " \
-                                                "(processed before)\n"
-    assert f"{2 * transfers} ledger entries for {transfers} transfers; 0 accounts differ" in \
-        run(ledger, "check")
+    assert (
+        run(ledger, "run", "--idle", "5") == f"{events} events processed, 0 copies skipped "
+        "(processed before)\n"
+    )
+    assert f"{2 * transfers} ledger entries for {transfers} transfers; 0 accounts differ" in run(
+        ledger, "check"
+    )
 
-    replayed = run("-m", "relay", "replay", "--status", "CONFIRMED", "--topic", "bank.events",
-                   "--yes")
+    replayed = run(
+        "-m", "relay", "replay", "--status", "CONFIRMED", "--topic", "bank.events", "--yes"
+    )
     assert f"replay: {events} messages back to PENDING" in replayed
     run("-m", "relay", "relay", "--once", "--no-listen")
-    assert run(ledger, "run", "--idle", "5") == f"0 events processed, {events} copies skipped " \
-                                                "(processed before)\n"
-    assert f"{2 * transfers} ledger entries for {transfers} transfers; 0 accounts differ" in \
-        run(ledger, "check")
+    assert (
+        run(ledger, "run", "--idle", "5") == f"0 events processed, {events} copies skipped "
+        "(processed before)\n"
+    )
+    assert f"{2 * transfers} ledger entries for {transfers} transfers; 0 accounts differ" in run(
+        ledger, "check"
+    )

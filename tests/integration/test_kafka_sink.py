@@ -10,8 +10,16 @@ from tests.kafka_helpers import create_topic, delete_topic, read_all
 
 
 def message(i, topic, key=b"k"):
-    return PendingMessage(i, uuid.uuid4(), topic, key, b'{"i":%d}' % i, [("h", b"v")], 0,
-                          dt.datetime.now(dt.timezone.utc))
+    return PendingMessage(
+        i,
+        uuid.uuid4(),
+        topic,
+        key,
+        b'{"i":%d}' % i,
+        [("h", b"v")],
+        0,
+        dt.datetime.now(dt.timezone.utc),
+    )
 
 
 def test_fatal_producer_error_replaces_the_producer_and_nothing_is_lost(bootstrap):
@@ -20,21 +28,22 @@ def test_fatal_producer_error_replaces_the_producer_and_nothing_is_lost(bootstra
     UNKNOWN (not counted), and sent again they arrive."""
     topic = f"t.fatal.{uuid.uuid4().hex[:8]}"
     create_topic(bootstrap, topic, partitions=1, config={"max.message.bytes": "3000"})
-    sink = KafkaSink({"bootstrap.servers": bootstrap, "batch.num.messages": "1"},
-                     flush_timeout=15)
+    sink = KafkaSink({"bootstrap.servers": bootstrap, "batch.num.messages": "1"}, flush_timeout=15)
     try:
         first = sink.send([message(1, topic)])
         assert isinstance(first[0], Delivered)
         old = sink.producer
         sink._topics[topic].max_bytes = None  # as if DescribeConfigs were not allowed
-        big = message(2, topic, key=b"other")._replace(payload=os.urandom(5000))  # lz4 cannot shrink it
+        # lz4 cannot shrink it
+        big = message(2, topic, key=b"other")._replace(payload=os.urandom(5000))
         outcomes = sink.send([big] + [message(i, topic, key=b"k%d" % i) for i in range(3, 8)])
         assert sink.resets == 1 and sink.producer is not old
         assert outcomes[0].kind is FailureKind.ISOLATE  # rejected, not yet known to be alone
         for o in outcomes[1:]:
             assert isinstance(o, Delivered) or o.kind in (FailureKind.UNKNOWN, FailureKind.OUTAGE)
-        retry = [message(o.id, topic, key=b"k%d" % o.id) for o in outcomes[1:]
-                 if isinstance(o, Failed)]
+        retry = [
+            message(o.id, topic, key=b"k%d" % o.id) for o in outcomes[1:] if isinstance(o, Failed)
+        ]
         again = sink.send(retry) if retry else []
         assert all(isinstance(o, Delivered) for o in again)
         got = {m.value for m in read_all(bootstrap, topic, expected=6)}
@@ -52,15 +61,16 @@ def test_every_message_carries_its_message_id_and_headers(bootstrap, topic):
         assert isinstance(outcome, Delivered)
         (got,) = read_all(bootstrap, topic, expected=1)
         assert got.headers == [("message_id", str(m.message_id).encode()), ("h", b"v")]
-        assert got.key is None and (got.partition, got.offset) == (outcome.partition,
-                                                                   outcome.offset)
+        assert got.key is None and (got.partition, got.offset) == (
+            outcome.partition,
+            outcome.offset,
+        )
     finally:
         sink.close(5)
 
 
 def test_unreachable_broker_is_an_outage_not_a_message_failure():
-    sink = KafkaSink({"bootstrap.servers": "127.0.0.1:1"}, flush_timeout=3,
-                     metadata_timeout=1)
+    sink = KafkaSink({"bootstrap.servers": "127.0.0.1:1"}, flush_timeout=3, metadata_timeout=1)
     try:
         outcomes = sink.send([message(1, "any.topic")])
         assert isinstance(outcomes[0], Failed)
@@ -70,8 +80,9 @@ def test_unreachable_broker_is_an_outage_not_a_message_failure():
 
 
 def test_full_producer_queue_is_served_and_retried(bootstrap, topic):
-    sink = KafkaSink({"bootstrap.servers": bootstrap, "queue.buffering.max.messages": "10",
-                      "linger.ms": "50"})
+    sink = KafkaSink(
+        {"bootstrap.servers": bootstrap, "queue.buffering.max.messages": "10", "linger.ms": "50"}
+    )
     try:
         outcomes = sink.send([message(i, topic, key=b"k%d" % (i % 3)) for i in range(200)])
         assert all(isinstance(o, Delivered) for o in outcomes)

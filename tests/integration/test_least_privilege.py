@@ -28,11 +28,18 @@ def role(admin_dsn, dsn):
         name = f"lp_{kind}_{uuid.uuid4().hex[:8]}"
         made.append(name)
         with psycopg.connect(admin_dsn, autocommit=True) as c:
-            c.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                sql.Identifier(name), sql.Literal(PASSWORD)))
+            c.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(name), sql.Literal(PASSWORD)
+                )
+            )
         args = [sys.executable, "-m", "relay", "grants", "--role", name, "--for", kind]
-        grants = subprocess.run(args + (["--retention"] if retention else []),
-                                capture_output=True, text=True, check=True).stdout
+        grants = subprocess.run(
+            args + (["--retention"] if retention else []),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         with psycopg.connect(dsn, autocommit=True) as c:  # the owner grants
             c.execute(grants)
         return psycopg.conninfo.make_conninfo(dsn, user=name, password=PASSWORD)
@@ -52,8 +59,11 @@ def test_writer_and_relay_work_with_their_grants_only(role, bootstrap, topic, tm
     writer_dsn, relay_dsn = role("writer"), role("relay")
     with psycopg.connect(writer_dsn) as conn:
         with conn.transaction():
-            outbox.publish_many(conn, [dict(topic=topic, key=f"k{i % 5}", payload={"i": i})
-                                       for i in range(200)], lock_key=True)
+            outbox.publish_many(
+                conn,
+                [dict(topic=topic, key=f"k{i % 5}", payload={"i": i}) for i in range(200)],
+                lock_key=True,
+            )
             first = outbox.publish(conn, topic=topic, payload={}, dedup_key="d-1")
             again = outbox.publish(conn, topic=topic, payload={}, dedup_key="d-1")
         assert (again.id, again.created) == (first.id, False)
@@ -78,18 +88,28 @@ def test_writer_and_relay_work_with_their_grants_only(role, bootstrap, topic, tm
 
 def test_operator_commands_work_with_operator_grants(role, dsn):
     with psycopg.connect(dsn) as conn, conn.transaction():
-        ids = [p.id for p in outbox.publish_many(conn, [dict(topic="t", key="k",
-                                                             payload={})] * 3)]
+        ids = [p.id for p in outbox.publish_many(conn, [dict(topic="t", key="k", payload={})] * 3)]
     with psycopg.connect(dsn) as c:
-        c.execute("UPDATE local_message SET status = 'FAILED', created_at = now() - "
-                  "interval '9 days' WHERE id = %s", (ids[0],))
-        c.execute("UPDATE local_message SET status = 'CONFIRMED', created_at = now() - "
-                  "interval '9 days' WHERE id = %s", (ids[1],))
+        c.execute(
+            "UPDATE local_message SET status = 'FAILED', created_at = now() - "
+            "interval '9 days' WHERE id = %s",
+            (ids[0],),
+        )
+        c.execute(
+            "UPDATE local_message SET status = 'CONFIRMED', created_at = now() - "
+            "interval '9 days' WHERE id = %s",
+            (ids[1],),
+        )
     env = {**os.environ, "OUTBOX_DSN": role("operator")}
 
     def outbox_cli(*args):
-        r = subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True,
-                           text=True, env=env, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "relay", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert r.returncode in (0, 1), r.stderr
         return r
 
@@ -119,8 +139,10 @@ def test_an_inbox_consumer_works_with_consumer_grants(role, dsn):
         c.execute("UPDATE inbox_message SET processed_at = now() - interval '9 days'")
     with psycopg.connect(consumer_dsn, autocommit=True) as conn:
         assert inbox.purge_inbox(conn, dt.timedelta(days=7), group="ledger") == 1
-        for forbidden in ("SELECT message_id FROM local_message",
-                          "INSERT INTO local_message (topic, payload) VALUES ('t', 'x')",
-                          "UPDATE inbox_message SET topic = 'x'"):
+        for forbidden in (
+            "SELECT message_id FROM local_message",
+            "INSERT INTO local_message (topic, payload) VALUES ('t', 'x')",
+            "UPDATE inbox_message SET topic = 'x'",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(forbidden)

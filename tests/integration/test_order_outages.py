@@ -43,8 +43,9 @@ pytestmark = pytest.mark.services
 
 
 def services(*args: str) -> None:
-    subprocess.run([str(ROOT / "scripts" / "services"), *args], check=True, timeout=180,
-                   capture_output=True)
+    subprocess.run(
+        [str(ROOT / "scripts" / "services"), *args], check=True, timeout=180, capture_output=True
+    )
 
 
 def broker_pid() -> int:
@@ -83,9 +84,17 @@ def broker_restored(bootstrap):
 
 
 def relay_config(dsn, bootstrap, **kw) -> RelayConfig:
-    values = dict(dsn=dsn, bootstrap_servers=bootstrap, flush_timeout=20.0, metadata_timeout=3.0,
-                  lease_seconds=40.0, heartbeat_interval=5.0, listen=False, backoff_base=0.1,
-                  backoff_max=0.5)
+    values = dict(
+        dsn=dsn,
+        bootstrap_servers=bootstrap,
+        flush_timeout=20.0,
+        metadata_timeout=3.0,
+        lease_seconds=40.0,
+        heartbeat_interval=5.0,
+        listen=False,
+        backoff_base=0.1,
+        backoff_max=0.5,
+    )
     values.update(kw)
     return RelayConfig.from_env({}, **values)
 
@@ -112,7 +121,10 @@ def warm_up(relay, dsn, topic) -> None:
 def assert_sequence_in_order(dsn, bootstrap, topic, second_topic) -> None:
     """Kafka holds k1 as warmup, a, b (first copies), and both topics verify clean."""
     assert first_copies(values_of_key(bootstrap, topic, b"k1", 3)) == [
-        b'{"m":"warmup"}', b'{"m":"a"}', b'{"m":"b"}']
+        b'{"m":"warmup"}',
+        b'{"m":"a"}',
+        b'{"m":"b"}',
+    ]
     for t in (topic, second_topic):
         verify(dsn, bootstrap, t).assert_clean()
 
@@ -121,8 +133,9 @@ def commit_the_sequence(dsn, topic, second_topic, key="k1", n_unseen=12) -> None
     """One transaction: a (TOPIC, KEY), N_UNSEEN rows on SECOND_TOPIC, b (TOPIC, KEY)."""
     with psycopg.connect(dsn) as conn, conn.transaction():
         outbox.publish(conn, topic=topic, key=key, payload={"m": "a"})
-        outbox.publish_many(conn, [dict(topic=second_topic, key=f"u{i}", payload={"u": i})
-                                   for i in range(n_unseen)])
+        outbox.publish_many(
+            conn, [dict(topic=second_topic, key=f"u{i}", payload={"u": i}) for i in range(n_unseen)]
+        )
         outbox.publish(conn, topic=topic, key=key, payload={"m": "b"})
 
 
@@ -149,7 +162,8 @@ def first_copies(values: list[bytes]) -> list[bytes]:
 
 
 def test_broker_killed_unseen_topic_broker_back_before_the_deadline(
-        dsn, bootstrap, topic, second_topic, broker_restored):
+    dsn, bootstrap, topic, second_topic, broker_restored
+):
     with in_process_relay(relay_config(dsn, bootstrap)) as relay:
         warm_up(relay, dsn, topic)  # TOPIC's metadata is now cached; SECOND_TOPIC's not
         kill_broker()
@@ -168,8 +182,9 @@ def test_broker_killed_unseen_topic_broker_back_before_the_deadline(
 
 
 def test_broker_back_after_the_deadline(dsn, bootstrap, topic, second_topic, broker_restored):
-    cfg = relay_config(dsn, bootstrap, flush_timeout=5.0, lease_seconds=20.0,
-                       heartbeat_interval=2.0)
+    cfg = relay_config(
+        dsn, bootstrap, flush_timeout=5.0, lease_seconds=20.0, heartbeat_interval=2.0
+    )
     with in_process_relay(cfg) as relay:
         warm_up(relay, dsn, topic)
         kill_broker()
@@ -184,8 +199,9 @@ def test_broker_back_after_the_deadline(dsn, bootstrap, topic, second_topic, bro
     assert_sequence_in_order(dsn, bootstrap, topic, second_topic)
 
 
-def test_relay_sigkilled_while_the_batch_waits(dsn, bootstrap, topic, second_topic, relays,
-                                               broker_restored):
+def test_relay_sigkilled_while_the_batch_waits(
+    dsn, bootstrap, topic, second_topic, relays, broker_restored
+):
     first = relays("stalled")
     with psycopg.connect(dsn) as conn, conn.transaction():
         outbox.publish(conn, topic=topic, key="k1", payload={"m": "warmup"})
@@ -205,9 +221,14 @@ def test_relay_sigkilled_while_the_batch_waits(dsn, bootstrap, topic, second_top
 def set_topic_limit(bootstrap: str, topic: str, limit: int) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     resource = ConfigResource(
-        ConfigResource.Type.TOPIC, topic,
-        incremental_configs=[ConfigEntry("max.message.bytes", str(limit),
-                                         incremental_operation=AlterConfigOpType.SET)])
+        ConfigResource.Type.TOPIC,
+        topic,
+        incremental_configs=[
+            ConfigEntry(
+                "max.message.bytes", str(limit), incremental_operation=AlterConfigOpType.SET
+            )
+        ],
+    )
     for future in admin.incremental_alter_configs([resource]).values():
         future.result(timeout=30)
 
@@ -233,9 +254,11 @@ def test_earlier_message_rejected_after_later_ones_were_queued(dsn, bootstrap):
         run_until_confirmed(relay, dsn, 1)  # the topic's limit (1 MB) is cached for a minute
         set_topic_limit(bootstrap, topic, 3000)
         with psycopg.connect(dsn) as conn, conn.transaction():
-            outbox.publish(conn, topic=topic, key="k", payload=os.urandom(5000))  # lz4 can't shrink it
-            outbox.publish_many(conn, [dict(topic=topic, key="k", payload={"m": f"b{i}"})
-                                       for i in range(5)])
+            # lz4 can't shrink it
+            outbox.publish(conn, topic=topic, key="k", payload=os.urandom(5000))
+            outbox.publish_many(
+                conn, [dict(topic=topic, key="k", payload={"m": f"b{i}"}) for i in range(5)]
+            )
             outbox.publish(conn, topic=topic, key="other", payload={"m": "c"})
         deadline = time.monotonic() + 60
         while counts(dsn).get("FAILED", 0) < 1 or counts(dsn).get("CONFIRMED", 0) < 2:
@@ -260,27 +283,38 @@ def test_earlier_message_rejected_after_later_ones_were_queued(dsn, bootstrap):
 
 
 def message(i: int, topic: str, key: bytes) -> PendingMessage:
-    return PendingMessage(i, uuid.uuid4(), topic, key, b"%08d" % i + b"x" * 248, [], 0,
-                          dt.datetime.now(dt.timezone.utc))
+    return PendingMessage(
+        i,
+        uuid.uuid4(),
+        topic,
+        key,
+        b"%08d" % i + b"x" * 248,
+        [],
+        0,
+        dt.datetime.now(dt.timezone.utc),
+    )
 
 
 def high_watermark(bootstrap: str, topic: str) -> int:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "hw"})
     try:
         parts = consumer.list_topics(topic, timeout=5).topics[topic].partitions
-        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1]
-                   for p in parts)
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1] for p in parts
+        )
     finally:
         consumer.close()
 
 
-def test_a_batch_is_bounded_when_the_broker_stops_in_its_middle(bootstrap, topic,
-                                                                broker_restored):
+def test_a_batch_is_bounded_when_the_broker_stops_in_its_middle(bootstrap, topic, broker_restored):
     """SIGSTOP, the worst kind of outage: connections stay open and nothing answers. From its
     first lookup to its last outcome the batch takes at most flush_timeout + SEND_MARGIN."""
     flush_timeout = 5.0
-    sink = KafkaSink({"bootstrap.servers": bootstrap, "linger.ms": "20"},
-                     flush_timeout=flush_timeout, metadata_timeout=2.0)
+    sink = KafkaSink(
+        {"bootstrap.servers": bootstrap, "linger.ms": "20"},
+        flush_timeout=flush_timeout,
+        metadata_timeout=2.0,
+    )
     batch = [message(i, topic, key=b"k%d" % (i % 50)) for i in range(1, 150_001)]
     result: dict[str, object] = {}
 

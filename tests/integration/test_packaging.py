@@ -4,6 +4,7 @@ there (run outside the source tree, so nothing can come from the checkout)."""
 import subprocess
 import sys
 import venv
+import zipfile
 
 import psycopg
 
@@ -20,6 +21,9 @@ def test_wheel_installs_in_a_fresh_venv_and_applies_the_schema(tmp_path, empty_d
     dist = tmp_path / "dist"
     run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(ROOT)], cwd=tmp_path)
     (wheel,) = dist.glob("outbox_relay-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+    assert {"outbox/py.typed", "relay/py.typed"} <= names  # PEP 561: type checkers use our hints
 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
@@ -39,8 +43,9 @@ def test_wheel_installs_in_a_fresh_venv_and_applies_the_schema(tmp_path, empty_d
     printed = run([str(env_dir / "bin" / "outbox"), "migrate", "--print"], cwd=tmp_path)
     assert printed == (ROOT / "schema.sql").read_text("utf-8")
     with psycopg.connect(empty_dsn) as c:
-        assert c.execute("SELECT max(version) FROM from_wheel.local_message_schema").fetchone() \
-            == (outbox_version(),)
+        assert c.execute("SELECT max(version) FROM from_wheel.local_message_schema").fetchone() == (
+            outbox_version(),
+        )
 
 
 def outbox_version():

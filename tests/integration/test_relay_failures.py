@@ -37,8 +37,9 @@ def test_too_large_for_its_topic_fails_alone_holds_its_key_and_others_flow(dsn, 
             rows = lambda: {r[0]: r for r in statuses(dsn)}  # noqa: E731
             # A rejection stops the producer (gapless guarantee); the messages after it in the
             # batch are sent again by the next one.
-            run_until(relay, lambda: rows()[big.id][1] == "FAILED"
-                      and rows()[other.id][1] == "CONFIRMED")
+            run_until(
+                relay, lambda: rows()[big.id][1] == "FAILED" and rows()[other.id][1] == "CONFIRMED"
+            )
             final = rows()
         finally:
             relay.shutdown()
@@ -55,17 +56,19 @@ def test_too_large_for_its_topic_fails_alone_holds_its_key_and_others_flow(dsn, 
         delete_topic(bootstrap, topic)
 
 
-def test_request_rejected_as_a_whole_costs_no_attempts_and_everything_arrives(dsn, bootstrap,
-                                                                            caplog):
+def test_request_rejected_as_a_whole_costs_no_attempts_and_everything_arrives(
+    dsn, bootstrap, caplog
+):
     """Each message fits the topic, several together do not: the broker rejects the shared
     request, the relay sends them alone, all arrive in key order and no attempt is counted."""
     topic = f"t.pack.{os.getpid()}.{time.monotonic_ns()}"
     create_topic(bootstrap, topic, partitions=1, config={"max.message.bytes": "4000"})
     try:
         with psycopg.connect(dsn) as conn, conn.transaction():
-            outbox.publish_many(conn, [
-                dict(topic=topic, key=f"k{i % 3}", payload=os.urandom(1500)) for i in range(9)
-            ])
+            outbox.publish_many(
+                conn,
+                [dict(topic=topic, key=f"k{i % 3}", payload=os.urandom(1500)) for i in range(9)],
+            )
         relay, _ = build_relay(relay_config(dsn, bootstrap))
         try:
             run_until(relay, lambda: all(r[1] == "CONFIRMED" for r in statuses(dsn)))

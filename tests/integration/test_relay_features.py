@@ -18,8 +18,9 @@ def test_rows_that_fail_for_good_are_copied_to_the_dead_letter_topic(dsn, bootst
     create_topic(bootstrap, dlq, partitions=1)
     try:
         with psycopg.connect(dsn) as conn, conn.transaction():
-            p = outbox.publish(conn, topic=topic + ".missing", key="k", payload={"n": 1},
-                               headers={"trace": "abc"})
+            p = outbox.publish(
+                conn, topic=topic + ".missing", key="k", payload={"n": 1}, headers={"trace": "abc"}
+            )
         drain(dsn, bootstrap, max_attempts=1, dead_letter_topic=dlq)
         (copy,) = read_all(bootstrap, dlq, expected=1)
         assert json.loads(copy.value) == {"n": 1} and copy.key == b"k"
@@ -49,8 +50,11 @@ def test_notify_wakes_an_idle_relay_long_before_its_next_poll(dsn, bootstrap, to
         with psycopg.connect(dsn) as conn, conn.transaction():
             outbox.publish(conn, topic=topic, key="k", payload={"n": 1})
         with psycopg.connect(dsn) as c:
-            wait_for(lambda: c.execute("SELECT status FROM local_message").fetchone()
-                     == ("CONFIRMED",), 15, "delivery after NOTIFY")
+            wait_for(
+                lambda: c.execute("SELECT status FROM local_message").fetchone() == ("CONFIRMED",),
+                15,
+                "delivery after NOTIFY",
+            )
         assert time.monotonic() - started < 10, "woken by NOTIFY, not by the 20 s poll"
     finally:
         stop.set()
@@ -66,10 +70,13 @@ def test_relay_retention_deletes_old_confirmed_rows_only(dsn, bootstrap):
     with psycopg.connect(dsn) as conn:
         with conn.transaction():
             outbox.publish_many(conn, [dict(topic="t", payload={})] * 2500)
-        conn.execute("UPDATE local_message SET created_at = now() - interval '2 days', "
-                     "status = CASE WHEN id % 2 = 0 THEN 'CONFIRMED' ELSE 'FAILED' END")
-        conn.execute("INSERT INTO local_message (topic, payload, status) "
-                     "VALUES ('t', 'x', 'CONFIRMED')")
+        conn.execute(
+            "UPDATE local_message SET created_at = now() - interval '2 days', "
+            "status = CASE WHEN id % 2 = 0 THEN 'CONFIRMED' ELSE 'FAILED' END"
+        )
+        conn.execute(
+            "INSERT INTO local_message (topic, payload, status) VALUES ('t', 'x', 'CONFIRMED')"
+        )
         conn.commit()
     relay, _ = build_relay(relay_config(dsn, bootstrap, retention_seconds=86400.0))
     try:

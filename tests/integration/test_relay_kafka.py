@@ -19,8 +19,14 @@ from tests.kafka_helpers import read_all
 
 def relay_config(dsn, bootstrap, **kw):
     return RelayConfig.from_env(
-        {}, dsn=dsn, bootstrap_servers=bootstrap, flush_timeout=15.0, lease_seconds=40.0,
-        heartbeat_interval=5.0, listen=False, **kw
+        {},
+        dsn=dsn,
+        bootstrap_servers=bootstrap,
+        flush_timeout=15.0,
+        lease_seconds=40.0,
+        heartbeat_interval=5.0,
+        listen=False,
+        **kw,
     )
 
 
@@ -48,8 +54,13 @@ def test_committed_event_reaches_kafka_intact_and_is_confirmed(conn, dsn, bootst
     with conn.transaction():
         conn.execute("CREATE TABLE account (id int PRIMARY KEY, balance int)")
         conn.execute("INSERT INTO account VALUES (1, 90)")
-        p = outbox.publish(conn, topic=topic, key="acct-1", payload={"balance": 90},
-                           headers={"event-type": "AccountDebited", "bin": b"\x00\xfe"})
+        p = outbox.publish(
+            conn,
+            topic=topic,
+            key="acct-1",
+            payload={"balance": 90},
+            headers={"event-type": "AccountDebited", "bin": b"\x00\xfe"},
+        )
     drain(dsn, bootstrap)
 
     (msg,) = read_all(bootstrap, topic, expected=1)
@@ -107,12 +118,24 @@ def test_missing_topic_is_a_recorded_error_that_holds_its_key_only(conn, dsn, bo
 
 def test_outbox_relay_process_delivers_and_stops_on_sigterm(conn, dsn, bootstrap, topic):
     with conn.transaction():
-        outbox.publish_many(conn, [dict(topic=topic, key="k", payload={"i": i}) for i in range(100)])
-    env = {**os.environ, "OUTBOX_DSN": dsn, "OUTBOX_BOOTSTRAP_SERVERS": bootstrap,
-           "OUTBOX_FLUSH_TIMEOUT": "15",
-           "OUTBOX_LEASE_SECONDS": "40", "OUTBOX_HEARTBEAT_INTERVAL": "5"}
-    proc = subprocess.Popen([sys.executable, "-m", "relay", "relay", "--name", "e2e"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        outbox.publish_many(
+            conn, [dict(topic=topic, key="k", payload={"i": i}) for i in range(100)]
+        )
+    env = {
+        **os.environ,
+        "OUTBOX_DSN": dsn,
+        "OUTBOX_BOOTSTRAP_SERVERS": bootstrap,
+        "OUTBOX_FLUSH_TIMEOUT": "15",
+        "OUTBOX_LEASE_SECONDS": "40",
+        "OUTBOX_HEARTBEAT_INTERVAL": "5",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "relay", "--name", "e2e"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -135,5 +158,6 @@ def test_outbox_relay_process_delivers_and_stops_on_sigterm(conn, dsn, bootstrap
     assert "draining and stopping" in out and "101 delivered" in out
     assert len(read_all(bootstrap, topic, expected=101)) == 101
     with psycopg.connect(dsn) as c:
-        assert c.execute("SELECT count(*) FROM local_message_bucket WHERE owner IS NOT NULL"
-                         ).fetchone() == (0,), "leases released on shutdown"
+        assert c.execute(
+            "SELECT count(*) FROM local_message_bucket WHERE owner IS NOT NULL"
+        ).fetchone() == (0,), "leases released on shutdown"

@@ -8,6 +8,7 @@ import time
 import urllib.request
 
 import psycopg
+
 from tests.conftest import ROOT
 from tests.integration.conftest import all_confirmed, counts, write
 from tests.kafka_helpers import check_kafka
@@ -16,8 +17,9 @@ from tests.verify import verify
 
 
 def services(*args):
-    subprocess.run([str(ROOT / "scripts" / "services"), *args], check=True, timeout=180,
-                   capture_output=True)
+    subprocess.run(
+        [str(ROOT / "scripts" / "services"), *args], check=True, timeout=180, capture_output=True
+    )
 
 
 def http_get(url):
@@ -50,8 +52,9 @@ def test_broker_down_20s_burns_no_attempts_and_delivery_resumes(dsn, bootstrap, 
     wait_for(lambda: check_kafka(bootstrap) is None, 60, "the broker back")
     wait_for(lambda: all_confirmed(dsn, 1500), 120, "delivery resuming by itself")
     with psycopg.connect(dsn) as c:
-        assert c.execute("SELECT max(attempts), count(last_error) FROM local_message"
-                         ).fetchone() == (0, 0), "an outage is not the messages' fault"
+        assert c.execute(
+            "SELECT max(attempts), count(last_error) FROM local_message"
+        ).fetchone() == (0, 0), "an outage is not the messages' fault"
     verify(dsn, bootstrap, topic).assert_clean()
     metrics = http_get("http://127.0.0.1:19491/metrics")[1]
     assert f'outbox_messages_published_total{{topic="{topic}"}}' in metrics

@@ -12,8 +12,7 @@ from tests.relay_process import wait_for
 from tests.verify import verify
 
 
-def test_three_replicas_deliver_10k_messages_over_100_keys_in_order(dsn, bootstrap, topic,
-                                                                    relays):
+def test_three_replicas_deliver_10k_messages_over_100_keys_in_order(dsn, bootstrap, topic, relays):
     procs = [relays(f"r{i}") for i in range(3)]
 
     def shares():
@@ -21,17 +20,24 @@ def test_three_replicas_deliver_10k_messages_over_100_keys_in_order(dsn, bootstr
             return c.execute(
                 "SELECT r.name, count(b.bucket) FROM local_message_relay r "
                 "LEFT JOIN local_message_bucket b ON b.owner = r.relay_id "
-                "GROUP BY r.name").fetchall()
-    wait_for(lambda: len(shares()) == 3 and all(n >= 80 for _, n in shares()), 30,
-             "three relays sharing the buckets")
+                "GROUP BY r.name"
+            ).fetchall()
+
+    wait_for(
+        lambda: len(shares()) == 3 and all(n >= 80 for _, n in shares()),
+        30,
+        "three relays sharing the buckets",
+    )
     writer = threading.Thread(target=write, args=(dsn, topic, 10_000, 100))
     writer.start()
     writer.join(120)
     wait_for(lambda: all_confirmed(dsn, 10_000), 120, "10,000 rows CONFIRMED")
     with psycopg.connect(dsn) as c:
         owners = c.execute("SELECT count(DISTINCT owner) FROM local_message_bucket").fetchone()
-        overlap = c.execute("SELECT count(*) FROM (SELECT bucket FROM local_message_bucket "
-                            "GROUP BY bucket HAVING count(DISTINCT owner) > 1) x").fetchone()
+        overlap = c.execute(
+            "SELECT count(*) FROM (SELECT bucket FROM local_message_bucket "
+            "GROUP BY bucket HAVING count(DISTINCT owner) > 1) x"
+        ).fetchone()
     assert owners == (3,) and overlap == (0,)
     verdict = verify(dsn, bootstrap, topic)
     verdict.assert_clean()
@@ -42,8 +48,9 @@ def test_three_replicas_deliver_10k_messages_over_100_keys_in_order(dsn, bootstr
     assert sum(delivered) >= 10_000 and all(n > 0 for n in delivered), delivered
 
 
-def test_relay_killed_mid_batch_loses_nothing_and_its_buckets_are_taken_over(dsn, bootstrap,
-                                                                             topic, relays):
+def test_relay_killed_mid_batch_loses_nothing_and_its_buckets_are_taken_over(
+    dsn, bootstrap, topic, relays
+):
     write(dsn, topic, 30_000, 50, per_tx=1000)
     first = relays("victim", OUTBOX_BATCH_SIZE="500")
     wait_for(lambda: counts(dsn).get("CONFIRMED", 0) >= 2000, 60, "the victim delivering")
@@ -56,8 +63,7 @@ def test_relay_killed_mid_batch_loses_nothing_and_its_buckets_are_taken_over(dsn
     assert second.stop() == 0
 
 
-def test_relay_paused_past_its_lease_cannot_overwrite_the_new_owner(dsn, bootstrap, topic,
-                                                                    relays):
+def test_relay_paused_past_its_lease_cannot_overwrite_the_new_owner(dsn, bootstrap, topic, relays):
     write(dsn, topic, 20_000, 50, per_tx=1000)
     paused = relays("paused", OUTBOX_BATCH_SIZE="1000")
     wait_for(lambda: counts(dsn).get("CONFIRMED", 0) >= 1000, 60, "the first relay delivering")
@@ -67,15 +73,20 @@ def test_relay_paused_past_its_lease_cannot_overwrite_the_new_owner(dsn, bootstr
     wait_for(lambda: "owns 256 buckets" in other.log(), 40, "the takeover")
     wait_for(lambda: all_confirmed(dsn, 20_000), 120, "everything delivered by the other")
     with psycopg.connect(dsn) as c:
-        before = c.execute("SELECT id, kafka_partition, kafka_offset, delivered_at "
-                           "FROM local_message ORDER BY id").fetchall()
+        before = c.execute(
+            "SELECT id, kafka_partition, kafka_offset, delivered_at FROM local_message ORDER BY id"
+        ).fetchall()
     paused.signal(signal.SIGCONT)
     # The resumed relay finishes its batch, finds its confirms refused, and rejoins.
-    wait_for(lambda: paused.log().count("relay paused owns") >= 2, 60,
-             "the resumed relay's next heartbeat")
+    wait_for(
+        lambda: paused.log().count("relay paused owns") >= 2,
+        60,
+        "the resumed relay's next heartbeat",
+    )
     with psycopg.connect(dsn) as c:
-        after = c.execute("SELECT id, kafka_partition, kafka_offset, delivered_at "
-                          "FROM local_message ORDER BY id").fetchall()
+        after = c.execute(
+            "SELECT id, kafka_partition, kafka_offset, delivered_at FROM local_message ORDER BY id"
+        ).fetchall()
     assert after == before, "a relay that lost its lease overwrote rows"
     verify(dsn, bootstrap, topic).assert_clean()
     assert paused.stop() == 0 and other.stop() == 0
@@ -95,15 +106,22 @@ def test_sigterm_while_busy_drains_and_exits_0(dsn, bootstrap, topic, relays):
     assert c.get("CONFIRMED", 0) == stopped_with, "every delivery it made is recorded"
     assert set(c) <= {"CONFIRMED", "PENDING"}
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT count(*) FROM local_message_bucket WHERE owner IS NOT NULL"
-                            ).fetchone() == (0,), "leases released"
+        assert conn.execute(
+            "SELECT count(*) FROM local_message_bucket WHERE owner IS NOT NULL"
+        ).fetchone() == (0,), "leases released"
     # Nothing in Kafka that the table does not count as delivered.
     with psycopg.connect(dsn) as conn:
-        confirmed = {r[0] for r in conn.execute(
-            "SELECT message_id::text FROM local_message WHERE status = 'CONFIRMED'")}
+        confirmed = {
+            r[0]
+            for r in conn.execute(
+                "SELECT message_id::text FROM local_message WHERE status = 'CONFIRMED'"
+            )
+        }
     from tests.kafka_helpers import read_all
-    in_kafka = {m.header("message_id").decode() for m in read_all(bootstrap, topic,
-                                                                   expected=len(confirmed))}
+
+    in_kafka = {
+        m.header("message_id").decode() for m in read_all(bootstrap, topic, expected=len(confirmed))
+    }
     assert in_kafka == confirmed
     relays("again")
     wait_for(lambda: all_confirmed(dsn, 30_000), 120, "a new relay finishing the job")

@@ -13,28 +13,36 @@ def catalog(conn, schema):
         "columns": conn.execute(
             "SELECT table_name, column_name, data_type, is_nullable, column_default, "
             "generation_expression FROM information_schema.columns WHERE table_schema = %s "
-            "ORDER BY 1, 2", (schema,)).fetchall(),
+            "ORDER BY 1, 2",
+            (schema,),
+        ).fetchall(),
         "indexes": conn.execute(
             "SELECT indexname, replace(indexdef, %s, '') FROM pg_indexes WHERE schemaname = %s "
-            "ORDER BY 1", (f" {schema}.", schema)).fetchall(),
+            "ORDER BY 1",
+            (f" {schema}.", schema),
+        ).fetchall(),
         "constraints": conn.execute(
             "SELECT conname, pg_get_constraintdef(c.oid) FROM pg_constraint c "
             "JOIN pg_namespace n ON n.oid = c.connamespace WHERE n.nspname = %s ORDER BY 1",
-            (schema,)).fetchall(),
+            (schema,),
+        ).fetchall(),
         "triggers": conn.execute(
             "SELECT tgname, tgenabled FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
-            "AND NOT tgisinternal ORDER BY 1", (schema,)).fetchall(),
+            "AND NOT tgisinternal ORDER BY 1",
+            (schema,),
+        ).fetchall(),
         "functions": conn.execute(
             "SELECT p.proname, replace(pg_get_functiondef(p.oid), %s, '') FROM pg_proc p "
             "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s ORDER BY 1",
-            (schema, schema)).fetchall(),
+            (schema, schema),
+        ).fetchall(),
         "options": conn.execute(
             "SELECT relname, reloptions FROM pg_class c JOIN pg_namespace n "
             "ON n.oid = c.relnamespace WHERE n.nspname = %s AND relkind = 'r' ORDER BY 1",
-            (schema,)).fetchall(),
-        "buckets": conn.execute(
-            f'SELECT count(*) FROM "{schema}".local_message_bucket').fetchone(),
+            (schema,),
+        ).fetchall(),
+        "buckets": conn.execute(f'SELECT count(*) FROM "{schema}".local_message_bucket').fetchone(),
     }
 
 
@@ -91,8 +99,9 @@ def test_upgrade_from_every_older_version_equals_a_fresh_install(admin_dsn, star
         admin.execute("DROP DATABASE IF EXISTS outbox_upgrade_test WITH (FORCE)")
         admin.execute("CREATE DATABASE outbox_upgrade_test")
     try:
-        with psycopg.connect(with_dbname(admin_dsn, "outbox_upgrade_test"),
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            with_dbname(admin_dsn, "outbox_upgrade_test"), autocommit=True
+        ) as conn:
             conn.execute("CREATE SCHEMA fresh; CREATE SCHEMA upgraded")
             outbox.apply_schema(conn, "fresh")
             with conn.transaction():
@@ -102,14 +111,19 @@ def test_upgrade_from_every_older_version_equals_a_fresh_install(admin_dsn, star
                         conn.execute(body)
             assert outbox.installed_version(conn, "upgraded") == start
             with conn.transaction():
-                conn.execute("INSERT INTO upgraded.local_message (topic, payload) "
-                             "VALUES ('kept', 'x')")
+                conn.execute(
+                    "INSERT INTO upgraded.local_message (topic, payload) VALUES ('kept', 'x')"
+                )
             assert outbox.apply_schema(conn, "upgraded") == outbox.SCHEMA_VERSION
             assert catalog(conn, "upgraded") == catalog(conn, "fresh")
             versions = "SELECT array_agg(version ORDER BY version) FROM {}.local_message_schema"
-            assert conn.execute(versions.format("upgraded")).fetchone() == \
-                conn.execute(versions.format("fresh")).fetchone()
-            assert conn.execute("SELECT topic FROM upgraded.local_message").fetchall() == [("kept",)]
+            assert (
+                conn.execute(versions.format("upgraded")).fetchone()
+                == conn.execute(versions.format("fresh")).fetchone()
+            )
+            assert conn.execute("SELECT topic FROM upgraded.local_message").fetchall() == [
+                ("kept",)
+            ]
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute("DROP DATABASE IF EXISTS outbox_upgrade_test WITH (FORCE)")
@@ -130,8 +144,9 @@ def test_reapplying_the_schema_keeps_a_disabled_notify_trigger_disabled(empty_ds
         outbox.apply_schema(conn)
         conn.execute("ALTER TABLE local_message DISABLE TRIGGER local_message_notify")
         conn.execute(schema_sql())  # what `psql -f schema.sql` does
-        enabled = conn.execute("SELECT tgenabled FROM pg_trigger "
-                               "WHERE tgname = 'local_message_notify'").fetchone()
+        enabled = conn.execute(
+            "SELECT tgenabled FROM pg_trigger WHERE tgname = 'local_message_notify'"
+        ).fetchone()
         assert enabled == ("D",)
 
 
@@ -146,8 +161,18 @@ def test_insert_notifies_once_per_transaction_with_the_schema_name(dsn):
         assert list(listener.notifies(timeout=0.3)) == [], "collapsed into one per transaction"
 
 
-INVALID_TOPICS = ["", ".", "..", "has space", "a" * 250, "semi;colon", "drop table x;--", "ü",
-                  "tab\there", "new\nline"]
+INVALID_TOPICS = [
+    "",
+    ".",
+    "..",
+    "has space",
+    "a" * 250,
+    "semi;colon",
+    "drop table x;--",
+    "ü",
+    "tab\there",
+    "new\nline",
+]
 VALID_TOPICS = ["a", "A.b_c-9", "a" * 249, "...", "0"]
 
 
@@ -163,10 +188,8 @@ def test_the_table_refuses_exactly_the_topics_the_writer_refuses(empty_dsn):
             with pytest.raises(InvalidTopic):
                 build_message(topic=topic, payload={})
             with pytest.raises(psycopg.errors.CheckViolation, match="topic_check"):
-                conn.execute("INSERT INTO local_message (topic, payload) VALUES (%s, '')",
-                             (topic,))
+                conn.execute("INSERT INTO local_message (topic, payload) VALUES (%s, '')", (topic,))
         for topic in VALID_TOPICS:
             build_message(topic=topic, payload={})
             conn.execute("INSERT INTO local_message (topic, payload) VALUES (%s, '')", (topic,))
-        assert conn.execute("SELECT count(*) FROM local_message").fetchone() == (
-            len(VALID_TOPICS),)
+        assert conn.execute("SELECT count(*) FROM local_message").fetchone() == (len(VALID_TOPICS),)

@@ -8,9 +8,9 @@ import psycopg
 import pytest
 
 import outbox
+from relay.kafka import check_kafka
 from tests.conftest import SERVICES, unavailable
 from tests.integration.conftest import all_confirmed
-from relay.kafka import check_kafka
 from tests.relay_process import RelayProcess, wait_for
 from tests.verify import verify
 
@@ -20,18 +20,28 @@ def sasl(bootstrap):
     servers = SERVICES.get("OUTBOX_TEST_SASL_BOOTSTRAP", "")
     user = SERVICES.get("OUTBOX_TEST_SASL_USERNAME", "")
     password = SERVICES.get("OUTBOX_TEST_SASL_PASSWORD", "")
-    config = {"bootstrap.servers": servers, "security.protocol": "SASL_PLAINTEXT",
-              "sasl.mechanisms": "PLAIN", "sasl.username": user, "sasl.password": password}
+    config = {
+        "bootstrap.servers": servers,
+        "security.protocol": "SASL_PLAINTEXT",
+        "sasl.mechanisms": "PLAIN",
+        "sasl.username": user,
+        "sasl.password": password,
+    }
     if not servers or check_kafka(config, timeout=5):
         unavailable("Kafka's SASL listener", "restart Kafka with scripts/services")
     return servers, user, password
 
 
 def sasl_env(servers, user, password, **extra):
-    return {"OUTBOX_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
-            "OUTBOX_KAFKA_SASL_MECHANISMS": "PLAIN", "OUTBOX_KAFKA_SASL_USERNAME": user,
-            "OUTBOX_KAFKA_SASL_PASSWORD": password, "OUTBOX_LOG_JSON": "true",
-            "OUTBOX_LOG_LEVEL": "DEBUG", **extra}
+    return {
+        "OUTBOX_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "OUTBOX_KAFKA_SASL_MECHANISMS": "PLAIN",
+        "OUTBOX_KAFKA_SASL_USERNAME": user,
+        "OUTBOX_KAFKA_SASL_PASSWORD": password,
+        "OUTBOX_LOG_JSON": "true",
+        "OUTBOX_LOG_LEVEL": "DEBUG",
+        **extra,
+    }
 
 
 def db_password(dsn):
@@ -41,10 +51,16 @@ def db_password(dsn):
 def test_relay_with_sasl_delivers_and_never_logs_a_secret(dsn, topic, tmp_path, sasl, bootstrap):
     servers, user, password = sasl
     with psycopg.connect(dsn) as conn, conn.transaction():
-        outbox.publish_many(conn, [dict(topic=topic, key=f"k{i}", payload={"i": i})
-                                   for i in range(50)])
-    relay = RelayProcess("sasl", dsn, servers, tmp_path,
-                         **sasl_env(servers, user, password, OUTBOX_METRICS_PORT="19492"))
+        outbox.publish_many(
+            conn, [dict(topic=topic, key=f"k{i}", payload={"i": i}) for i in range(50)]
+        )
+    relay = RelayProcess(
+        "sasl",
+        dsn,
+        servers,
+        tmp_path,
+        **sasl_env(servers, user, password, OUTBOX_METRICS_PORT="19492"),
+    )
     try:
         wait_for(lambda: all_confirmed(dsn, 50), 60, "delivery over SASL")
         metrics = urllib.request.urlopen("http://127.0.0.1:19492/metrics", timeout=5).read()
@@ -67,11 +83,21 @@ def test_wrong_sasl_password_is_a_clear_outage_and_never_echoed(dsn, tmp_path, s
     wrong = "wrong-sasl-pw-5d2"
     with psycopg.connect(dsn) as conn, conn.transaction():
         outbox.publish(conn, topic="t", key="k", payload={})
-    relay = RelayProcess("badsasl", dsn, servers, tmp_path,
-                         **sasl_env(servers, user, wrong, OUTBOX_METRICS_PORT="19493"))
+    relay = RelayProcess(
+        "badsasl",
+        dsn,
+        servers,
+        tmp_path,
+        **sasl_env(servers, user, wrong, OUTBOX_METRICS_PORT="19493"),
+    )
     try:
-        wait_for(lambda: "Authentication failed" in relay.log()
-                 or "SASL authentication error" in relay.log(), 60, "the authentication error")
+        wait_for(
+            lambda: (
+                "Authentication failed" in relay.log() or "SASL authentication error" in relay.log()
+            ),
+            60,
+            "the authentication error",
+        )
         body = json.loads(_get("http://127.0.0.1:19493/readyz"))
         assert body["status"] == "not ready" and body["checks"]["kafka"] != "ok"
         assert relay.stop() == 0

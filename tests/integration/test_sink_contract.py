@@ -61,8 +61,16 @@ def under_test(request) -> Iterator[SinkUnderTest]:
 
 
 def message(i: int, topic: str, key: bytes | None, payload: bytes | None = None) -> PendingMessage:
-    return PendingMessage(i, uuid.uuid4(), topic, key, payload or b'{"i":%d}' % i, [], 0,
-                          dt.datetime.now(dt.timezone.utc))
+    return PendingMessage(
+        i,
+        uuid.uuid4(),
+        topic,
+        key,
+        payload or b'{"i":%d}' % i,
+        [],
+        0,
+        dt.datetime.now(dt.timezone.utc),
+    )
 
 
 def test_one_outcome_per_message_in_batch_order_and_a_key_in_offset_order(under_test):
@@ -72,7 +80,9 @@ def test_one_outcome_per_message_in_batch_order_and_a_key_in_offset_order(under_
     assert [o.id for o in outcomes] == [m.id for m in batch]
     assert all(isinstance(o, Delivered) for o in outcomes), outcomes
     for key in (b"k0", b"k1", b"k2"):
-        places = [(o.partition, o.offset) for o, m in zip(outcomes, batch) if m.key == key]
+        places = [
+            (o.partition, o.offset) for o, m in zip(outcomes, batch, strict=True) if m.key == key
+        ]
         assert len({p for p, _ in places}) == 1  # one key, one partition
         assert [off for _, off in places] == sorted(off for _, off in places)
     assert sorted(t.received(30)) == sorted(m.payload for m in batch)
@@ -82,8 +92,13 @@ def test_one_outcome_per_message_in_batch_order_and_a_key_in_offset_order(under_
 def test_a_message_that_cannot_be_delivered_holds_back_its_key_only(under_test):
     t = under_test
     lost = message(2, MISSING, b"a")
-    batch = [message(1, t.topic, b"a"), lost, message(3, t.topic, b"b"),
-             message(4, t.topic, b"a"), message(5, t.topic, None)]
+    batch = [
+        message(1, t.topic, b"a"),
+        lost,
+        message(3, t.topic, b"b"),
+        message(4, t.topic, b"a"),
+        message(5, t.topic, None),
+    ]
     outcomes = {o.id: o for o in t.sink.send(batch)}
     assert isinstance(outcomes[1], Delivered)
     assert isinstance(outcomes[2], Failed) and outcomes[2].kind is FailureKind.PERMANENT

@@ -67,7 +67,10 @@ def test_hook_writes_recorded_events_in_the_same_flush_and_order(engine, dsn):
         # Not visible to anyone before commit.
         assert outbox_rows(dsn) == []
     assert [r[2] for r in outbox_rows(dsn)] == [
-        b'{"type":"OrderPlaced"}', b'{"type":"LineAdded"}', b'{"type":"OrderPaid"}']
+        b'{"type":"OrderPlaced"}',
+        b'{"type":"LineAdded"}',
+        b'{"type":"OrderPaid"}',
+    ]
     assert order.pending_events() == []
 
 
@@ -107,8 +110,9 @@ def test_explicit_publish_on_session_and_core_connection(engine, dsn):
         s.add(Order(id=5, state="placed"))
         p = osa.publish(s, topic="orders", key="order-5", payload={"n": 1})
     with engine.begin() as conn:
-        many = osa.publish_many(conn, [dict(topic="orders", payload={"n": 2}),
-                                       dict(topic="orders", payload={"n": 3})])
+        many = osa.publish_many(
+            conn, [dict(topic="orders", payload={"n": 2}), dict(topic="orders", payload={"n": 3})]
+        )
     assert p.id < many[0].id < many[1].id
     assert len(outbox_rows(dsn)) == 3
 
@@ -149,8 +153,9 @@ def test_core_table_reads_the_outbox(engine, dsn):
     with Session(engine) as s, s.begin():
         osa.publish(s, topic="orders", key=b"\x00k", payload=b"raw")
     with engine.connect() as conn:
-        row = conn.execute(select(table.c.topic, table.c.key, table.c.payload,
-                                  table.c.status, table.c.bucket)).one()
+        row = conn.execute(
+            select(table.c.topic, table.c.key, table.c.payload, table.c.status, table.c.bucket)
+        ).one()
     assert row[:4] == ("orders", b"\x00k", b"raw", "PENDING")
 
 
@@ -162,7 +167,11 @@ def test_mapped_class_reads_rows_with_the_orm(engine):
     with Session(engine) as s:
         (row,) = s.scalars(select(osa.LocalMessage).where(osa.LocalMessage.status == "PENDING"))
         assert (row.id, row.message_id, row.payload, row.attempts) == (
-            p.id, p.message_id, b'{"n":1}', 0)
+            p.id,
+            p.message_id,
+            b'{"n":1}',
+            0,
+        )
 
 
 def test_schema_ddl_in_a_users_own_migration(empty_dsn):

@@ -77,8 +77,9 @@ def test_the_read_is_in_id_order_within_its_limit_buckets_and_exclusions(under_t
     assert ids(store.fetch_pending(ALL, 4)) == rows[:4]
     assert ids(store.fetch_pending(ALL, 10, exclude=rows[:2])) == rows[2:]
     one = frozenset({bucket_of(b"k3", rows[3])})
-    assert ids(store.fetch_pending(one, 10)) == [r for i, r in enumerate(rows)
-                                                 if bucket_of(b"k%d" % i, r) in one]
+    assert ids(store.fetch_pending(one, 10)) == [
+        r for i, r in enumerate(rows) if bucket_of(b"k%d" % i, r) in one
+    ]
 
 
 def test_a_failed_or_waiting_row_holds_back_its_key_and_no_other(under_test):
@@ -86,15 +87,23 @@ def test_a_failed_or_waiting_row_holds_back_its_key_and_no_other(under_test):
     relay = uuid.uuid4()
     store.heartbeat(relay, "a", 60)
     a1, b1, c1, a2, b2, c2 = (insert(k) for k in (b"a", b"b", b"c", b"a", b"b", b"c"))
-    assert store.record_failures(relay, [
-        FailureUpdate(a1, 1, "rejected", True, 0.0),      # FAILED
-        FailureUpdate(b1, 1, "try again", False, 300.0),  # waits five minutes for its retry
-    ]) == 2
+    assert (
+        store.record_failures(
+            relay,
+            [
+                FailureUpdate(a1, 1, "rejected", True, 0.0),  # FAILED
+                FailureUpdate(b1, 1, "try again", False, 300.0),  # waits five minutes for its retry
+            ],
+        )
+        == 2
+    )
     assert ids(store.fetch_pending(ALL, 10)) == [c1, c2]
     pending, oldest = store.pending_stats(ALL)
     # a2 and b2 are held back but still PENDING; the FAILED a1 is not pending any more.
     assert pending == 5 and oldest is not None and oldest >= 0
-    assert a2 not in ids(store.fetch_pending(ALL, 10)) and b2 not in ids(store.fetch_pending(ALL, 10))
+    assert a2 not in ids(store.fetch_pending(ALL, 10)) and b2 not in ids(
+        store.fetch_pending(ALL, 10)
+    )
 
 
 def test_only_the_owner_writes_outcomes_and_only_once(under_test):

@@ -25,13 +25,16 @@ def test_the_relay_never_runs_a_generic_plan_made_for_an_earlier_table(dsn):
         store.heartbeat(relay_id, "r", 60)
         for _ in range(8):
             with psycopg.connect(dsn) as conn, conn.transaction():
-                outbox.publish_many(conn, [dict(topic="t", key=f"k{i}", payload={})
-                                           for i in range(3)])
+                outbox.publish_many(
+                    conn, [dict(topic="t", key=f"k{i}", payload={}) for i in range(3)]
+                )
             batch = store.fetch_pending(ALL, 100)
             assert store.mark_confirmed(relay_id, [Delivered(m.id, 0, m.id) for m in batch]) == 3
-        used = store.connect().execute(
-            "SELECT sum(custom_plans), sum(generic_plans) FROM pg_prepared_statements"
-        ).fetchone()
+        used = (
+            store.connect()
+            .execute("SELECT sum(custom_plans), sum(generic_plans) FROM pg_prepared_statements")
+            .fetchone()
+        )
         assert used[0] >= 16 and used[1] == 0, used
     finally:
         store.close()
@@ -42,8 +45,9 @@ def _plan(conn: psycopg.Connection, name: str, params: dict, before: str | None 
     try:
         if before is not None:  # another named block first, in the same transaction
             conn.execute(query("relay", "queries.sql", before, None))
-        lines = conn.execute(sql.SQL("EXPLAIN ") + query("relay", "queries.sql", name, None),
-                             params).fetchall()
+        lines = conn.execute(
+            sql.SQL("EXPLAIN ") + query("relay", "queries.sql", name, None), params
+        ).fetchall()
     finally:
         conn.execute("ROLLBACK")
     return "\n".join(line[0] for line in lines)
@@ -56,9 +60,11 @@ def test_outcomes_are_written_row_by_id_with_a_backlog_the_statistics_do_not_kno
     with psycopg.connect(dsn, autocommit=True) as conn:
         # No autovacuum: its ANALYZE would make the statistics right in the middle of the test.
         conn.execute("ALTER TABLE local_message SET (autovacuum_enabled = off)")
-        fill = ("INSERT INTO local_message (topic, key, payload, status, delivered_at) "
-                "SELECT 't', convert_to('k' || (i %% 1000), 'UTF8'), '\\x7b7d', %s, %s "
-                "FROM generate_series(1, %s) AS i")
+        fill = (
+            "INSERT INTO local_message (topic, key, payload, status, delivered_at) "
+            "SELECT 't', convert_to('k' || (i %% 1000), 'UTF8'), '\\x7b7d', %s, %s "
+            "FROM generate_series(1, %s) AS i"
+        )
         conn.execute(fill, ("CONFIRMED", "now", 3000))
         conn.execute("ANALYZE local_message")
         conn.execute(fill, ("PENDING", None, 60_000))
@@ -68,18 +74,25 @@ def test_outcomes_are_written_row_by_id_with_a_backlog_the_statistics_do_not_kno
         store.heartbeat(relay_id, "r", 60)
         ids = [m.id for m in store.fetch_pending(ALL, 2000)]
         conn = store.connect()
-        confirm = _plan(conn, "mark_confirmed", confirm_params(
-            relay_id, [Delivered(i, 0, i) for i in ids]))
-        fail = _plan(conn, "record_failures", failure_params(
-            relay_id, [FailureUpdate(i, 1, "x", False, 1.0) for i in ids]))
+        confirm = _plan(
+            conn, "mark_confirmed", confirm_params(relay_id, [Delivered(i, 0, i) for i in ids])
+        )
+        fail = _plan(
+            conn,
+            "record_failures",
+            failure_params(relay_id, [FailureUpdate(i, 1, "x", False, 1.0) for i in ids]),
+        )
     finally:
         store.close()
     for plan in (confirm, fail):
         # The batch's ids are the index condition (of the primary key or of the PENDING
         # index); no join, no scan of the table or of the whole PENDING index.
         assert "Index Cond: (id = ANY" in plan, plan
-        assert "Join" not in plan and "Nested Loop" not in plan and "Seq Scan on local_message m" \
-            not in plan, plan
+        assert (
+            "Join" not in plan
+            and "Nested Loop" not in plan
+            and "Seq Scan on local_message m" not in plan
+        ), plan
 
 
 def test_each_row_gets_its_own_outcome_whatever_its_text(dsn):
@@ -95,8 +108,13 @@ def test_each_row_gets_its_own_outcome_whatever_its_text(dsn):
         a, b, c, d = (m.id for m in store.fetch_pending(ALL, 10))
         assert store.mark_confirmed(relay_id, [Delivered(a, 5, 2**62 + 1), Delivered(b, 0, 7)]) == 2
         text = 'broker said "no" \\ é\x00!'
-        assert store.record_failures(relay_id, [FailureUpdate(c, 1, text, False, 30.0),
-                                                FailureUpdate(d, 0, "gone", True, 0.0)]) == 2
+        assert (
+            store.record_failures(
+                relay_id,
+                [FailureUpdate(c, 1, text, False, 30.0), FailureUpdate(d, 0, "gone", True, 0.0)],
+            )
+            == 2
+        )
     finally:
         store.close()
     with psycopg.connect(dsn) as conn:
@@ -120,16 +138,25 @@ def test_the_read_walks_the_pending_index_on_a_table_never_analysed(dsn):
     reads with sorts priced out: an ordered walk of the PENDING index that stops at LIMIT."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("ALTER TABLE local_message SET (autovacuum_enabled = off)")
-        conn.execute("INSERT INTO local_message (topic, key, payload) "
-                     "SELECT 't', convert_to('k' || (i % 1000), 'UTF8'), '\\x7b7d' "
-                     "FROM generate_series(1, 30000) AS i")
-        assert conn.execute("SELECT count(*) FROM pg_stats WHERE tablename = 'local_message'"
-                            ).fetchone()[0] == 0, "the table must have no statistics"
+        conn.execute(
+            "INSERT INTO local_message (topic, key, payload) "
+            "SELECT 't', convert_to('k' || (i % 1000), 'UTF8'), '\\x7b7d' "
+            "FROM generate_series(1, 30000) AS i"
+        )
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM pg_stats WHERE tablename = 'local_message'"
+            ).fetchone()[0]
+            == 0
+        ), "the table must have no statistics"
     store = PostgresStore(dsn)
     try:
         conn = store.connect()
-        params = {"buckets": "{" + ",".join(map(str, sorted(ALL))) + "}", "limit": 2000,
-                  "exclude": "{}"}
+        params = {
+            "buckets": "{" + ",".join(map(str, sorted(ALL))) + "}",
+            "limit": 2000,
+            "exclude": "{}",
+        }
         unguarded = _plan(conn, "fetch_pending", params)
         guarded = _plan(conn, "fetch_pending", params, before="read_in_id_order")
         # The store's own read runs the guarded plan: the setting, then the read, in one

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import psycopg
@@ -47,8 +47,14 @@ class FakeMessage:
         return self._error
 
 
-def message(topic: str, partition: int, offset: int, message_id: uuid.UUID | None = None,
-            value: bytes = b"", headers: list | None = None) -> FakeMessage:
+def message(
+    topic: str,
+    partition: int,
+    offset: int,
+    message_id: uuid.UUID | None = None,
+    value: bytes = b"",
+    headers: list | None = None,
+) -> FakeMessage:
     if headers is None:
         headers = [("message_id", str(message_id or uuid.uuid4()).encode())]
     return FakeMessage(topic, partition, offset, headers, value)

@@ -7,8 +7,13 @@ BASE = {"OUTBOX_DSN": "postgresql://u:pw@db/app", "OUTBOX_BOOTSTRAP_SERVERS": "k
 
 def test_environment_variables_and_kafka_passthrough():
     cfg = RelayConfig.from_env(
-        {**BASE, "OUTBOX_BATCH_SIZE": "500", "OUTBOX_LISTEN": "false",
-         "OUTBOX_KAFKA_SASL_USERNAME": "relay", "OUTBOX_KAFKA_LINGER_MS": "2"}
+        {
+            **BASE,
+            "OUTBOX_BATCH_SIZE": "500",
+            "OUTBOX_LISTEN": "false",
+            "OUTBOX_KAFKA_SASL_USERNAME": "relay",
+            "OUTBOX_KAFKA_LINGER_MS": "2",
+        }
     )
     assert cfg.batch_size == 500 and cfg.listen is False
     assert cfg.kafka == {"sasl.username": "relay", "linger.ms": "2"}
@@ -22,16 +27,18 @@ def test_overrides_beat_the_environment():
 
 @pytest.mark.parametrize(
     "env, message",
-    [({"OUTBOX_DSN": ""}, "no database"),
-     ({"OUTBOX_BOOTSTRAP_SERVERS": ""}, "no Kafka"),
-     ({"OUTBOX_BATCH_SIZE": "many"}, "OUTBOX_BATCH_SIZE='many' is not a valid int"),
-     ({"OUTBOX_BATCH_SIZE": "0"}, "batch_size must be at least 1"),
-     ({"OUTBOX_SCHEMA": "x; drop table y"}, "invalid schema name"),
-     ({"OUTBOX_LEASE_SECONDS": "20"}, "lease_seconds"),
-     ({"OUTBOX_KAFKA_MESSAGE_TIMEOUT_MS": "60000"}, "flush_timeout"),
-     ({"OUTBOX_KAFKA_ACKS": "1"}, "acks=1 would give up delivery guarantees"),
-     ({"OUTBOX_BACKOFF_MAX": "nan"}, "backoff_max must be a positive number of seconds"),
-     ({"OUTBOX_BACKOFF_BASE": "inf"}, "backoff_base must be a positive number of seconds")],
+    [
+        ({"OUTBOX_DSN": ""}, "no database"),
+        ({"OUTBOX_BOOTSTRAP_SERVERS": ""}, "no Kafka"),
+        ({"OUTBOX_BATCH_SIZE": "many"}, "OUTBOX_BATCH_SIZE='many' is not a valid int"),
+        ({"OUTBOX_BATCH_SIZE": "0"}, "batch_size must be at least 1"),
+        ({"OUTBOX_SCHEMA": "x; drop table y"}, "invalid schema name"),
+        ({"OUTBOX_LEASE_SECONDS": "20"}, "lease_seconds"),
+        ({"OUTBOX_KAFKA_MESSAGE_TIMEOUT_MS": "60000"}, "flush_timeout"),
+        ({"OUTBOX_KAFKA_ACKS": "1"}, "acks=1 would give up delivery guarantees"),
+        ({"OUTBOX_BACKOFF_MAX": "nan"}, "backoff_max must be a positive number of seconds"),
+        ({"OUTBOX_BACKOFF_BASE": "inf"}, "backoff_base must be a positive number of seconds"),
+    ],
 )
 def test_invalid_configuration_fails_with_one_clear_line(env, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:
@@ -41,8 +48,12 @@ def test_invalid_configuration_fails_with_one_clear_line(env, message):
 
 def test_describe_never_shows_secrets():
     cfg = RelayConfig.from_env(
-        {**BASE, "OUTBOX_DSN": "postgresql://app:s3cret-pw@db:5432/app",
-         "OUTBOX_KAFKA_SASL_PASSWORD": "kafka-secret", "OUTBOX_KAFKA_SASL_USERNAME": "relay"}
+        {
+            **BASE,
+            "OUTBOX_DSN": "postgresql://app:s3cret-pw@db:5432/app",
+            "OUTBOX_KAFKA_SASL_PASSWORD": "kafka-secret",
+            "OUTBOX_KAFKA_SASL_USERNAME": "relay",
+        }
     )
     shown = repr(cfg.describe())
     assert "s3cret-pw" not in shown and "kafka-secret" not in shown
@@ -52,12 +63,16 @@ def test_describe_never_shows_secrets():
 
 @pytest.mark.parametrize(
     "dsn, shown",
-    [("postgresql://app:pw1@db:5432/app", "postgresql://app:***@db:5432/app"),
-     ("host=db password=pw1 user=app", "host=db password=*** user=app"),
-     ("host=db password='p w1' user=app", "host=db password=*** user=app"),
-     ("postgresql://db/app?password=pw1&sslmode=require",
-      "postgresql://db/app?password=***&sslmode=require"),
-     ("postgresql://db/app", "postgresql://db/app")],
+    [
+        ("postgresql://app:pw1@db:5432/app", "postgresql://app:***@db:5432/app"),
+        ("host=db password=pw1 user=app", "host=db password=*** user=app"),
+        ("host=db password='p w1' user=app", "host=db password=*** user=app"),
+        (
+            "postgresql://db/app?password=pw1&sslmode=require",
+            "postgresql://db/app?password=***&sslmode=require",
+        ),
+        ("postgresql://db/app", "postgresql://db/app"),
+    ],
 )
 def test_redact_dsn(dsn, shown):
     assert redact_dsn(dsn) == shown
@@ -79,9 +94,15 @@ def test_invalid_configuration_exits_2_with_one_line():
 
     from relay.cli import main
 
-    result = CliRunner().invoke(main, ["relay"], env={
-        "OUTBOX_DSN": "postgresql://u:topsecret@127.0.0.1:1/x",
-        "OUTBOX_BOOTSTRAP_SERVERS": "127.0.0.1:1", "OUTBOX_BATCH_SIZE": "-3"})
+    result = CliRunner().invoke(
+        main,
+        ["relay"],
+        env={
+            "OUTBOX_DSN": "postgresql://u:topsecret@127.0.0.1:1/x",
+            "OUTBOX_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+            "OUTBOX_BATCH_SIZE": "-3",
+        },
+    )
     assert result.exit_code == 2
     assert result.output.strip() == "error: invalid configuration: batch_size must be at least 1"
     assert "topsecret" not in result.output

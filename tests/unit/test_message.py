@@ -6,7 +6,11 @@ import pytest
 
 from outbox import InvalidMessage, InvalidTopic, MessageTooLarge, build_message
 from outbox.message import (
-    DEFAULT_MAX_MESSAGE_BYTES, RECORD_BATCH_OVERHEAD, headers_from_json, record_size, uuid7,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    RECORD_BATCH_OVERHEAD,
+    headers_from_json,
+    record_size,
+    uuid7,
 )
 
 
@@ -18,8 +22,13 @@ def test_dict_payload_is_compact_utf8_json():
 
 @pytest.mark.parametrize(
     "payload, stored",
-    [([1, 2], b"[1,2]"), ("text", b"text"), (b"\x00\xffraw", b"\x00\xffraw"),
-     (bytearray(b"ba"), b"ba"), (memoryview(b"mv"), b"mv")],
+    [
+        ([1, 2], b"[1,2]"),
+        ("text", b"text"),
+        (b"\x00\xffraw", b"\x00\xffraw"),
+        (bytearray(b"ba"), b"ba"),
+        (memoryview(b"mv"), b"mv"),
+    ],
 )
 def test_accepted_payload_types_are_stored_exactly(payload, stored):
     assert build_message(topic="t", payload=payload).payload == stored
@@ -67,11 +76,14 @@ def test_size_limit_counts_the_record_as_kafka_does():
         build_message(topic="t", payload=b"x" * 900, headers={"h": b""}, max_bytes=base)
 
 
-@pytest.mark.parametrize("key, headers", [
-    (None, []),
-    (b"account-1", [("event-type", b"AccountDebited")]),
-    (b"k" * 300, [("h%d" % i, b"v" * (i * 40)) for i in range(12)] + [("none", None)]),
-])
+@pytest.mark.parametrize(
+    "key, headers",
+    [
+        (None, []),
+        (b"account-1", [("event-type", b"AccountDebited")]),
+        (b"k" * 300, [(f"h{i}", b"v" * (i * 40)) for i in range(12)] + [("none", None)]),
+    ],
+)
 def test_record_size_is_what_librdkafka_checks_at_produce_time(key, headers):
     """The writer's limit and the producer's message.max.bytes are one number: a record of
     exactly the limit is taken by a producer configured with it, one byte more is refused."""
@@ -80,9 +92,11 @@ def test_record_size_is_what_librdkafka_checks_at_produce_time(key, headers):
     limit = 5000
     payload = b"p" * (limit - record_size(key, b"", headers))
     assert record_size(key, payload, headers) == limit
-    producer = Producer({"bootstrap.servers": "127.0.0.1:1", "message.max.bytes": limit},
-                        logger=logging.getLogger("unreachable"))
-    all_headers = [("message_id", str(uuid7()).encode())] + headers
+    producer = Producer(
+        {"bootstrap.servers": "127.0.0.1:1", "message.max.bytes": limit},
+        logger=logging.getLogger("unreachable"),
+    )
+    all_headers = [("message_id", str(uuid7()).encode()), *headers]
     producer.produce("t", value=payload, key=key, headers=all_headers)  # accepted
     with pytest.raises(KafkaException) as refused:
         producer.produce("t", value=payload + b"p", key=key, headers=all_headers)
@@ -99,8 +113,14 @@ def test_default_limit_fits_kafkas_default_topic_limit():
 
 @pytest.mark.parametrize(
     "headers, error",
-    [({1: "v"}, TypeError), ({"h": 5}, TypeError), ([("h",)], TypeError), ("h=v", TypeError),
-     ({"": "v"}, InvalidMessage), ({"message_id": "x"}, InvalidMessage)],
+    [
+        ({1: "v"}, TypeError),
+        ({"h": 5}, TypeError),
+        ([("h",)], TypeError),
+        ("h=v", TypeError),
+        ({"": "v"}, InvalidMessage),
+        ({"message_id": "x"}, InvalidMessage),
+    ],
 )
 def test_bad_headers_are_refused(headers, error):
     with pytest.raises(error):
@@ -111,8 +131,12 @@ def test_headers_round_trip_through_the_column_encoding_exactly():
     given = [("text", "héllo"), ("raw", b"\x00\xff\xfe"), ("none", None), ("text", "again")]
     m = build_message(topic="t", payload={}, headers=given)
     decoded = headers_from_json(m.headers_json())
-    assert decoded == [("text", "héllo".encode()), ("raw", b"\x00\xff\xfe"), ("none", None),
-                       ("text", b"again")]
+    assert decoded == [
+        ("text", "héllo".encode()),
+        ("raw", b"\x00\xff\xfe"),
+        ("none", None),
+        ("text", b"again"),
+    ]
 
 
 def test_keys_accept_str_bytes_int_and_none():
@@ -145,8 +169,9 @@ def test_the_relays_shortcut_size_equals_record_size(key, payload):
     from relay.kafka import message_size
     from relay.model import PendingMessage
 
-    message = PendingMessage(1, "0" * 36, "t", key, payload, [], 0,
-                             dt.datetime.now(dt.timezone.utc))
+    message = PendingMessage(
+        1, "0" * 36, "t", key, payload, [], 0, dt.datetime.now(dt.timezone.utc)
+    )
     assert message_size(message) == record_size(key, payload)
     with_header = message._replace(headers=[("h", b"v")])
     assert message_size(with_header) == record_size(key, payload, [("h", b"v")])

@@ -26,8 +26,13 @@ def messages(caplog):
 def test_each_problem_once_then_a_summary_per_interval_then_recovery(caplog):
     clock, out = make(caplog)
     for i in range(1000):  # a librdkafka line every 100 ms, numbers changing
-        out.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#producer-1",
-                f"Connect to 127.0.0.1:1 failed (after {i}ms, {i} identical error(s) suppressed)")
+        out.log(
+            logging.ERROR,
+            "%s [%s] %s",
+            "FAIL",
+            "rdkafka#producer-1",
+            f"Connect to 127.0.0.1:1 failed (after {i}ms, {i} identical error(s) suppressed)",
+        )
         out.problem("pause", logging.WARNING, "Kafka unreachable: pausing")
         clock.now += 0.1
         out.summary_if_due(waiting=42)
@@ -55,7 +60,12 @@ def test_no_summary_and_no_recovery_line_without_an_outage(caplog):
 
 def test_expected_configuration_warning_is_not_a_problem(caplog):
     _, out = make(caplog)
-    out.log(logging.WARNING, "%s [%s] %s", "CONFWARN", "p",
-            "Configuration property enable.gapless.guarantee is experimental: ...")
+    out.log(
+        logging.WARNING,
+        "%s [%s] %s",
+        "CONFWARN",
+        "p",
+        "Configuration property enable.gapless.guarantee is experimental: ...",
+    )
     assert not out.in_outage
     assert [r.levelno for r in caplog.records] == [logging.DEBUG]

@@ -14,8 +14,9 @@ def make(script=None, **kwargs):
     clock = FakeClock()
     store = InMemoryStore(clock.monotonic)
     sink = RecordingSink(script)
-    relay = Relay(store, sink, clock=clock, retry=RetryPolicy(max_attempts=3, random=lambda: 0.0),
-                  **kwargs)
+    relay = Relay(
+        store, sink, clock=clock, retry=RetryPolicy(max_attempts=3, random=lambda: 0.0), **kwargs
+    )
     return clock, store, sink, relay
 
 
@@ -89,7 +90,7 @@ def test_outage_burns_no_attempts_and_pauses_the_relay():
     def script(m):
         return Failed(m.id, FailureKind.OUTAGE, "_TRANSPORT: broker down") if down["on"] else None
 
-    clock, store, sink, relay = make(script)
+    _clock, store, _sink, relay = make(script)
     row = store.insert("t", b"k", b"x")
     stop = threading.Event()
     relay._wait_for_work = lambda t, s: None
@@ -113,7 +114,7 @@ def test_unknown_outcome_is_retried_without_counting_an_attempt():
             return Failed(m.id, FailureKind.UNKNOWN, "no delivery report before the flush deadline")
         return None
 
-    clock, store, sink, relay = make(script)
+    _clock, store, _sink, relay = make(script)
     row = store.insert("t", b"k", b"x")
     relay.run_once()
     assert row.status == "PENDING" and row.attempts == 0
@@ -148,6 +149,7 @@ def test_a_relay_that_lost_its_lease_cannot_confirm():
     fresh._heartbeat_if_due()
     assert row.bucket in fresh.buckets
     from relay.model import Delivered
+
     assert store.mark_confirmed(stale.relay_id, [Delivered(batch[0].id, 0, 0)]) == 0
     assert row.status == "PENDING"
     fresh.run_once()
@@ -155,7 +157,7 @@ def test_a_relay_that_lost_its_lease_cannot_confirm():
 
 
 def test_relay_heartbeats_before_its_lease_could_expire_mid_flight():
-    clock, store, sink, relay = make(lease_seconds=90, heartbeat_interval=1000, flush_timeout=35)
+    clock, store, _sink, relay = make(lease_seconds=90, heartbeat_interval=1000, flush_timeout=35)
     relay.run_once()
     beats = store.relays[relay.relay_id]
     clock.advance(60)  # 60 + 35 > 90: the next batch could outlive the lease
@@ -164,7 +166,7 @@ def test_relay_heartbeats_before_its_lease_could_expire_mid_flight():
 
 
 def test_run_stops_on_the_event_and_releases_leases():
-    clock, store, sink, relay = make()
+    _clock, store, sink, relay = make()
     store.insert("t", b"k", b"x")
     stop = threading.Event()
     relay._wait_for_work = lambda t, s: stop.set()
@@ -174,7 +176,7 @@ def test_run_stops_on_the_event_and_releases_leases():
 
 
 def test_run_survives_store_errors_and_backs_off():
-    clock, store, sink, relay = make()
+    clock, store, _sink, relay = make()
     failures = {"n": 3}
     real = store.fetch_pending
 
@@ -196,6 +198,7 @@ def test_run_survives_store_errors_and_backs_off():
 @pytest.mark.parametrize("key", [b"abc", b"\x00\xff", b"order-42"])
 def test_bucket_hash_is_md5_first_byte(key):
     import hashlib
+
     assert bucket_of(key, 1) == hashlib.md5(key).digest()[0]
 
 
@@ -234,7 +237,7 @@ def test_rows_rejected_together_are_sent_alone_next_time_and_only_then_counted()
 
 
 def test_a_batch_is_written_while_the_next_one_is_sent():
-    clock, store, sink, relay = make(batch_size=5)
+    _clock, store, sink, relay = make(batch_size=5)
     rows = [store.insert("t", b"k%d" % i, b"%d" % i) for i in range(12)]
     status_seen_by_sink = []
     send = sink.send
@@ -282,7 +285,7 @@ def test_a_key_that_failed_is_dropped_from_the_batch_read_ahead():
 
 
 def test_outcomes_survive_a_database_error_in_the_helper():
-    clock, store, sink, relay = make(batch_size=3)
+    _clock, store, sink, relay = make(batch_size=3)
     rows = [store.insert("t", b"k%d" % i, b"%d" % i) for i in range(6)]
     confirm = store.mark_confirmed
     calls = {"n": 0}
@@ -314,14 +317,15 @@ def test_a_rebalance_drops_the_batch_read_ahead_for_buckets_given_away():
     relay.step()  # heartbeat: 128 buckets given away, then a batch
     mine = relay.buckets
     assert len(mine) == 128
-    assert all(m_bucket in mine for m_bucket in
-               (bucket_of(m.key, m.id) for m in sink.sent[sent_before:]))
+    assert all(
+        m_bucket in mine for m_bucket in (bucket_of(m.key, m.id) for m in sink.sent[sent_before:])
+    )
     relay.settle()
     assert sum(r.status == "CONFIRMED" for r in rows) == len(sink.sent)
 
 
 def test_shutdown_writes_the_outcomes_of_the_last_batch_and_leaves_the_read_ahead():
-    clock, store, sink, relay = make(batch_size=10)
+    _clock, store, sink, relay = make(batch_size=10)
     rows = [store.insert("t", b"k", b"%d" % i) for i in range(20)]
     relay.step()
     assert all(r.status == "PENDING" for r in rows)
@@ -332,7 +336,7 @@ def test_shutdown_writes_the_outcomes_of_the_last_batch_and_leaves_the_read_ahea
 
 def test_a_batch_with_nothing_read_ahead_is_written_before_the_step_returns():
     """At low rates the loop idles after the step: the rows must not stay PENDING meanwhile."""
-    clock, store, sink, relay = make(batch_size=10)
+    _clock, store, _sink, relay = make(batch_size=10)
     rows = [store.insert("t", b"k%d" % i, b"%d" % i) for i in range(3)]
     assert relay.step() == 3
     assert all(r.status == "CONFIRMED" for r in rows)
@@ -354,8 +358,13 @@ def test_what_was_read_ahead_is_read_again_after_a_lapsed_lease_even_for_the_sam
             return Failed(m.id, FailureKind.PERMANENT, "INVALID_RECORD: rejected")
         return None
 
-    other = Relay(store, RecordingSink(fail_a2), clock=clock, name="other",
-                  retry=RetryPolicy(max_attempts=3, random=lambda: 0.0))
+    other = Relay(
+        store,
+        RecordingSink(fail_a2),
+        clock=clock,
+        name="other",
+        retry=RetryPolicy(max_attempts=3, random=lambda: 0.0),
+    )
     while other.run_once():
         pass
     assert a2.status == "PENDING" and a2.next_attempt_at > clock.now  # in backoff: blocks K
@@ -399,8 +408,14 @@ def test_a_read_beside_the_write_leaves_out_the_batch_being_written_and_holds_it
     reader.rows = store.rows  # the same table, through its own "connection"
     reader.owners = store.owners
     sink = RecordingSink(script)
-    relay = Relay(store, sink, clock=clock, reader=reader, batch_size=2,
-                  retry=RetryPolicy(max_attempts=3, random=lambda: 0.0))
+    relay = Relay(
+        store,
+        sink,
+        clock=clock,
+        reader=reader,
+        batch_size=2,
+        retry=RetryPolicy(max_attempts=3, random=lambda: 0.0),
+    )
     reads = {"n": 0}
     read_happened = threading.Condition()
     fetch, confirm = reader.fetch_pending, store.mark_confirmed
