@@ -113,6 +113,10 @@ class InboxConsumer:
             )
         if max_attempts < 1 or backoff < 0 or max_backoff < backoff:
             raise ValueError("need max_attempts >= 1 and 0 <= backoff <= max_backoff")
+        if retention is not None and retention <= dt.timedelta(0):
+            raise ValueError(f"retention must be a positive timedelta, not {retention!r}")
+        if retention_interval <= 0:
+            raise ValueError(f"retention_interval must be positive, not {retention_interval!r}")
         if isinstance(topics, str) or not topics:
             raise TypeError("topics must be a non-empty list of topic names")
         settings = dict(config or {})
@@ -277,11 +281,27 @@ class InboxConsumer:
     def _rewind(self, msg: Message) -> None:
         """Put the partition back to MSG, so that it is the next record consumed and no later
         record's offset can be stored before it is done."""
+        topic, partition, offset = _where(msg)
         try:
-            self._consumer.seek(TopicPartition(*_where(msg)))
+            self._consumer.seek(TopicPartition(topic, partition, offset))
         except KafkaException as exc:
+            reason = exc.args[0] if exc.args else exc
+            still_ours = any(
+                (tp.topic, tp.partition) == (topic, partition) for tp in self._consumer.assignment()
+            )
+            if still_ours:
+                # The next poll would hand out the records after MSG, and storing their
+                # offsets would commit past it: stop instead (nothing after MSG is stored).
+                self.stop()
+                raise InboxError(
+                    f"{inbox.describe(msg)}: could not rewind its partition ({reason}); "
+                    "stopping so that no offset past it is stored",
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
+                ) from exc
             # Not assigned any more: its next owner starts at or before it.
-            log.info("%s: not rewound (%s)", inbox.describe(msg), exc.args[0] if exc.args else exc)
+            log.info("%s: not rewound (%s)", inbox.describe(msg), reason)
 
     def _kafka_error(self, error: KafkaError) -> None:
         if error.fatal():
@@ -402,7 +422,10 @@ def check_poll_interval(settings: Mapping[str, Any], delays: Sequence[float]) ->
 
 
 def _flag(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() == "true"
+    """A librdkafka boolean setting: a bool, or the words it accepts for true."""
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("true", "t", "1", "yes", "y", "on")
 
 
 def _where(msg: Message) -> tuple[str, int, int]:

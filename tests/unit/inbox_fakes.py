@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import psycopg
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from psycopg import pq
 
 
@@ -79,6 +79,8 @@ class FakeConsumer:
         self.polls = 0
         self.closed = False
         self.store_fails = False
+        self.seek_fails = False
+        self.revoked: set[tuple[str, int]] = set()
         self.on_poll = None
 
     def subscribe(self, topics):
@@ -97,7 +99,12 @@ class FakeConsumer:
                 return self.logs[tp][pos]
         return None
 
+    def assignment(self):
+        return [TopicPartition(t, p) for t, p in sorted(self.logs) if (t, p) not in self.revoked]
+
     def seek(self, tp):
+        if self.seek_fails:
+            raise KafkaException(KafkaError(KafkaError._STATE, "seek failed"))
         self.seeks.append((tp.topic, tp.partition, tp.offset))
         self.position[(tp.topic, tp.partition)] = tp.offset
 

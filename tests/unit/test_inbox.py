@@ -3,6 +3,7 @@ stored offset, retries, the rewind after a failure, bounded loops (fakes in inbo
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
 import uuid
@@ -401,3 +402,59 @@ def test_the_consumer_needs_a_group_and_one_connection():
         InboxConsumer({"group.id": "g"}, [T], print)
     with pytest.raises(TypeError, match="exactly one of conn="):
         InboxConsumer({"group.id": "g"}, [T], print, conn=FakeConnection(), connect=list)
+
+
+def test_a_failed_rewind_of_a_partition_still_assigned_stops_the_consumer():
+    """A record given up on must stay next: if its partition cannot be sought back while it
+    is still ours, the next poll would hand out later records and store past it."""
+
+    def handler(conn, msg):
+        if msg.offset() == 1:
+            raise RuntimeError("ledger is locked")
+        conn.effect(msg.offset())
+
+    records = [message(T, 0, 0), message(T, 0, 1), message(T, 0, 2)]
+    consumer, fake, conn, _ = make(records, handler, max_attempts=2)
+    fake.seek_fails = True
+    with pytest.raises(InboxError, match="could not rewind its partition") as caught:
+        consumer.run()
+    assert caught.value.offset == 1
+    assert consumer.stopped
+    assert fake.stored == {(T, 0): 1}, "nothing stored past the record given up on"
+
+
+def test_a_failed_rewind_of_a_partition_no_longer_assigned_is_left_to_its_next_owner():
+    def handler(conn, msg):
+        raise RuntimeError("ledger is locked")
+
+    consumer, fake, conn, _ = make([message(T, 0, 0)], handler, max_attempts=1)
+    fake.seek_fails = True
+    fake.revoked.add((T, 0))
+    with pytest.raises(HandlerFailed):
+        consumer.poll_once(0)
+    assert not consumer.stopped and fake.stored == {}
+
+
+@pytest.mark.parametrize("value", ["1", "t", "TRUE", "yes", "on", True])
+def test_every_spelling_of_true_for_auto_offset_store_is_refused(value):
+    with pytest.raises(InboxError, match="enable.auto.offset.store=true"):
+        consumer_settings({"enable.auto.offset.store": value})
+
+
+@pytest.mark.parametrize("value", ["0", "f", "false", "no", "off", False])
+def test_every_spelling_of_false_for_auto_commit_is_refused(value):
+    with pytest.raises(InboxError, match="enable.auto.commit=false"):
+        consumer_settings({"enable.auto.commit": value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"retention": dt.timedelta(0)}, "retention must be a positive timedelta"),
+        ({"retention": dt.timedelta(days=-1)}, "retention must be a positive timedelta"),
+        ({"retention_interval": 0}, "retention_interval must be positive"),
+    ],
+)
+def test_retention_settings_are_checked_at_start(kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        make([], **kwargs)
