@@ -23,13 +23,16 @@ GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT (id, message_id, dedup_key), INSERT ON {schema}.local_message TO {role};
 
 -- name: operator
--- `outbox status`, list, show, replay, skip, purge, audit (not migrate, which owns the tables).
+-- `outbox status`, list, show, replay, skip, purge, audit, inbox purge (not migrate, which owns
+-- the tables).
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role};
 GRANT UPDATE (status, attempts, next_attempt_at, claim_token, claim_expires_at, delivered_at,
               kafka_partition, kafka_offset) ON {schema}.local_message TO {role};
 GRANT DELETE ON {schema}.local_message TO {role};
 GRANT INSERT ON {schema}.local_message_audit TO {role};
+-- `outbox inbox purge` (from cron, say): the consumers' old inbox rows.
+GRANT DELETE ON {schema}.inbox_message TO {role};
 
 -- name: consumer
 -- A consumer with the inbox (outbox.inbox, InboxConsumer): record what it processed (INSERT

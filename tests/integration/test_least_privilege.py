@@ -120,6 +120,15 @@ def test_operator_commands_work_with_operator_grants(role, dsn):
     assert "1 messages back to PENDING" in outbox_cli("replay", str(ids[0]), "--yes").stdout
     assert "purge: 1 rows deleted" in outbox_cli("purge", "--older-than", "7d", "--yes").stdout
     assert len(json.loads(outbox_cli("audit", "--json").stdout)) == 3
+    with psycopg.connect(dsn) as c:  # a consumer's inbox row, old enough to go
+        c.execute(
+            "INSERT INTO inbox_message (consumer_group, message_id, topic, kafka_partition, "
+            "kafka_offset, processed_at) VALUES ('ledger', %s, 't', 0, 0, now() - "
+            "interval '9 days')",
+            (uuid.uuid4(),),
+        )
+    purged = outbox_cli("inbox", "purge", "--older-than", "7d", "--yes")
+    assert "inbox purge: 1 rows deleted" in purged.stdout, purged.stderr
 
 
 def test_an_inbox_consumer_works_with_consumer_grants(role, dsn):
