@@ -3,9 +3,11 @@
 One thread drives the loop and the producer; helper threads do the batch's database work
 while Kafka works on the batch. Each step hands them "write the outcomes of the batches already
 sent" and "read the next batch, leaving out the rows now in flight", and sends the current
-batch meanwhile. The database and Kafka wait in parallel instead of in turn. With a second
-store (`reader`, its own connection; runner.py gives one) the read runs beside the write, not
-after it: the write of outcomes was the longest stage of a drain (docs/benchmarks.md).
+batch meanwhile. The database and Kafka wait in parallel instead of in turn. The read runs on
+a second store (`reader`: its own connection, which runner.py gives it), beside the write, not
+after it: the write of outcomes was the longest stage of a drain (docs/benchmarks.md). A
+store that may be used from two threads at once (the in-memory one of relay.testing) can be
+its own reader.
 
 The main thread never uses a store while a helper does (the helpers only while send() runs).
 No transaction is ever open while the relay waits on Kafka.
@@ -112,11 +114,11 @@ class Relay:
         metrics: RelayMetrics | None = None,
         wait_for_work: Callable[[float, threading.Event], None] | None = None,
         outage_log: OutageLog | None = None,
-        reader: Store | None = None,
+        reader: Store,
         **overrides,
     ):
         self.store = store
-        #: Reads the next batch while `store` writes outcomes (None: `store` reads, after).
+        #: Reads the next batch while `store` writes outcomes.
         self.reader = reader
         self.sink = sink
         self.relay_id = uuid.uuid4()
@@ -214,16 +216,14 @@ class Relay:
         started = self.clock.monotonic()
         alone = frozenset(self._alone.intersection(m.id for m in batch))
         in_flight = [m.id for m in batch]
-        held: frozenset[bytes] = frozenset()
-        jobs: list[Future[Any]]  # the last one's result is the next batch
-        if self.reader is None:
-            jobs = [self._helper.submit(self._write_then_read, in_flight)]
-        else:
-            # The outcomes about to be written may not be visible to the read: their rows are
-            # left out, and their failed keys held back below.
-            held = frozenset().union(*(u.held_keys for u in self._unwritten))
-            leave_out = in_flight + [i for u in self._unwritten for i in u.ids]
-            jobs = [self._helper.submit(self._write), self._helper.submit(self._read, leave_out)]
+        # The outcomes about to be written may not be visible to the read: their rows are left
+        # out, and their failed keys held back below.
+        held = frozenset().union(*(u.held_keys for u in self._unwritten))
+        leave_out = in_flight + [i for u in self._unwritten for i in u.ids]
+        jobs: list[Future[Any]] = [
+            self._helper.submit(self._write),
+            self._helper.submit(self._read, leave_out),
+        ]
         try:
             outcomes = self.sink.send(batch, alone)
         finally:
@@ -282,22 +282,9 @@ class Relay:
         """A helper's job beside _write, on the reader's own connection: the next batch."""
         begun = self.clock.monotonic()
         try:
-            return self.reader.fetch_pending(  # type: ignore[union-attr]
-                self.buckets, self.settings.batch_size, leave_out
-            )
+            return self.reader.fetch_pending(self.buckets, self.settings.batch_size, leave_out)
         finally:
             self._helper_spent[1] = self.clock.monotonic() - begun
-
-    def _write_then_read(self, in_flight: list[int]) -> list[PendingMessage]:
-        """The helper's job: the outcomes first (so that the read sees them), then the next
-        batch without the rows in flight."""
-        begun = written = self.clock.monotonic()
-        try:
-            self.settle()
-            written = self.clock.monotonic()
-            return self.store.fetch_pending(self.buckets, self.settings.batch_size, in_flight)
-        finally:  # this job's times, also when it failed (a statement timeout is the case)
-            self._helper_spent = [written - begun, self.clock.monotonic() - written]
 
     def settle(self) -> None:
         """Write every outcome not yet written, oldest first (the loop calls it before each

@@ -144,8 +144,7 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
                 ) from None
     except BaseException:
         relay.store.close()
-        if relay.reader is not None:
-            relay.reader.close()
+        relay.reader.close()
         if listener:
             listener.close()
         raise
@@ -161,8 +160,7 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
     finally:
         relay.sink.close(cfg.shutdown_timeout)
         relay.store.close()
-        if relay.reader is not None:
-            relay.reader.close()
+        relay.reader.close()
         if listener:
             listener.close()
         if health:

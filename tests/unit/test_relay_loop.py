@@ -15,7 +15,12 @@ def make(script=None, **kwargs):
     store = InMemoryStore(clock.monotonic)
     sink = RecordingSink(script)
     relay = Relay(
-        store, sink, clock=clock, retry=RetryPolicy(max_attempts=3, random=lambda: 0.0), **kwargs
+        store,
+        sink,
+        reader=store,  # the in-memory store may be used from two threads at once
+        clock=clock,
+        retry=RetryPolicy(max_attempts=3, random=lambda: 0.0),
+        **kwargs,
     )
     return clock, store, sink, relay
 
@@ -125,8 +130,8 @@ def test_unknown_outcome_is_retried_without_counting_an_attempt():
 def test_two_relays_split_the_buckets_and_never_share_one():
     clock = FakeClock()
     store = InMemoryStore(clock.monotonic)
-    a = Relay(store, RecordingSink(), clock=clock, name="a")
-    b = Relay(store, RecordingSink(), clock=clock, name="b")
+    a = Relay(store, RecordingSink(), reader=store, clock=clock, name="a")
+    b = Relay(store, RecordingSink(), reader=store, clock=clock, name="b")
     a.run_once()
     assert len(a.buckets) == 256
     b.run_once()  # b sees two relays alive but a has not given any back yet
@@ -140,12 +145,12 @@ def test_two_relays_split_the_buckets_and_never_share_one():
 def test_a_relay_that_lost_its_lease_cannot_confirm():
     clock = FakeClock()
     store = InMemoryStore(clock.monotonic)
-    stale = Relay(store, RecordingSink(), clock=clock, name="stale", lease_seconds=90)
+    stale = Relay(store, RecordingSink(), reader=store, clock=clock, name="stale", lease_seconds=90)
     stale.run_once()
     row = store.insert("t", b"k", b"x")
     batch = store.fetch_pending(stale.buckets, 10)
     clock.advance(200)  # stale paused past its lease; another relay takes over
-    fresh = Relay(store, RecordingSink(), clock=clock, name="fresh")
+    fresh = Relay(store, RecordingSink(), reader=store, clock=clock, name="fresh")
     fresh._heartbeat_if_due()
     assert row.bucket in fresh.buckets
     from relay.model import Delivered
@@ -310,7 +315,7 @@ def test_a_rebalance_drops_the_batch_read_ahead_for_buckets_given_away():
     clock, store, sink, relay = make(batch_size=50, heartbeat_interval=10.0)
     rows = [store.insert("t", b"key-%d" % i, b"%d" % i) for i in range(400)]
     relay.step()  # owns all 256 buckets, has read the next 50 rows ahead
-    other = Relay(store, RecordingSink(), clock=clock, name="other")
+    other = Relay(store, RecordingSink(), reader=store, clock=clock, name="other")
     other._heartbeat_if_due()  # joins: the first relay must give half back
     clock.advance(11)
     sent_before = len(sink.sent)
@@ -361,6 +366,7 @@ def test_what_was_read_ahead_is_read_again_after_a_lapsed_lease_even_for_the_sam
     other = Relay(
         store,
         RecordingSink(fail_a2),
+        reader=store,
         clock=clock,
         name="other",
         retry=RetryPolicy(max_attempts=3, random=lambda: 0.0),
