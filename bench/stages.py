@@ -73,8 +73,7 @@ def main() -> None:
     finally:
         relay.shutdown()
         relay.sink.close(10)
-        relay.store.close()
-        relay.reader.close()
+        relay.close_stores()
     elapsed = time.monotonic() - started
     print(
         f"{total:,} rows ({args.old_rows:,} CONFIRMED already) in {elapsed:.2f} s: "

@@ -109,9 +109,7 @@ class RelayConfig:
             raise ConfigError("no Kafka: set --bootstrap-servers or OUTBOX_BOOTSTRAP_SERVERS")
         try:
             validate_identifier(self.schema)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        except OutboxError as exc:  # the only other error validate_identifier raises
+        except OutboxError as exc:
             raise ConfigError(str(exc)) from None
         for name in ("batch_size", "max_attempts"):
             if getattr(self, name) < 1:

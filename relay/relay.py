@@ -197,8 +197,8 @@ class Relay:
 
     def step(self) -> int:
         """Deliver one batch; return how many rows it held (0: nothing to do). While Kafka
-        works on it, the helper writes the outcomes of the batches before and reads the next
-        one. This batch's outcomes are written by the next step, or by settle()."""
+        works on it, one helper writes the outcomes of the batches before and another reads the
+        next one. This batch's outcomes are written by the next step, or by settle()."""
         begun = self.clock.monotonic()
         # Dead letters and retention first: nothing but the read may sit between the lease
         # check and the batch's send, which the check sized the lease for.
@@ -279,7 +279,7 @@ class Relay:
             self._helper_spent[0] = self.clock.monotonic() - begun
 
     def _read(self, leave_out: list[int]) -> list[PendingMessage]:
-        """A helper's job beside _write, on the reader's own connection: the next batch."""
+        """A helper's job beside _write, on the reader: the next batch."""
         begun = self.clock.monotonic()
         try:
             return self.reader.fetch_pending(self.buckets, self.settings.batch_size, leave_out)
@@ -545,6 +545,14 @@ class Relay:
         self._lease_valid_until = float("-inf")
         self._next_heartbeat = float("-inf")
         self._read_ahead = None
+
+    def close_stores(self) -> None:
+        """Close the store and the reader: the loop's two connections."""
+        try:
+            self.store.close()
+        finally:
+            if self.reader is not self.store:
+                self.reader.close()
 
     def shutdown(self) -> None:
         """Write the last outcomes, copy the last dead letters, release the bucket leases, so

@@ -143,8 +143,7 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
                     f"({exc.strerror or exc})"
                 ) from None
     except BaseException:
-        relay.store.close()
-        relay.reader.close()
+        relay.close_stores()
         if listener:
             listener.close()
         raise
@@ -159,8 +158,7 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
             relay.run(stop)
     finally:
         relay.sink.close(cfg.shutdown_timeout)
-        relay.store.close()
-        relay.reader.close()
+        relay.close_stores()
         if listener:
             listener.close()
         if health:

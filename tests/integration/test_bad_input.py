@@ -77,12 +77,13 @@ def test_relay_refuses_a_missing_or_older_schema_with_what_to_do(empty_dsn, dsn,
     ) in older.stderr
 
 
-def test_wrong_dsn_fails_at_start_in_one_line_without_the_password(bootstrap):
-    result = relay_once("postgresql://outbox:not-the-pw-93@127.0.0.1:54329/outbox", bootstrap)
+def test_wrong_dsn_fails_at_start_in_one_line_without_the_password(dsn, bootstrap):
+    port = psycopg.conninfo.conninfo_to_dict(dsn)["port"]  # the test server: a wrong password
+    result = relay_once(f"postgresql://outbox:not-the-pw-93@127.0.0.1:{port}/outbox", bootstrap)
     assert result.returncode == 1
     assert "not-the-pw-93" not in result.stderr + result.stdout
     assert (
-        "error: cannot connect to postgresql://outbox:***@127.0.0.1:54329/outbox" in result.stderr
+        f"error: cannot connect to postgresql://outbox:***@127.0.0.1:{port}/outbox" in result.stderr
     )
     assert "Traceback" not in result.stderr
 

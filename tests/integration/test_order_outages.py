@@ -108,7 +108,7 @@ def in_process_relay(cfg: RelayConfig):
     finally:
         relay.shutdown()
         relay.sink.close(5)
-        relay.store.close()
+        relay.close_stores()
 
 
 def warm_up(relay, dsn, topic) -> None:

@@ -36,7 +36,7 @@ def test_killed_between_send_and_write_loses_nothing_and_inverts_nothing(dsn, bo
         assert counts(dsn) == {"CONFIRMED": 500, "PENDING": 1500}
         # The process dies here: no write of batch 2's outcomes, no lease release.
     finally:
-        dead.store.close()
+        dead.close_stores()
         dead.sink.close(0)
         dead._helper.shutdown(wait=True)
     with psycopg.connect(dsn, autocommit=True) as conn:  # its leases run out
@@ -52,7 +52,7 @@ def test_killed_between_send_and_write_loses_nothing_and_inverts_nothing(dsn, bo
     finally:
         heir.shutdown()
         heir.sink.close(5)
-        heir.store.close()
+        heir.close_stores()
 
     verdict = verify(dsn, bootstrap, topic)
     verdict.assert_clean()  # nothing lost, per-key order kept, every row CONFIRMED

@@ -44,7 +44,7 @@ def test_too_large_for_its_topic_fails_alone_holds_its_key_and_others_flow(dsn, 
         finally:
             relay.shutdown()
             relay.sink.close(5)
-            relay.store.close()
+            relay.close_stores()
         assert final[first.id][1] == "CONFIRMED" and final[other.id][1] == "CONFIRMED"
         assert final[big.id][4] == 2 and "MSG_SIZE_TOO_LARGE" in final[big.id][5]
         assert final[held.id][1] == "PENDING" and final[held.id][4] == 0
@@ -75,7 +75,7 @@ def test_request_rejected_as_a_whole_costs_no_attempts_and_everything_arrives(
         finally:
             relay.shutdown()
             relay.sink.close(5)
-            relay.store.close()
+            relay.close_stores()
         assert "failed (isolate): MSG_SIZE_TOO_LARGE" in caplog.text, "the shared request failed"
         assert all(r[4] == 0 for r in statuses(dsn)), "no attempt counted"
         received = read_all(bootstrap, topic, expected=9)

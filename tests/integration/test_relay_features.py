@@ -60,7 +60,7 @@ def test_notify_wakes_an_idle_relay_long_before_its_next_poll(dsn, bootstrap, to
         stop.set()
         thread.join(60)
         relay.sink.close(5)
-        relay.store.close()
+        relay.close_stores()
         listener.close()
     assert not thread.is_alive()
     assert time.monotonic() - started < 15, "the stop event ends the 20 s idle wait"
@@ -84,7 +84,7 @@ def test_relay_retention_deletes_old_confirmed_rows_only(dsn, bootstrap):
     finally:
         relay.shutdown()
         relay.sink.close(5)
-        relay.store.close()
+        relay.close_stores()
     with psycopg.connect(dsn) as c:
         left = dict(c.execute("SELECT status, count(*) FROM local_message GROUP BY 1").fetchall())
     assert left == {"FAILED": 1250, "CONFIRMED": 1}
