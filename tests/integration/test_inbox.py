@@ -387,6 +387,47 @@ def test_concurrent_copies_wait_for_the_first_and_then_skip_or_take_over(dsn):
                 c.execute("DELETE FROM inbox_message")
 
 
+def test_under_repeatable_read_a_concurrent_copy_fails_with_a_serialization_error(dsn):
+    """docs/consuming.md: under REPEATABLE READ the second copy is not skipped quietly but fails
+    (a serialization error: a failed attempt, retried), and its retry then skips it."""
+    rec = stand_in("t", 0, 1)
+    with psycopg.connect(dsn) as c1, psycopg.connect(dsn) as c2:
+        c2.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        errors: list[BaseException] = []
+        c1.execute("BEGIN")
+        assert inbox.record(c1, "g", rec) is True
+        pid2 = c2.info.backend_pid
+
+        def second():
+            try:
+                with c2.transaction():
+                    inbox.record(c2, "g", rec)
+            except psycopg.Error as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=second)
+        t.start()
+        try:
+            with psycopg.connect(dsn, autocommit=True) as watch:
+                wait_for(
+                    lambda: watch.execute(
+                        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                        (pid2,),
+                    ).fetchone()[0],
+                    30,
+                    "the second to wait on the first",
+                )
+            c1.commit()
+        finally:
+            t.join(30)
+        assert not t.is_alive()
+        assert [type(e) for e in errors] == [psycopg.errors.SerializationFailure]
+        with c2.transaction():  # the retry: a new snapshot sees the first copy's row
+            assert inbox.record(c2, "g", rec) is False
+        c2.execute("DELETE FROM inbox_message")
+        c2.commit()
+
+
 def test_purge_deletes_only_rows_older_than_the_window(dsn):
     with psycopg.connect(dsn) as c:
         c.execute("""
