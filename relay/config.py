@@ -148,7 +148,9 @@ class RelayConfig:
         if self.max_message_bytes < 1000:
             raise ConfigError("max_message_bytes must be at least 1000")
         # A relay must see its lease expire only after everything it produced has been
-        # delivered or taken back; otherwise a new owner could overtake it (FIELD-NOTES 2).
+        # delivered or taken back; otherwise a new owner could send a key's later rows while an
+        # earlier one of the old owner's is still in flight, and overtake it
+        # (docs/guarantees.md, section 4).
         if self.lease_seconds <= self.flush_timeout + SEND_MARGIN + 2 * self.heartbeat_interval:
             raise ConfigError(
                 f"lease_seconds ({self.lease_seconds:g}) must exceed flush_timeout "
