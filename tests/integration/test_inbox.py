@@ -559,24 +559,21 @@ def test_the_ledger_projection_example_applies_each_event_once(dsn, bootstrap):
     out = run(bank, "transfer", "40")
     transfers = int(out.split()[0])
     events = 3 * transfers
-    run("-m", "relay", "relay", "--once", "--no-listen")
-    assert (
-        run(ledger, "run", "--idle", "5") == f"{events} events processed, 0 copies skipped "
-        "(processed before)\n"
-    )
-    assert f"{2 * transfers} ledger entries for {transfers} transfers; 0 accounts differ" in run(
-        ledger, "check"
-    )
 
+    def deliver_and_project(processed: int, skipped: int) -> None:
+        run("-m", "relay", "relay", "--once", "--no-listen")
+        assert (
+            run(ledger, "run", "--idle", "5")
+            == f"{processed} events processed, {skipped} copies skipped (processed before)\n"
+        )
+        assert (
+            f"{2 * transfers} ledger entries for {transfers} transfers; 0 accounts differ"
+            in run(ledger, "check")
+        )
+
+    deliver_and_project(events, 0)
     replayed = run(
         "-m", "relay", "replay", "--status", "CONFIRMED", "--topic", "bank.events", "--yes"
     )
     assert f"replay: {events} messages back to PENDING" in replayed
-    run("-m", "relay", "relay", "--once", "--no-listen")
-    assert (
-        run(ledger, "run", "--idle", "5") == f"0 events processed, {events} copies skipped "
-        "(processed before)\n"
-    )
-    assert f"{2 * transfers} ledger entries for {transfers} transfers; 0 accounts differ" in run(
-        ledger, "check"
-    )
+    deliver_and_project(0, events)

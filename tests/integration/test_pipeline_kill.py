@@ -10,21 +10,12 @@ import psycopg
 from relay.config import RelayConfig
 from relay.runner import build_relay
 from tests.integration.conftest import counts, write
+from tests.integration.test_order_outages import relay_config
 from tests.verify import verify
 
 
 def config(dsn, bootstrap) -> RelayConfig:
-    return RelayConfig.from_env(
-        {},
-        dsn=dsn,
-        bootstrap_servers=bootstrap,
-        batch_size=500,
-        flush_timeout=20.0,
-        metadata_timeout=3.0,
-        lease_seconds=40.0,
-        heartbeat_interval=5.0,
-        listen=False,
-    )
+    return relay_config(dsn, bootstrap, batch_size=500)
 
 
 def test_killed_between_send_and_write_loses_nothing_and_inverts_nothing(dsn, bootstrap, topic):
