@@ -27,7 +27,14 @@ from outbox.message import DEFAULT_MAX_MESSAGE_BYTES
 from outbox.schema import apply_schema, installed_version, require_schema
 from outbox.sql import schema_sql
 
-from .config import ConfigError, RelayConfig, redact_dsn, redact_text, secrets_of
+from .config import (
+    DELIVERY_MODES,
+    ConfigError,
+    RelayConfig,
+    redact_dsn,
+    redact_text,
+    secrets_of,
+)
 from .selection import Selection, SelectionError, key_text, parse_duration, parse_ref
 
 EXIT_OK, EXIT_CONDITION, EXIT_USAGE = 0, 1, 2
@@ -250,18 +257,44 @@ def main() -> None:
     is_flag=True,
     help="Write the schema's SQL to stdout instead of applying it.",
 )
+@click.option(
+    "--kafka",
+    "kafka_topics",
+    is_flag=True,
+    help="Instead: create (or check) exactly-once delivery's progress topic in Kafka.",
+)
+@bootstrap_option
+@kafka_option
+@click.option("--shards", type=int, default=None, help="With --kafka: the relay's shards [16].")
+@click.option("--progress-topic", default=None, help="With --kafka: its name [outbox-progress].")
 @expected_failures
-def migrate(dsn: str, schema: str, print_sql: bool) -> None:
+def migrate(
+    dsn: str,
+    schema: str,
+    print_sql: bool,
+    kafka_topics: bool,
+    bootstrap_servers: str,
+    kafka_settings,
+    shards,
+    progress_topic,
+) -> None:
     """Create or upgrade the outbox tables and print the schema version.
+
+    With --kafka, create the compacted progress topic that exactly-once delivery records its
+    progress in (one partition per shard), or check the one there is.
 
     \b
     Examples:
       outbox migrate --dsn postgresql://app@db/app
       outbox migrate --schema payments
       outbox migrate --print > V42__outbox.sql
+      outbox migrate --kafka -b kafka:9092 --shards 16
     """
     if print_sql:
         click.echo(schema_sql(), nl=False)
+        return
+    if kafka_topics:
+        _migrate_kafka(bootstrap_servers, kafka_settings, shards, progress_topic)
         return
     with _connect(dsn) as conn:
         before = installed_version(conn, schema)
@@ -270,6 +303,25 @@ def migrate(dsn: str, schema: str, print_sql: bool) -> None:
         click.echo(f"outbox schema {schema}: version {version} (already up to date)")
     else:
         click.echo(f"outbox schema {schema}: version {version} (was {before or 'absent'})")
+
+
+def _migrate_kafka(bootstrap_servers, kafka_settings, shards, progress_topic) -> None:
+    from .kafka import check_progress_topic
+
+    cfg = RelayConfig.from_env(
+        dsn="-",  # not used: only the Kafka settings are
+        bootstrap_servers=bootstrap_servers or None,
+        shards=shards,
+        progress_topic=progress_topic,
+        delivery="exactly-once",
+        kafka=_kafka_settings(kafka_settings),
+    )
+    problem = check_progress_topic(
+        cfg.producer_config(), cfg.progress_topic, cfg.shards, create=True
+    )
+    if problem:
+        raise Failure(redact_text(problem, *secrets_of(cfg)))
+    click.echo(f"progress topic {cfg.progress_topic}: {cfg.shards} partitions, compacted (ready)")
 
 
 @main.command()
@@ -817,6 +869,18 @@ def grants(schema, role, kind, retention) -> None:
     metavar="SECONDS",
     help="Delete CONFIRMED rows older than this, in small batches [keep all].",
 )
+@click.option(
+    "--delivery",
+    type=click.Choice(DELIVERY_MODES),
+    default=None,
+    help="exactly-once: Kafka transactions with progress records [at-least-once].",
+)
+@click.option(
+    "--shards", type=int, default=None, help="Exactly-once: shards of the 256 buckets [16]."
+)
+@click.option(
+    "--progress-topic", default=None, help="Exactly-once: the progress topic [outbox-progress]."
+)
 @click.option("--once", is_flag=True, help="Deliver until nothing is pending, then exit.")
 @click.option("--log-json", is_flag=True, default=None, help="One JSON object per log line.")
 @expected_failures
@@ -831,6 +895,9 @@ def relay(
     metrics_port,
     dead_letter_topic,
     retention_seconds,
+    delivery,
+    shards,
+    progress_topic,
     once,
     log_json,
 ) -> None:
@@ -843,6 +910,7 @@ def relay(
     \b
     Examples:
       outbox relay -b kafka:9092 --metrics-port 9108
+      outbox relay -b kafka:9092 --delivery exactly-once   (after outbox migrate --kafka)
       outbox relay -X security.protocol=SASL_SSL -X sasl.mechanisms=PLAIN \\
                    -X sasl.username=relay -X sasl.password=...
     """
@@ -859,6 +927,9 @@ def relay(
         metrics_port=metrics_port,
         dead_letter_topic=dead_letter_topic,
         retention_seconds=retention_seconds,
+        delivery=delivery,
+        shards=shards,
+        progress_topic=progress_topic,
         log_json=log_json,
         kafka=_kafka_settings(kafka_settings),
     )

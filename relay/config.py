@@ -16,7 +16,11 @@ from outbox.errors import OutboxError
 from outbox.message import DEFAULT_MAX_MESSAGE_BYTES
 from outbox.sql import validate_identifier
 
-from .model import SEND_MARGIN
+from .model import BUCKETS, SEND_MARGIN
+from .shards import validate_shards
+
+#: The values of `delivery`.
+DELIVERY_MODES = ("at-least-once", "exactly-once")
 
 ENV_PREFIX = "OUTBOX_"
 KAFKA_ENV_PREFIX = "OUTBOX_KAFKA_"
@@ -73,6 +77,17 @@ class RelayConfig:
     metrics_host: str = "127.0.0.1"
     log_json: bool = False
     log_level: str = "INFO"
+    #: "at-least-once", or "exactly-once": Kafka transactions, one transactional producer per
+    #: shard of buckets, progress records on progress_topic (docs/guarantees.md, section 9).
+    delivery: str = "at-least-once"
+    #: Exactly-once: how many shards the 256 buckets form (it must divide 256), and the
+    #: compacted topic with exactly that many partitions where their progress is recorded.
+    #: Every relay of an outbox runs with the same delivery, shards, topic and prefix; change
+    #: them only with every relay stopped (docs/operations.md).
+    shards: int = 16
+    progress_topic: str = "outbox-progress"
+    #: Exactly-once: the producers' transactional.id is <prefix>-<shard>.
+    transactional_id_prefix: str = "outbox-relay"
     #: librdkafka settings, passed through to the producer (kcat-style -X key=value).
     kafka: dict[str, str] = field(default_factory=dict)
 
@@ -160,10 +175,38 @@ class RelayConfig:
         for k in ("enable.idempotence", "acks"):
             if k in self.kafka and self.kafka[k] not in ("true", "all", "-1"):
                 raise ConfigError(f"{k}={self.kafka[k]} would give up delivery guarantees")
+        if self.delivery not in DELIVERY_MODES:
+            raise ConfigError(
+                f"delivery must be one of {', '.join(DELIVERY_MODES)}, not {self.delivery!r}"
+            )
+        try:
+            validate_shards(self.shards)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.exactly_once:
+            from outbox.message import validate_topic
+
+            try:
+                validate_topic(self.progress_topic)
+            except ValueError as exc:
+                raise ConfigError(f"progress_topic: {exc}") from None
+            if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.transactional_id_prefix):
+                raise ConfigError(
+                    "transactional_id_prefix must be 1-200 letters, digits, '.', '_' or '-'"
+                )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("log_level must be DEBUG, INFO, WARNING or ERROR")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError("metrics_port must be between 0 and 65535")
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.delivery == "exactly-once"
+
+    @property
+    def lease_shards(self) -> int:
+        """In how many shards the store leases the buckets: single buckets at least once."""
+        return self.shards if self.exactly_once else BUCKETS
 
     def producer_config(self) -> dict[str, str]:
         cfg = dict(self.kafka)
@@ -191,7 +234,9 @@ _OWNED_PRODUCER_SETTINGS = {
     "retries": "a message whose retries run out leaves a gap later messages of its key could "
     "overtake; the producer retries until the batch's deadline",
     "message.send.max.retries": "the producer retries until the batch's deadline",
-    "transactional.id": "the relay does not run a transactional producer",
+    "transactional.id": "exactly-once delivery (OUTBOX_DELIVERY=exactly-once) names its "
+    "producers <transactional_id_prefix>-<shard>",
+    "transaction.timeout.ms": "exactly-once delivery sets it from flush_timeout",
 }
 
 

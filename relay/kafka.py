@@ -36,15 +36,34 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from outbox.message import DEFAULT_MAX_MESSAGE_BYTES, RECORD_BATCH_OVERHEAD, record_size
 
-from .model import Delivered, Failed, FailureKind, Outcome, PendingMessage, send_in_key_order
+from .model import (
+    SEND_MARGIN,
+    Delivered,
+    Failed,
+    FailureKind,
+    Outcome,
+    PendingMessage,
+    send_in_key_order,
+)
 from .outage_log import OutageLog
+from .shards import (
+    MAX_PROGRESS_IDS,
+    ProgressError,
+    decode_progress,
+    encode_progress,
+    group_by_shard,
+    whole_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +185,9 @@ class _Topic:
 
 
 class KafkaSink:
+    #: Settings this sink's producer cannot do without.
+    required_config: Mapping[str, str] = REQUIRED_PRODUCER_CONFIG
+
     def __init__(
         self,
         config: Mapping[str, str],
@@ -178,7 +200,7 @@ class KafkaSink:
         self._config = {
             **DEFAULT_PRODUCER_CONFIG,
             **config,
-            **REQUIRED_PRODUCER_CONFIG,
+            **self.required_config,
             "message.max.bytes": str(max_message_bytes),
         }
         self._flush_timeout = flush_timeout
@@ -363,8 +385,14 @@ class KafkaSink:
 
     # -- sending
 
+    def adopt(self, buckets: frozenset[int], lease_lapsed: bool) -> list[int]:
+        return []  # at least once: nothing is recorded in Kafka but the messages
+
     def send(
-        self, batch: Sequence[PendingMessage], alone: frozenset[int] = frozenset()
+        self,
+        batch: Sequence[PendingMessage],
+        alone: frozenset[int] = frozenset(),
+        unconfirmed: Sequence[int] = (),
     ) -> list[Outcome]:
         try:
             return self._send(batch, alone)
@@ -378,6 +406,32 @@ class KafkaSink:
     def _send(self, batch: Sequence[PendingMessage], alone: frozenset[int]) -> list[Outcome]:
         deadline = time.monotonic() + self._flush_timeout
         topics = self._look_up_topics({m.topic for m in batch}, deadline)
+        producer = self.producer
+        early, reports, sent_alone = self._produce_all(batch, alone, topics, deadline)
+        # flush() returns how many are still queued instead of raising (#762).
+        remaining = self._serve(deadline - time.monotonic())
+        if remaining or self._fatal:
+            # The deadline passed, or the producer cannot go on: take everything unreported
+            # back out, so that none of it can reach Kafka later behind newer messages. All of
+            # it is reported unknown below, in one go, whatever its key.
+            try:
+                producer.purge(in_queue=True, in_flight=True)
+            except (KafkaException, SystemError):
+                pass
+            self._drain(producer, 1.0)
+            self.reset()
+        return self._outcomes(batch, early, reports, sent_alone)
+
+    def _produce_all(
+        self,
+        batch: Sequence[PendingMessage],
+        alone: frozenset[int],
+        topics: dict[str, _Topic],
+        deadline: float,
+    ) -> tuple[dict[int, Failed], dict[int, Message], set[int]]:
+        """Hand BATCH to the producer in key order (the module's docstring says how). Returns
+        the failures known before the end (by row id), the delivery reports so far (filled in
+        as they come), and the rows sent alone."""
         producer = self.producer
         # Reports as librdkafka gives them, by row id; read once the batch is over.
         reports: dict[int, Message] = {}
@@ -463,21 +517,7 @@ class KafkaSink:
 
         # Failures found before or while producing (missing topic, refused by the producer, a
         # message sent alone, a key with a failure): each is this message's own.
-        early = send_in_key_order(batch, produce_one)
-
-        # flush() returns how many are still queued instead of raising (#762).
-        remaining = self._serve(deadline - time.monotonic())
-        if remaining or self._fatal:
-            # The deadline passed, or the producer cannot go on: take everything unreported
-            # back out, so that none of it can reach Kafka later behind newer messages. All of
-            # it is reported unknown below, in one go, whatever its key.
-            try:
-                producer.purge(in_queue=True, in_flight=True)
-            except (KafkaException, SystemError):
-                pass
-            self._drain(producer, 1.0)
-            self.reset()
-        return self._outcomes(batch, early, reports, sent_alone)
+        return send_in_key_order(batch, produce_one), reports, sent_alone
 
     def _poll(self, timeout: float = 0.0) -> None:
         try:
@@ -517,6 +557,435 @@ class KafkaSink:
         return result
 
 
+# -- exactly-once delivery: one transactional producer per shard (relay.shards says how the
+# pieces fit, docs/design.md why). The error handling follows librdkafka's transactional API
+# (rdkafka.h, "Transactional producer API"): a retriable error retries the call, an abortable
+# one aborts the transaction, a fatal one (fenced included) ends the producer.
+
+#: What a transactional producer cannot do without. Neither message.timeout.ms=0 nor the gapless
+#: guarantee of at-least-once mode: librdkafka wants message.timeout.ms at most the transaction
+#: timeout (its default), and a message that fails aborts its whole transaction, so nothing of a
+#: key can become visible after an earlier message of it failed.
+TRANSACTIONAL_PRODUCER_CONFIG: Mapping[str, str] = {"enable.idempotence": "true", "acks": "all"}
+
+_FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+_PURGED = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
+
+
+class _Transaction(NamedTuple):
+    batch: Sequence[PendingMessage]
+    early: dict[int, Failed]
+    reports: dict[int, Message]
+    sent_alone: set[int]
+    #: Rows handed to the producer in this transaction.
+    produced: list[int]
+    #: Why the transaction must be aborted rather than committed ("" if it may commit).
+    abort_reason: str = ""
+
+
+class ShardProducer(KafkaSink):
+    """The transactional producer of one shard: KafkaSink's production in key order, inside a
+    transaction that ends with the shard's progress record."""
+
+    required_config = TRANSACTIONAL_PRODUCER_CONFIG
+
+    def __init__(
+        self,
+        config: Mapping[str, str],
+        shard: int,
+        *,
+        shards: int,
+        transactional_id: str,
+        transaction_timeout: float,
+        progress_topic: str,
+        **settings,
+    ):
+        super().__init__(
+            {
+                **config,
+                "transactional.id": transactional_id,
+                "transaction.timeout.ms": str(int(transaction_timeout * 1000)),
+            },
+            **settings,
+        )
+        self.shard = shard
+        self._shards = shards
+        self._progress_topic = progress_topic
+        #: Why this producer cannot go on (fenced, fatal, a transaction whose end is unknown);
+        #: the shard is then taken again, progress records first, before it sends anything.
+        self.broken = ""
+
+    def produce_transaction(
+        self,
+        batch: Sequence[PendingMessage],
+        alone: frozenset[int],
+        unconfirmed: Sequence[int],
+        deadline: float,
+    ) -> _Transaction:
+        """Begin a transaction, produce BATCH in key order, then the progress record: the rows
+        produced and the UNCONFIRMED ones of earlier transactions."""
+        topics = self._look_up_topics({m.topic for m in batch}, deadline)
+        producer = self.producer
+        producer.begin_transaction()
+        early, reports, sent_alone = self._produce_all(batch, alone, topics, deadline)
+        produced = [m.id for m in batch if m.id not in early]
+        reason = "producer fatal error" if self._fatal else ""
+        if produced and not reason:
+            try:
+                producer.produce(
+                    self._progress_topic,
+                    value=encode_progress(self._shards, self.shard, [*produced, *unconfirmed]),
+                    key=str(self.shard).encode(),
+                    partition=self.shard,
+                )
+            except (BufferError, KafkaException) as exc:
+                reason = f"progress record not produced: {exc}"
+        return _Transaction(batch, early, reports, sent_alone, produced, reason)
+
+    def finish(self, txn: _Transaction, deadline: float) -> list[Outcome]:
+        """Commit TXN (or abort it) and say what became of each of its messages."""
+        try:
+            if txn.abort_reason or not txn.produced or self._fatal:
+                state, why = self._abort(txn.abort_reason or "nothing to commit")
+            else:
+                state, why = self._commit(deadline)
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the end is not known
+            self.broken = f"{type(exc).__name__}: {exc}"
+            state, why = "unknown", self.broken
+        return self._transaction_outcomes(txn, state, why)
+
+    def _commit(self, deadline: float) -> tuple[str, str]:
+        producer = self.producer
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return self._abort("the batch deadline passed before the commit")
+            try:
+                producer.commit_transaction(left)
+                return "committed", ""
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.code() in _FENCED or err.fatal():
+                    self.broken = describe(err)
+                    return "unknown", self.broken
+                if err.txn_requires_abort():
+                    return self._abort(describe(err))
+                if not err.retriable():
+                    self.broken = describe(err)
+                    return "unknown", self.broken
+                # Retriable (a timeout, a coordinator moving): commit again, by the deadline.
+
+    def _abort(self, why: str) -> tuple[str, str]:
+        try:
+            self.producer.abort_transaction(SEND_MARGIN)
+            return "aborted", why
+        except KafkaException as exc:
+            # Still committing, timed out, or fenced: whether it committed is not known here.
+            self.broken = f"{why}; abort failed: {describe(exc.args[0])}"
+            return "unknown", self.broken
+
+    @staticmethod
+    def _transaction_outcomes(txn: _Transaction, state: str, why: str) -> list[Outcome]:
+        own = {}
+        for row_id, msg in txn.reports.items():
+            err = msg.error()
+            if err is not None and err.code() not in _PURGED:
+                kind = classify(err)
+                if kind in (FailureKind.PERMANENT, FailureKind.TRANSIENT) and (
+                    row_id not in txn.sent_alone
+                ):
+                    kind = FailureKind.ISOLATE  # as in KafkaSink._outcomes
+                own[row_id] = Failed(row_id, kind, describe(err), err.fatal())
+        out: list[Outcome] = []
+        for message in txn.batch:
+            outcome: Outcome | None = txn.early.get(message.id)
+            if outcome is not None:
+                pass
+            elif state == "committed":
+                report = txn.reports.get(message.id)
+                if message.id in own:  # librdkafka lets no transaction with a failure commit
+                    outcome = Failed(message.id, FailureKind.UNKNOWN, own[message.id].error)
+                elif report is not None:
+                    outcome = Delivered(message.id, report.partition(), report.offset())
+                else:
+                    outcome = Delivered(message.id, None, None)
+            elif state == "aborted":
+                # Not visible to read_committed consumers. A message's own failure is its own;
+                # the others are sent again at once if one of them was at fault, else after the
+                # outage pause.
+                outcome = own.get(message.id) or Failed(
+                    message.id,
+                    FailureKind.DEFERRED if own else FailureKind.OUTAGE,
+                    f"its transaction was aborted: {why}",
+                )
+            else:
+                outcome = Failed(
+                    message.id, FailureKind.UNKNOWN, f"its transaction's end is unknown: {why}"
+                )
+            out.append(outcome)
+        return out
+
+
+class TransactionalSink:
+    """Exactly-once delivery: each shard's rows go in transactions of its own producer, each
+    with a progress record, and a shard taken over is first brought up to date from its
+    progress records (adopt). Shards' transactions of a batch are committed in parallel."""
+
+    def __init__(
+        self,
+        config: Mapping[str, str],
+        *,
+        shards: int,
+        progress_topic: str,
+        transactional_id_prefix: str,
+        flush_timeout: float = 35.0,
+        metadata_timeout: float = 10.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        outage_log: OutageLog | None = None,
+        start_timeout: float = 10.0,
+    ):
+        self._config = dict(config)
+        self._shards = shards
+        self._progress_topic = progress_topic
+        self._prefix = transactional_id_prefix
+        self._flush_timeout = flush_timeout
+        self._metadata_timeout = metadata_timeout
+        self._max_message_bytes = max_message_bytes
+        self._start_timeout = start_timeout
+        self.outage_log = outage_log or OutageLog(log)
+        self.resets = 0
+        self._producers: dict[int, ShardProducer] = {}
+        #: Rows of committed transactions, by shard, whose CONFIRMED status may not be written
+        #: yet: named again in the shard's next progress record.
+        self._committed: dict[int, set[int]] = {}
+        self._pool = ThreadPoolExecutor(min(shards, 16), thread_name_prefix="outbox-txn")
+
+    @property
+    def shards_ready(self) -> frozenset[int]:
+        return frozenset(self._producers)
+
+    def _new_producer(self, shard: int) -> ShardProducer:
+        return ShardProducer(
+            self._config,
+            shard,
+            shards=self._shards,
+            transactional_id=f"{self._prefix}-{shard}",
+            transaction_timeout=transaction_timeout(self._flush_timeout),
+            progress_topic=self._progress_topic,
+            flush_timeout=self._flush_timeout,
+            metadata_timeout=self._metadata_timeout,
+            max_message_bytes=self._max_message_bytes,
+            outage_log=self.outage_log,
+        )
+
+    def _drop(self, shard: int) -> None:
+        producer = self._producers.pop(shard, None)
+        self._committed.pop(shard, None)
+        if producer is not None:
+            producer.reset()
+
+    # -- taking shards
+
+    def adopt(self, buckets: frozenset[int], lease_lapsed: bool) -> list[int]:
+        owned = whole_shards(buckets, self._shards)
+        for shard in list(self._producers):
+            if lease_lapsed or shard not in owned:
+                self._drop(shard)
+        new = sorted(owned - self._producers.keys())
+        if not new:
+            return []
+        candidates = {shard: self._new_producer(shard) for shard in new}
+        problems = list(self._pool.map(self._start, candidates.values()))
+        started = [s for s, problem in zip(new, problems, strict=True) if problem is None]
+        for shard, problem in zip(new, problems, strict=True):
+            if problem is not None:
+                self.outage_log.problem(
+                    f"init {problem}",
+                    logging.WARNING,
+                    f"shard {shard}: init_transactions failed ({problem}); its rows wait",
+                )
+        found = self._read_progress(started) if started else {}
+        recovered: list[int] = []
+        for shard, producer in candidates.items():
+            if shard in found:
+                self._producers[shard] = producer
+                recovered.extend(found[shard])
+            else:
+                producer.reset()
+        if len(self._producers) < len(owned):
+            self.resets += 1  # the relay renews (and adopts) again before its next batch
+        log.info(
+            "exactly-once: %d shards ready (%d taken now), %d rows named in their progress",
+            len(self._producers),
+            len(found),
+            len(recovered),
+        )
+        return sorted(recovered)
+
+    def _start(self, producer: ShardProducer) -> str | None:
+        """init_transactions: fences the shard's previous producer, ends its open transaction
+        (aborted, or waited for if it was committing). None when done, else why not."""
+        try:
+            producer.producer.init_transactions(self._start_timeout)
+            return None
+        except KafkaException as exc:
+            return describe(exc.args[0])
+
+    def _read_progress(self, shards: list[int]) -> dict[int, list[int]]:
+        """The ids of the last committed progress record of each of SHARDS ([] for a shard
+        with none). A shard whose record cannot be read is left out: it does not send."""
+        settings = {k: v for k, v in self._config.items() if k.startswith(_CLIENT_PREFIXES)}
+        consumer = Consumer(
+            {
+                **settings,
+                "group.id": f"{self._prefix}-progress",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+                "error_cb": self._on_error,
+            },
+            logger=self.outage_log,
+        )
+        found: dict[int, list[int]] = {}
+        deadline = time.monotonic() + self._start_timeout
+        try:
+            todo: dict[int, tuple[int, int]] = {}
+            for shard in shards:
+                low, end = consumer.get_watermark_offsets(
+                    TopicPartition(self._progress_topic, shard),
+                    timeout=max(0.1, deadline - time.monotonic()),
+                    cached=False,
+                )
+                if end <= low:
+                    found[shard] = []
+                else:
+                    todo[shard] = (low, end)
+            # The last committed record is near the end: read the last few records, and
+            # further back only if aborted transactions hid every one of them.
+            window = 64
+            while todo and time.monotonic() < deadline:
+                starts = {s: max(low, end - window) for s, (low, end) in todo.items()}
+                last = self._read_to_end(consumer, starts, deadline)
+                for shard, value in last.items():
+                    if value is not None:
+                        found[shard] = decode_progress(value, self._shards, shard)
+                    elif starts[shard] == todo[shard][0]:
+                        found[shard] = []
+                    else:
+                        continue
+                    del todo[shard]
+                window *= 16
+            for shard in todo:
+                log.warning("shard %d: its progress records were not read in time", shard)
+        except (KafkaException, ProgressError) as exc:
+            text = describe(exc.args[0]) if isinstance(exc, KafkaException) else str(exc)
+            log.error("progress topic %s: %s", self._progress_topic, text)
+        finally:
+            consumer.close()
+        return found
+
+    def _read_to_end(
+        self, consumer: Consumer, starts: dict[int, int], deadline: float
+    ) -> dict[int, bytes | None]:
+        """Read each shard's partition from its start offset to its end (the last stable
+        offset: read_committed); the value of the last record read, None if none."""
+        consumer.assign([TopicPartition(self._progress_topic, s, o) for s, o in starts.items()])
+        last: dict[int, bytes | None] = dict.fromkeys(starts)
+        open_ = set(starts)
+        while open_ and time.monotonic() < deadline:
+            msg = consumer.poll(min(0.5, max(0.0, deadline - time.monotonic())))
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    open_.discard(msg.partition() or 0)
+                    continue
+                raise KafkaException(err)
+            last[msg.partition() or 0] = msg.value()
+        consumer.unassign()
+        return {s: v for s, v in last.items() if s not in open_}
+
+    def _on_error(self, err: KafkaError) -> None:
+        self.outage_log.problem(err.name(), logging.WARNING, f"Kafka: {describe(err)}")
+
+    # -- sending
+
+    def send(
+        self,
+        batch: Sequence[PendingMessage],
+        alone: frozenset[int] = frozenset(),
+        unconfirmed: Sequence[int] = (),
+    ) -> list[Outcome]:
+        try:
+            return self._send(batch, alone, unconfirmed)
+        except BaseException:
+            # An interrupt or a bug: no transaction of this batch may be left to commit later.
+            for shard in list(self._producers):
+                self._drop(shard)
+            self.resets += 1
+            raise
+
+    def _send(
+        self, batch: Sequence[PendingMessage], alone: frozenset[int], unconfirmed: Sequence[int]
+    ) -> list[Outcome]:
+        deadline = time.monotonic() + self._flush_timeout
+        keep = set(unconfirmed)
+        for ids in self._committed.values():
+            ids.intersection_update(keep)
+        outcomes: dict[int, Outcome] = {}
+        opened: list[tuple[int, ShardProducer, _Transaction]] = []
+        for shard, messages in group_by_shard(batch, self._shards).items():
+            producer = self._producers.get(shard)
+            earlier = self._committed.get(shard, set())
+            problem = ""
+            if producer is None:
+                problem = f"shard {shard} is not ready (it is taken at the next lease renewal)"
+            elif len(earlier) + len(messages) > MAX_PROGRESS_IDS:
+                problem = f"shard {shard} waits for the database to record earlier deliveries"
+            else:
+                try:
+                    txn = producer.produce_transaction(messages, alone, sorted(earlier), deadline)
+                    opened.append((shard, producer, txn))
+                    continue
+                except KafkaException as exc:  # begin_transaction refused: not usable
+                    producer.broken = problem = describe(exc.args[0])
+            for m in messages:
+                outcomes[m.id] = Failed(m.id, FailureKind.OUTAGE, problem)
+        if len(opened) == 1:
+            ends = [opened[0][1].finish(opened[0][2], deadline)]
+        else:
+            ends = list(self._pool.map(lambda o: o[1].finish(o[2], deadline), opened))
+        for (shard, _, _), results in zip(opened, ends, strict=True):
+            for outcome in results:
+                outcomes[outcome.id] = outcome
+                if isinstance(outcome, Delivered):
+                    self._committed.setdefault(shard, set()).add(outcome.id)
+        for shard, producer in list(self._producers.items()):
+            if producer.broken:
+                log.error(
+                    "shard %d: %s; its producer is replaced at the next lease renewal",
+                    shard,
+                    producer.broken,
+                )
+                self._drop(shard)
+                self.resets += 1
+        return [outcomes[m.id] for m in batch]
+
+    def close(self, timeout: float) -> None:
+        for shard in list(self._producers):
+            self._producers.pop(shard).close(timeout)
+        self._committed.clear()
+        self._pool.shutdown(wait=False)
+
+
+def transaction_timeout(flush_timeout: float) -> float:
+    """transaction.timeout.ms, in seconds, of exactly-once producers: past a batch's deadline
+    and its abort. The coordinator aborts a transaction left open longer (a relay paused
+    mid-batch), so that it does not hold back read_committed consumers for long."""
+    return flush_timeout + 2 * SEND_MARGIN
+
+
 def check_kafka(config: Mapping[str, str], timeout: float = 5.0) -> str | None:
     """None when a broker answers a metadata request with CONFIG's connection settings, else
     why not (for /readyz and `outbox doctor`)."""
@@ -543,6 +1012,78 @@ def missing_topics(config: Mapping[str, str], topics: Sequence[str]) -> list[str
     }
     existing = AdminClient(settings, logger=log).list_topics(timeout=10).topics
     return sorted(t for t in topics if t not in existing)
+
+
+def check_progress_topic(
+    config: Mapping[str, str], topic: str, shards: int, *, create: bool = False
+) -> str | None:
+    """None when TOPIC can hold exactly-once progress for SHARDS shards (exists, compacted,
+    exactly SHARDS partitions), else what is wrong and how to fix it. CREATE: make it if it is
+    missing (`outbox migrate --kafka`)."""
+    settings: dict[str, str | int | float | bool] = {
+        k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)
+    }
+    admin = AdminClient(settings, logger=log)
+    fix = f"outbox migrate --kafka --shards {shards} --progress-topic {topic}"
+    try:
+        found = admin.list_topics(topic, timeout=10).topics.get(topic)
+        if found is None or found.error is not None:
+            if not create:
+                return f"progress topic {topic!r} does not exist: create it with `{fix}`"
+            future = admin.create_topics(
+                [NewTopic(topic, shards, config={"cleanup.policy": "compact"})],
+                request_timeout=10,
+            )[topic]
+            future.result(timeout=15)
+            return None
+        if len(found.partitions) != shards:
+            return (
+                f"progress topic {topic!r} has {len(found.partitions)} partitions; the relay "
+                f"runs with {shards} shards and needs exactly as many (set OUTBOX_SHARDS="
+                f"{len(found.partitions)}, or use a new topic with `{fix}` with every relay "
+                "stopped)"
+            )
+        resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+        entries = admin.describe_configs([resource], request_timeout=10)[resource].result(10)
+        policy = entries["cleanup.policy"].value
+        if policy != "compact":
+            return (
+                f"progress topic {topic!r} has cleanup.policy={policy}; it must be compact "
+                "(alone: deleting old records could forget a shard's last progress). Fix: "
+                f"kafka-configs.sh --alter --entity-type topics --entity-name {topic} "
+                "--add-config cleanup.policy=compact"
+            )
+    except KafkaException as exc:
+        return f"progress topic {topic!r}: {describe(exc.args[0])}"
+    return None
+
+
+def check_transactions(config: Mapping[str, str], prefix: str, flush_timeout: float) -> str | None:
+    """None when the cluster runs transactions for this relay (a throwaway transactional id
+    under PREFIX is initialised: supported, authorised, the transaction timeout accepted),
+    else why not."""
+    producer = Producer(
+        {
+            **{k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)},
+            "transactional.id": f"{prefix}-check-{uuid.uuid4().hex[:12]}",
+            "transaction.timeout.ms": str(int(transaction_timeout(flush_timeout) * 1000)),
+        },
+        logger=log,
+    )
+    try:
+        producer.init_transactions(15)
+    except KafkaException as exc:
+        err = exc.args[0]
+        hint = (
+            " (the broker's transaction.max.timeout.ms is below the relay's transaction "
+            "timeout: flush_timeout + 6 s)"
+            if err.code() == KafkaError.INVALID_TRANSACTION_TIMEOUT
+            else ""
+        )
+        return f"Kafka transactions are not available: {describe(err)}{hint}"
+    finally:
+        producer.purge()
+    return None
 
 
 def topic_limits(config: Mapping[str, str], topics: Sequence[str]) -> dict[str, int]:

@@ -53,6 +53,12 @@ class RelayMetrics:
             "Delivered rows not confirmed because their bucket lease had moved to another relay.",
             registry=r,
         )
+        self.recovered = Counter(
+            "outbox_recovered_from_kafka",
+            "Rows confirmed because Kafka's progress records showed them delivered "
+            "(exactly-once: a relay stopped between a transaction's commit and its write).",
+            registry=r,
+        )
         self.kafka_up = Gauge(
             "outbox_kafka_up",
             "1 while batches get through to Kafka, 0 since a batch got nothing through for an "

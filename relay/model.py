@@ -27,6 +27,8 @@ class PendingMessage(NamedTuple):
     headers: list[tuple[str, bytes | None]]
     attempts: int
     created_at: dt.datetime
+    #: The row's bucket (schema.sql): exactly-once delivery groups rows by the shard it is in.
+    bucket: int = 0
 
 
 class FailureKind(Enum):
@@ -49,8 +51,10 @@ class FailureKind(Enum):
 
 class Delivered(NamedTuple):
     id: int
-    partition: int
-    offset: int
+    #: None for a row found in Kafka's progress records (exactly-once recovery): delivered,
+    #: at a place not recorded.
+    partition: int | None
+    offset: int | None
 
 
 class Failed(NamedTuple):
@@ -102,10 +106,11 @@ def send_in_key_order(batch, produce_one) -> dict[int, Failed]:
 BUCKETS = 256
 
 
-def fair_share(alive: int, rank: int) -> int:
-    """How many of the buckets a relay of RANK (0-based) among ALIVE relays should own."""
+def fair_share(alive: int, rank: int, units: int = BUCKETS) -> int:
+    """How many of UNITS (buckets, or shards of buckets) a relay of RANK (0-based) among ALIVE
+    relays should own."""
     alive = max(alive, 1)
-    return BUCKETS // alive + (1 if rank < BUCKETS % alive else 0)
+    return units // alive + (1 if rank < units % alive else 0)
 
 
 # -- The loop's two seams. relay.store.PostgresStore and relay.kafka.KafkaSink are the real ones,
@@ -150,11 +155,23 @@ class Sink(Protocol):
     #: that took messages back); the loop counts it.
     resets: int
 
+    def adopt(self, buckets: frozenset[int], lease_lapsed: bool) -> list[int]:
+        """Called after every lease renewal, before anything of BUCKETS is read: get ready to
+        send their rows (LEASE_LAPSED: the lease may have lapsed since the last call, so trust
+        nothing kept from before). Returns the ids of rows Kafka already holds that the
+        database may not know of: the relay marks them CONFIRMED before reading. Only the
+        exactly-once sink has any (docs/guarantees.md, section 9)."""
+
     def send(
-        self, batch: Sequence[PendingMessage], alone: frozenset[int] = frozenset()
+        self,
+        batch: Sequence[PendingMessage],
+        alone: frozenset[int] = frozenset(),
+        unconfirmed: Sequence[int] = (),
     ) -> list[Outcome]:
         """One outcome per message, in batch order. A key's message is not sent after an
         earlier message of the key failed in the batch. Messages whose id is in ALONE are sent
-        alone (relay.kafka's docstring says why)."""
+        alone (relay.kafka's docstring says why). UNCONFIRMED: rows delivered earlier whose
+        CONFIRMED status may not be written yet; the exactly-once sink records them again
+        in Kafka with this batch, so that a crash before that write sends none of them again."""
 
     def close(self, timeout: float) -> None: ...

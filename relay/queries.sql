@@ -22,16 +22,26 @@ RETURNING bucket
 UPDATE {bucket_table} SET owner = NULL, lease_until = NULL
  WHERE owner = %(relay_id)s AND bucket = ANY(%(buckets)s::smallint[])
 
--- name: acquire_buckets
--- Free buckets, and buckets whose owner let its lease expire (it died or was paused).
+-- name: acquire_shards
+-- Whole shards (`width` consecutive buckets; 1 in at-least-once mode) every bucket of which is
+-- free, or leased by an owner that let the lease expire (it died or was paused). The free
+-- buckets are locked first, skipping those another relay is taking at this moment; of those,
+-- only complete shards are taken.
+WITH free AS (
+    SELECT bucket FROM {bucket_table}
+     WHERE owner IS NULL OR lease_until < now()
+     ORDER BY bucket
+       FOR UPDATE SKIP LOCKED
+), whole AS (
+    SELECT bucket / %(width)s AS shard FROM free
+     GROUP BY 1 HAVING count(*) = %(width)s
+     ORDER BY 1
+     LIMIT %(count)s
+)
 UPDATE {bucket_table} b
    SET owner = %(relay_id)s, lease_until = now() + make_interval(secs => %(lease_seconds)s)
-  FROM (SELECT bucket FROM {bucket_table}
-         WHERE owner IS NULL OR lease_until < now()
-         ORDER BY bucket
-         LIMIT %(count)s
-           FOR UPDATE SKIP LOCKED) AS free
- WHERE b.bucket = free.bucket
+  FROM free
+ WHERE b.bucket = free.bucket AND free.bucket / %(width)s IN (SELECT shard FROM whole)
 RETURNING b.bucket
 
 -- name: forget_relay
@@ -61,7 +71,8 @@ WITH blockers AS (
             OR (status = 'PENDING' AND next_attempt_at IS NOT NULL AND next_attempt_at > now()))
      GROUP BY key
 )
-SELECT m.id, m.message_id::text, m.topic, m.key, m.payload, m.headers, m.attempts, m.created_at
+SELECT m.id, m.message_id::text, m.topic, m.key, m.payload, m.headers, m.attempts, m.created_at,
+       m.bucket
   FROM {table} m
  WHERE m.status = 'PENDING' AND m.bucket = ANY(%(buckets)s::smallint[])
    AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())

@@ -115,12 +115,16 @@ class Relay:
         wait_for_work: Callable[[float, threading.Event], None] | None = None,
         outage_log: OutageLog | None = None,
         reader: Store,
+        dead_letter_sink: Sink | None = None,
         **overrides,
     ):
         self.store = store
         #: Reads the next batch while `store` writes outcomes.
         self.reader = reader
         self.sink = sink
+        #: Where copies of FAILED rows go: the sink itself, unless it is transactional (its
+        #: progress records must name only rows of the outbox's own topics).
+        self.dead_letter_sink = dead_letter_sink or sink
         self.relay_id = uuid.uuid4()
         self.name = name
         self.settings = replace(settings or LoopSettings(), **overrides)
@@ -173,6 +177,7 @@ class Relay:
         # dead-lettered rows of these buckets meanwhile, even if the same buckets come back.
         self._read_ahead = None
         started = self.clock.monotonic()
+        lapsed = started >= self._lease_valid_until
         buckets = self.store.heartbeat(self.relay_id, self.name, s.lease_seconds)
         if buckets != self.buckets:
             log.info("relay %s owns %d buckets", self.name, len(buckets))
@@ -180,6 +185,19 @@ class Relay:
         # Count the lease from before the call: the database may have started it earlier.
         self._lease_valid_until = started + s.lease_seconds
         self._next_heartbeat = started + s.heartbeat_interval
+        # Before anything of these buckets is read: rows Kafka holds that the database does
+        # not know of yet (exactly-once: a crash between a transaction's commit and its write).
+        recovered = self.sink.adopt(buckets, lapsed)
+        if recovered:
+            n = self.store.mark_confirmed(
+                self.relay_id, [Delivered(i, None, None) for i in recovered]
+            )
+            self.metrics.recovered.inc(n)
+            log.info(
+                "confirmed %d rows found in Kafka's progress records (of %d named there)",
+                n,
+                len(recovered),
+            )
         self.metrics.buckets_owned.set(len(buckets))
         pending, oldest_age = self.store.pending_stats(buckets)
         self._pending = pending
@@ -220,12 +238,13 @@ class Relay:
         # out, and their failed keys held back below.
         held = frozenset().union(*(u.held_keys for u in self._unwritten))
         leave_out = in_flight + [i for u in self._unwritten for i in u.ids]
+        unconfirmed = self._unconfirmed()
         jobs: list[Future[Any]] = [
             self._helper.submit(self._write),
             self._helper.submit(self._read, leave_out),
         ]
         try:
-            outcomes = self.sink.send(batch, alone)
+            outcomes = self.sink.send(batch, alone, unconfirmed)
         finally:
             # However send() ended, the helpers are done with the stores before this returns.
             sent = self.clock.monotonic()
@@ -269,6 +288,10 @@ class Relay:
                 write * 1000,
                 read * 1000,
             )
+
+    def _unconfirmed(self) -> list[int]:
+        """The delivered rows whose CONFIRMED status is not written yet (or being written)."""
+        return [d.id for u in self._unwritten for d in u.delivered]
 
     def _write(self) -> None:
         """A helper's job beside _read: the outcomes of the batches sent before."""
@@ -405,6 +428,8 @@ class Relay:
         if resets > self._resets_seen:
             m.producer_resets.inc(resets - self._resets_seen)
             self._resets_seen = resets
+            # A replaced producer (exactly-once: a shard's) is got ready at the next renewal.
+            self._next_heartbeat = float("-inf")
         m.batch_size.observe(len(batch))
         m.batch_duration.observe(self.clock.monotonic() - started)
         given_up = sum(1 for u in updates if u.give_up)
@@ -463,7 +488,8 @@ class Relay:
                 ("outbox_row_id", str(original.id).encode()),
             ]
             copies.append(original._replace(topic=topic, headers=headers))
-        for (_, original), outcome in zip(pending, self.sink.send(copies), strict=False):
+        outcomes = self.dead_letter_sink.send(copies)
+        for (_, original), outcome in zip(pending, outcomes, strict=False):
             if isinstance(outcome, Delivered):
                 self.metrics.dead_lettered.labels(original.topic).inc()
             else:

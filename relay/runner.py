@@ -18,8 +18,15 @@ from outbox.errors import OutboxError
 
 from .config import ConfigError, RelayConfig, redact_dsn, redact_text, secrets_of
 from .health import HealthServer
-from .kafka import KafkaSink, check_kafka
+from .kafka import (
+    KafkaSink,
+    TransactionalSink,
+    check_kafka,
+    check_progress_topic,
+    check_transactions,
+)
 from .listener import Listener
+from .model import Sink
 from .outage_log import OutageLog
 from .relay import LoopSettings, Relay
 from .retry import RetryPolicy
@@ -43,7 +50,7 @@ def _first_line(exc: BaseException, cfg: RelayConfig) -> str:
 
 def connect_store(cfg: RelayConfig, startup_timeout: float = 30.0) -> PostgresStore:
     """A connected store; PostgreSQL not up yet is retried (tenacity) for STARTUP_TIMEOUT."""
-    store = PostgresStore(cfg.dsn, cfg.schema)
+    store = PostgresStore(cfg.dsn, cfg.schema, shards=cfg.lease_shards)
 
     def warn(rs: RetryCallState) -> None:
         # tenacity sleeps only after an attempt that raised (retry_if_exception): outcome has it.
@@ -87,18 +94,45 @@ def readiness(cfg: RelayConfig):
     return check
 
 
+def check_exactly_once(cfg: RelayConfig) -> None:
+    """Refuse to start exactly-once delivery, with one line saying why, on a cluster that
+    cannot give it: no transactions, or no usable progress topic."""
+    problem = check_progress_topic(
+        cfg.producer_config(), cfg.progress_topic, cfg.shards
+    ) or check_transactions(cfg.producer_config(), cfg.transactional_id_prefix, cfg.flush_timeout)
+    if problem:
+        raise ConfigError(f"exactly-once delivery: {redact_text(problem, *secrets_of(cfg))}")
+
+
+def build_sinks(cfg: RelayConfig, outage_log: OutageLog) -> tuple[Sink, Sink]:
+    """The sink of the configured delivery mode, and the one for dead letters."""
+    settings = {
+        "flush_timeout": cfg.flush_timeout,
+        "metadata_timeout": cfg.metadata_timeout,
+        "max_message_bytes": cfg.max_message_bytes,
+        "outage_log": outage_log,
+    }
+    plain = KafkaSink(cfg.producer_config(), **settings)  # type: ignore[arg-type]
+    if not cfg.exactly_once:
+        return plain, plain
+    # Dead letters go through a plain producer: a progress record names outbox rows only.
+    return TransactionalSink(
+        cfg.producer_config(),
+        shards=cfg.shards,
+        progress_topic=cfg.progress_topic,
+        transactional_id_prefix=cfg.transactional_id_prefix,
+        **settings,  # type: ignore[arg-type]
+    ), plain
+
+
 def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
+    if cfg.exactly_once:
+        check_exactly_once(cfg)
     store = connect_store(cfg)
     # A second connection: the next batch is read while the outcomes are written (relay.relay).
     reader = PostgresStore(cfg.dsn, cfg.schema)  # connects on its first read
     outage_log = OutageLog(logging.getLogger("relay.kafka"))
-    sink = KafkaSink(
-        cfg.producer_config(),
-        flush_timeout=cfg.flush_timeout,
-        metadata_timeout=cfg.metadata_timeout,
-        max_message_bytes=cfg.max_message_bytes,
-        outage_log=outage_log,
-    )
+    sink, dead_letter_sink = build_sinks(cfg, outage_log)
     listener = Listener(cfg.dsn, cfg.schema) if cfg.listen else None
     settings = LoopSettings(
         batch_size=cfg.batch_size,
@@ -119,6 +153,7 @@ def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
         wait_for_work=listener.wait if listener else None,
         outage_log=outage_log,
         reader=reader,
+        dead_letter_sink=dead_letter_sink,
     )
     return relay, listener
 
@@ -158,6 +193,8 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
             relay.run(stop)
     finally:
         relay.sink.close(cfg.shutdown_timeout)
+        if relay.dead_letter_sink is not relay.sink:
+            relay.dead_letter_sink.close(cfg.shutdown_timeout)
         relay.close_stores()
         if listener:
             listener.close()

@@ -13,7 +13,8 @@ from outbox.message import headers_from_json
 from outbox.schema import require_schema
 from outbox.sql import one_row, query
 
-from .model import BUCKETS, Delivered, FailureUpdate, PendingMessage, fair_share
+from .model import BUCKETS, Delivered, FailureUpdate, PendingMessage
+from .shards import plan_lease, validate_shards
 
 
 def int_array(values) -> str:
@@ -25,8 +26,11 @@ def int_array(values) -> str:
 
 def confirm_params(relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> dict:
     """The parameters of queries.sql's mark_confirmed: ids, and {id: [partition, offset]}
-    (integers only: joined as text, without json.dumps's cost on 2,000 rows a batch)."""
-    places = ",".join(f'"{d.id}":[{d.partition},{d.offset}]' for d in delivered)
+    (integers only: joined as text, without json.dumps's cost on 2,000 rows a batch). A row
+    whose place is not known (recovered from Kafka's progress records) gets none."""
+    places = ",".join(
+        f'"{d.id}":[{d.partition},{d.offset}]' for d in delivered if d.partition is not None
+    )
     return {
         "relay_id": relay_id,
         "ids": int_array([d.id for d in delivered]),
@@ -54,8 +58,17 @@ class PostgresStore:
     transaction (the lease renewal, the release and the read group theirs in one), none open while
     the relay waits on Kafka."""
 
-    def __init__(self, dsn: str, schema: str | None = None, connect_timeout: float = 10.0):
+    def __init__(
+        self,
+        dsn: str,
+        schema: str | None = None,
+        connect_timeout: float = 10.0,
+        *,
+        shards: int = BUCKETS,
+    ):
         self._dsn = dsn
+        #: Leases are taken and given back in whole shards (relay.shards).
+        self._shards = validate_shards(shards)
         self._schema = schema
         self._connect_timeout = connect_timeout
         self._conn: psycopg.Connection | None = None
@@ -122,20 +135,18 @@ class PostgresStore:
                     {"relay_id": relay_id, "lease_seconds": lease_seconds},
                 )
             }
-            target = fair_share(alive, rank)
-            if len(owned) > target:
-                # Give back the highest-numbered surplus; the relay calls heartbeat only
-                # between batches, so nothing of these buckets is in flight.
-                surplus = sorted(owned)[target:]
-                conn.execute(self._q("release_buckets"), {"relay_id": relay_id, "buckets": surplus})
-                owned.difference_update(surplus)
-            elif len(owned) < target:
+            release, wanted = plan_lease(owned, alive, rank, self._shards)
+            if release:
+                conn.execute(self._q("release_buckets"), {"relay_id": relay_id, "buckets": release})
+                owned.difference_update(release)
+            if wanted:
                 got = conn.execute(
-                    self._q("acquire_buckets"),
+                    self._q("acquire_shards"),
                     {
                         "relay_id": relay_id,
                         "lease_seconds": lease_seconds,
-                        "count": target - len(owned),
+                        "count": wanted,
+                        "width": BUCKETS // self._shards,
                     },
                 )
                 owned.update(row[0] for row in got)
@@ -181,6 +192,7 @@ class PostgresStore:
                 headers_from_json(row[5]) if row[5] else [],
                 row[6],
                 row[7],
+                row[8],
             )
             for row in rows
         ]

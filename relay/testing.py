@@ -24,9 +24,9 @@ from .model import (
     FailureUpdate,
     Outcome,
     PendingMessage,
-    fair_share,
     send_in_key_order,
 )
+from .shards import buckets_of, plan_lease
 
 
 def bucket_of(key: bytes | None, row_id: int) -> int:
@@ -58,8 +58,9 @@ class Row:
 
 
 class InMemoryStore:
-    def __init__(self, now: Callable[[], float]):
+    def __init__(self, now: Callable[[], float], shards: int = BUCKETS):
         self._now = now
+        self._shards = shards
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.rows: dict[int, Row] = {}
@@ -77,21 +78,22 @@ class InMemoryStore:
             now = self._now()
             self.relays[relay_id] = now + lease_seconds
             alive = sorted(r for r, until in self.relays.items() if until > now)
-            target = fair_share(len(alive), alive.index(relay_id))
-            owned = sorted(b for b, (o, _) in self.owners.items() if o == relay_id)
+            owned = {b for b, (o, _) in self.owners.items() if o == relay_id}
             for b in owned:
                 self.owners[b] = (relay_id, now + lease_seconds)
-            if len(owned) > target:
-                for b in owned[target:]:
-                    del self.owners[b]
-                owned = owned[:target]
-            else:
-                free = [
-                    b for b in range(BUCKETS) if b not in self.owners or self.owners[b][1] < now
-                ]
-                for b in free[: target - len(owned)]:
-                    self.owners[b] = (relay_id, now + lease_seconds)
-                    owned.append(b)
+            release, wanted = plan_lease(owned, len(alive), alive.index(relay_id), self._shards)
+            for b in release:
+                del self.owners[b]
+            owned.difference_update(release)
+            for shard in range(self._shards):
+                if not wanted:
+                    break
+                buckets = buckets_of(shard, self._shards)
+                if all(b not in self.owners or self.owners[b][1] < now for b in buckets):
+                    for b in buckets:
+                        self.owners[b] = (relay_id, now + lease_seconds)
+                    owned.update(buckets)
+                    wanted -= 1
             return frozenset(owned)
 
     def release(self, relay_id: uuid.UUID) -> None:
@@ -137,6 +139,7 @@ class InMemoryStore:
                         list(row.headers),
                         row.attempts,
                         row.created_at,
+                        row.bucket,
                     )
                 )
             return out
@@ -212,8 +215,14 @@ class RecordingSink:
         self.resets = 0  # it has no producer to replace
         self._offsets = itertools.count()
 
+    def adopt(self, buckets: frozenset[int], lease_lapsed: bool) -> list[int]:
+        return []
+
     def send(
-        self, batch: Sequence[PendingMessage], alone: frozenset[int] = frozenset()
+        self,
+        batch: Sequence[PendingMessage],
+        alone: frozenset[int] = frozenset(),
+        unconfirmed: Sequence[int] = (),
     ) -> list[Outcome]:
         self.alone_requests.append(alone)
 

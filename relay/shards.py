@@ -1,0 +1,130 @@
+"""Shards of buckets and the progress records of exactly-once delivery. No I/O here.
+
+In exactly-once mode the 256 buckets are grouped into SHARDS equal runs of consecutive buckets;
+shard s holds buckets [s * w, (s + 1) * w) with w = 256 / SHARDS. A relay owns whole shards
+(the store leases them whole), each shard has one transactional producer (transactional.id
+``<prefix>-<shard>``), and each batch of a shard is one Kafka transaction that ends with a
+progress record on partition ``shard`` of the progress topic: the ids of the rows the
+transaction carries, and of the rows delivered before whose CONFIRMED status may not be
+written yet. A relay that takes a shard reads the last committed record and confirms those
+rows before it sends anything (docs/design.md, "Exactly-once delivery").
+
+At-least-once mode leases single buckets: 256 shards of one bucket each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from .model import BUCKETS, fair_share
+
+#: The progress record's layout: this byte, then varints: shard count, shard, id count, and
+#: the ids in ascending order as differences (the first from 0). Row ids of one batch are
+#: close together: two or three bytes an id.
+PROGRESS_VERSION = 1
+
+#: Most ids one progress record may carry: under 1 MB (Kafka's default max.message.bytes)
+#: even at ten bytes an id. A shard with more undelivered confirmations waits for the database.
+MAX_PROGRESS_IDS = 90_000
+
+
+class ProgressError(ValueError):
+    """A progress record this relay cannot read: written by something else, or for another
+    shard count."""
+
+
+def validate_shards(shards: int) -> int:
+    if not 1 <= shards <= BUCKETS or BUCKETS % shards:
+        raise ValueError(f"shards must divide {BUCKETS} (1, 2, 4, ... 256), not {shards}")
+    return shards
+
+
+def shard_of(bucket: int, shards: int) -> int:
+    return bucket // (BUCKETS // shards)
+
+
+def buckets_of(shard: int, shards: int) -> range:
+    width = BUCKETS // shards
+    return range(shard * width, (shard + 1) * width)
+
+
+def whole_shards(buckets: Iterable[int], shards: int) -> set[int]:
+    """The shards every bucket of which is in BUCKETS."""
+    width = BUCKETS // shards
+    counts: dict[int, int] = {}
+    for b in buckets:
+        counts[b // width] = counts.get(b // width, 0) + 1
+    return {s for s, n in counts.items() if n == width}
+
+
+def plan_lease(owned: Iterable[int], alive: int, rank: int, shards: int) -> tuple[list[int], int]:
+    """What a relay of RANK among ALIVE relays does with the buckets it OWNED after renewing
+    them: (buckets to give back, how many whole shards to acquire). Buckets of shards it owns
+    only in part are given back (another mode, or a shard count changed, left them split); the
+    highest shards beyond its fair share of shards too. Nothing of what is given back is in
+    flight: the relay renews its leases only between batches."""
+    owned = set(owned)
+    target = fair_share(alive, rank, shards)
+    keep = set(sorted(whole_shards(owned, shards))[:target])
+    release = sorted(b for b in owned if shard_of(b, shards) not in keep)
+    return release, max(0, target - len(keep))
+
+
+def _varint(n: int, out: bytearray) -> None:
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return
+
+
+def encode_progress(shards: int, shard: int, ids: Iterable[int]) -> bytes:
+    ordered = sorted(set(ids))
+    if len(ordered) > MAX_PROGRESS_IDS:
+        raise ValueError(f"{len(ordered)} ids do not fit one progress record")
+    out = bytearray([PROGRESS_VERSION])
+    for n in (shards, shard, len(ordered)):
+        _varint(n, out)
+    previous = 0
+    for row_id in ordered:
+        _varint(row_id - previous, out)
+        previous = row_id
+    return bytes(out)
+
+
+def decode_progress(value: bytes, shards: int, shard: int) -> list[int]:
+    """The ids of a progress record of SHARD; ProgressError if it is not one."""
+    if not value or value[0] != PROGRESS_VERSION:
+        raise ProgressError("not a progress record of this relay (unknown version)")
+    numbers: list[int] = []
+    n = shift = 0
+    for byte in value[1:]:
+        n |= (byte & 0x7F) << shift
+        if byte & 0x80:
+            shift += 7
+        else:
+            numbers.append(n)
+            n = shift = 0
+    if shift or len(numbers) < 3 or len(numbers) != 3 + numbers[2]:
+        raise ProgressError("a truncated or malformed progress record")
+    if numbers[0] != shards or numbers[1] != shard:
+        raise ProgressError(
+            f"the record is of shard {numbers[1]} of {numbers[0]}, read as shard {shard} of "
+            f"{shards}: the shard count changed while rows were unconfirmed"
+        )
+    ids, previous = [], 0
+    for delta in numbers[3:]:
+        previous += delta
+        ids.append(previous)
+    return ids
+
+
+def group_by_shard(items: Sequence, shards: int) -> dict[int, list]:
+    """ITEMS (with a .bucket) by shard, each list in the given order."""
+    groups: dict[int, list] = {}
+    for item in items:
+        groups.setdefault(shard_of(item.bucket, shards), []).append(item)
+    return groups
