@@ -116,6 +116,9 @@ _OUTAGE = {
     KafkaError.BROKER_NOT_AVAILABLE,
     KafkaError.NETWORK_EXCEPTION,
     KafkaError._PURGE_QUEUE,
+    # The producer takes no messages in its state (a transaction failed and awaits its abort):
+    # not the message's fault.
+    KafkaError._STATE,
 }
 
 # Errors after which the message may or may not be in Kafka (librdkafka INTRODUCTION.md,
@@ -570,6 +573,7 @@ TRANSACTIONAL_PRODUCER_CONFIG: Mapping[str, str] = {"enable.idempotence": "true"
 
 _FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 _PURGED = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
+_MESSAGE_FAULTS = {FailureKind.PERMANENT, FailureKind.TRANSIENT, FailureKind.ISOLATE}
 
 
 class _Transaction(NamedTuple):
@@ -686,7 +690,9 @@ class ShardProducer(KafkaSink):
 
     @staticmethod
     def _transaction_outcomes(txn: _Transaction, state: str, why: str) -> list[Outcome]:
-        own = {}
+        # Each message's own failure: reported by the broker, or found while producing (sent
+        # alone, refused by the producer). A failure of the producer's state is not one.
+        own: dict[int, Failed] = {f.id: f for f in txn.early.values() if f.kind in _MESSAGE_FAULTS}
         for row_id, msg in txn.reports.items():
             err = msg.error()
             if err is not None and err.code() not in _PURGED:
@@ -698,26 +704,32 @@ class ShardProducer(KafkaSink):
                 own[row_id] = Failed(row_id, kind, describe(err), err.fatal())
         out: list[Outcome] = []
         for message in txn.batch:
-            outcome: Outcome | None = txn.early.get(message.id)
-            if outcome is not None:
-                pass
-            elif state == "committed":
+            fault = own.get(message.id)
+            outcome: Outcome | None = fault
+            if state == "committed":
                 report = txn.reports.get(message.id)
-                if message.id in own:  # librdkafka lets no transaction with a failure commit
-                    outcome = Failed(message.id, FailureKind.UNKNOWN, own[message.id].error)
+                if message.id in txn.early:
+                    outcome = txn.early[message.id]
+                elif fault is not None:  # librdkafka lets no transaction with one commit
+                    outcome = Failed(message.id, FailureKind.UNKNOWN, fault.error)
                 elif report is not None:
                     outcome = Delivered(message.id, report.partition(), report.offset())
                 else:
                     outcome = Delivered(message.id, None, None)
+            elif outcome is not None:
+                pass
             elif state == "aborted":
-                # Not visible to read_committed consumers. A message's own failure is its own;
-                # the others are sent again at once if one of them was at fault, else after the
-                # outage pause.
-                outcome = own.get(message.id) or Failed(
-                    message.id,
-                    FailureKind.DEFERRED if own else FailureKind.OUTAGE,
-                    f"its transaction was aborted: {why}",
-                )
+                # Not visible to read_committed consumers. Sent again at once if a message of
+                # the transaction was at fault, else after the outage pause.
+                kept = txn.early.get(message.id)
+                if kept is not None and kept.kind is FailureKind.DEFERRED:
+                    outcome = kept
+                else:
+                    outcome = Failed(
+                        message.id,
+                        FailureKind.DEFERRED if own else FailureKind.OUTAGE,
+                        f"its transaction was aborted: {why}",
+                    )
             else:
                 outcome = Failed(
                     message.id, FailureKind.UNKNOWN, f"its transaction's end is unknown: {why}"
