@@ -4,22 +4,28 @@ broker and PostgreSQL restart; then an independent verifier reads Kafka from the
     scripts/test tests/chaos                       # the bounded CI run (>= 10,000 messages)
     CHAOS_SOAK=1 scripts/test tests/chaos -s       # the soak: >= 100,000 messages
     CHAOS_SEED=1234 scripts/test tests/chaos -s    # replay a run's fault schedule
+    CHAOS_DELIVERY=exactly-once scripts/test tests/chaos -s   # one delivery mode only
 
-The seed is printed at the start; a failing run is replayed with it.
+It runs once per delivery mode. At least once, the verifier allows duplicates (the documented
+cases); exactly once, it reads with read_committed and allows none. The seed is printed at the
+start; a failing run is replayed with it.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
 import time
 
 import psycopg
+import pytest
 
 import outbox
+from relay.kafka import check_progress_topic
 from tests.conftest import ROOT
 from tests.kafka_helpers import check_kafka, create_topic, delete_topic
 from tests.relay_process import RelayProcess, wait_for
@@ -147,20 +153,61 @@ def kill_broker_and_commit_across_an_unseen_topic(
     raise AssertionError("could not commit the unseen-topic transaction")
 
 
-def test_campaign(dsn, bootstrap, topic, tmp_path):
+MODES = [m for m in ("at-least-once", "exactly-once") if os.environ.get("CHAOS_DELIVERY", m) == m]
+
+
+def confirmed(dsn: str) -> int:
+    for _ in range(30):  # PostgreSQL may be restarting: retry, bounded
+        try:
+            with psycopg.connect(dsn, connect_timeout=5) as c:
+                row = c.execute(
+                    "SELECT count(*) FROM local_message WHERE status = 'CONFIRMED'"
+                ).fetchone()
+                return row[0] if row else 0
+        except psycopg.Error:
+            time.sleep(1)
+    raise AssertionError("PostgreSQL did not answer")
+
+
+def recovered(relays: dict[str, RelayProcess]) -> int:
+    """Rows the relays confirmed from Kafka's progress records (exactly-once: a relay killed
+    between a transaction's commit and its UPDATE), from their logs."""
+    found = re.findall(
+        r"confirmed (\d+) rows found in Kafka's progress records",
+        "".join(r.log() for r in relays.values()),
+    )
+    return sum(map(int, found))
+
+
+@pytest.mark.parametrize("delivery", MODES)
+def test_campaign(dsn, bootstrap, topic, tmp_path, delivery):
     seed = int(os.environ.get("CHAOS_SEED", random.randrange(1_000_000)))
     print(
         f"\nchaos campaign seed {seed}: CHAOS_SEED={seed} replays it "
-        f"({MESSAGES} messages, {KEYS} keys, {DURATION}s)"
+        f"({delivery}, {MESSAGES} messages, {KEYS} keys, {DURATION}s)"
     )
     rng = random.Random(seed)
     relays: dict[str, RelayProcess] = {}
     counter = iter(range(10_000))
     faults: list[str] = []
+    mode = {"OUTBOX_DELIVERY": delivery}
+    if delivery == "exactly-once":
+        progress = f"{topic}.progress"
+        assert (
+            check_progress_topic({"bootstrap.servers": bootstrap}, progress, 16, create=True)
+            is None
+        )
+        mode.update(
+            OUTBOX_PROGRESS_TOPIC=progress,
+            OUTBOX_TRANSACTIONAL_ID_PREFIX=f"chaos-{topic}",
+            # Smaller batches: more transactions, and a drain of several pipelined batches
+            # for the drain-kill fault to land in.
+            OUTBOX_BATCH_SIZE="100",
+        )
 
     def spawn() -> None:
         name = f"r{next(counter)}"
-        relays[name] = RelayProcess(name, dsn, bootstrap, tmp_path)
+        relays[name] = RelayProcess(name, dsn, bootstrap, tmp_path, **mode)
 
     def living() -> list[RelayProcess]:
         return [r for r in relays.values() if r.alive()]
@@ -171,10 +218,17 @@ def test_campaign(dsn, bootstrap, topic, tmp_path):
     writers.start()
     # The fault schedule: at least 10 kills, one broker restart, one PostgreSQL restart, one
     # relay paused past its lease; the relay count moves between 1 and 3.
-    # Plus the broker killed while a transaction spans a topic no relay has seen.
-    plan = ["kill"] * (40 if SOAK else 10) + ["kafka", "pg", "pause", "kafka-unseen"] * (
-        3 if SOAK else 1
-    )
+    # Plus the broker killed while a transaction spans a topic no relay has seen, and every
+    # relay killed while it drains a backlog: batches committed (or acknowledged) whose
+    # UPDATE has not run yet, the window exactly-once recovery exists for.
+    plan = ["kill"] * (40 if SOAK else 10) + [
+        "kafka",
+        "pg",
+        "pause",
+        "kafka-unseen",
+        "drain-kill",
+        "drain-kill",
+    ] * (3 if SOAK else 1)
     rng.shuffle(plan)
     unseen = [f"{topic}.unseen{i}" for i in range(plan.count("kafka-unseen"))]
     for name in unseen:
@@ -211,6 +265,22 @@ def test_campaign(dsn, bootstrap, topic, tmp_path):
             elif fault == "pg":
                 services("restart", "pg")
                 faults.append(f"{time.monotonic() - started:.0f}s PostgreSQL restarted (fast)")
+            elif fault == "drain-kill" and alive:
+                for r in alive:
+                    r.signal(signal.SIGSTOP)
+                time.sleep(8)  # a backlog builds up (below the 12 s lease)
+                before = confirmed(dsn)
+                for r in alive:
+                    r.signal(signal.SIGCONT)
+                # Killed as the first batches of the drain are written, the next ones in flight.
+                wait_for(lambda b=before: confirmed(dsn) > b, 30, "the drain", interval=0.01)
+                time.sleep(rng.uniform(0.0, 0.05))
+                for r in alive:
+                    r.kill()
+                faults.append(
+                    f"{time.monotonic() - started:.0f}s SIGKILL of all relays while draining "
+                    f"({', '.join(r.name for r in alive)})"
+                )
             elif fault == "pause" and alive:
                 victim = rng.choice(alive)
                 victim.signal(signal.SIGSTOP)
@@ -242,17 +312,20 @@ def test_campaign(dsn, bootstrap, topic, tmp_path):
         f"verdict: rows {verdict.rows}, received {verdict.received}, missing "
         f"{len(verdict.missing)}, duplicates {verdict.duplicates}, inversions "
         f"{len(verdict.inversions)}, not confirmed {verdict.not_confirmed}, writer retries "
-        f"{writers.errors}"
+        f"{writers.errors}, rows confirmed from progress records {recovered(relays)}"
     )
     assert writers.written == MESSAGES
     assert sum(f.startswith(tuple("0123456789")) and "SIGKILL" in f for f in faults) >= 10
     assert extra_rows == len(unseen) * (UNSEEN_ROWS + 2)
-    verdict.assert_clean()
+    exactly_once = delivery == "exactly-once"
+    verdict.assert_clean(allow_duplicates=not exactly_once)
     for name in unseen:
         other = verify(dsn, bootstrap, name, timeout=60)
         assert other.rows == UNSEEN_ROWS
-        other.assert_clean()
+        other.assert_clean(allow_duplicates=not exactly_once)
         delete_topic(bootstrap, name)
+    if exactly_once:
+        delete_topic(bootstrap, progress)
     with psycopg.connect(dsn) as c:
         assert c.execute("SELECT count(*) FROM local_message WHERE attempts > 0").fetchone() == (
             0,
