@@ -58,10 +58,12 @@ from .model import (
 from .outage_log import OutageLog
 from .shards import (
     MAX_PROGRESS_IDS,
+    Named,
     ProgressError,
     decode_progress,
     encode_progress,
     group_by_shard,
+    message_tag,
     whole_shards,
 )
 
@@ -388,7 +390,7 @@ class KafkaSink:
 
     # -- sending
 
-    def adopt(self, buckets: frozenset[int], lease_lapsed: bool) -> list[int]:
+    def adopt(self, buckets: frozenset[int], lease_lapsed: bool) -> list[Named]:
         return []  # at least once: nothing is recorded in Kafka but the messages
 
     def send(
@@ -582,7 +584,7 @@ class _Transaction(NamedTuple):
     reports: dict[int, Message]
     sent_alone: set[int]
     #: Rows handed to the producer in this transaction.
-    produced: list[int]
+    produced: list[Named]
     #: Why the transaction must be aborted rather than committed ("" if it may commit).
     abort_reason: str = ""
 
@@ -623,7 +625,7 @@ class ShardProducer(KafkaSink):
         self,
         batch: Sequence[PendingMessage],
         alone: frozenset[int],
-        unconfirmed: Sequence[int],
+        unconfirmed: Sequence[Named],
         deadline: float,
     ) -> _Transaction:
         """Begin a transaction, produce BATCH in key order, then the progress record: the rows
@@ -632,7 +634,7 @@ class ShardProducer(KafkaSink):
         producer = self.producer
         producer.begin_transaction()
         early, reports, sent_alone = self._produce_all(batch, alone, topics, deadline)
-        produced = [m.id for m in batch if m.id not in early]
+        produced = [(m.id, message_tag(m.message_id)) for m in batch if m.id not in early]
         reason = "producer fatal error" if self._fatal else ""
         if produced and not reason:
             try:
@@ -768,8 +770,8 @@ class TransactionalSink:
         self.resets = 0
         self._producers: dict[int, ShardProducer] = {}
         #: Rows of committed transactions, by shard, whose CONFIRMED status may not be written
-        #: yet: named again in the shard's next progress record.
-        self._committed: dict[int, set[int]] = {}
+        #: yet: named again in the shard's next progress record ({id: tag}).
+        self._committed: dict[int, dict[int, bytes]] = {}
         self._pool = ThreadPoolExecutor(min(shards, 16), thread_name_prefix="outbox-txn")
 
     @property
@@ -798,7 +800,7 @@ class TransactionalSink:
 
     # -- taking shards
 
-    def adopt(self, buckets: frozenset[int], lease_lapsed: bool) -> list[int]:
+    def adopt(self, buckets: frozenset[int], lease_lapsed: bool) -> list[Named]:
         owned = whole_shards(buckets, self._shards)
         for shard in list(self._producers):
             if lease_lapsed or shard not in owned:
@@ -817,7 +819,7 @@ class TransactionalSink:
                     f"shard {shard}: init_transactions failed ({problem}); its rows wait",
                 )
         found = self._read_progress(started) if started else {}
-        recovered: list[int] = []
+        recovered: list[Named] = []
         for shard, producer in candidates.items():
             if shard in found:
                 self._producers[shard] = producer
@@ -843,9 +845,9 @@ class TransactionalSink:
         except KafkaException as exc:
             return describe(exc.args[0])
 
-    def _read_progress(self, shards: list[int]) -> dict[int, list[int]]:
-        """The ids of the last committed progress record of each of SHARDS ([] for a shard
-        with none). A shard whose record cannot be read is left out: it does not send."""
+    def _read_progress(self, shards: list[int]) -> dict[int, list[Named]]:
+        """The rows named in the last committed progress record of each of SHARDS ([] for a
+        shard with none). A shard whose record cannot be read is left out: it does not send."""
         settings = {k: v for k, v in self._config.items() if k.startswith(_CLIENT_PREFIXES)}
         consumer = Consumer(
             {
@@ -858,7 +860,7 @@ class TransactionalSink:
             },
             logger=self.outage_log,
         )
-        found: dict[int, list[int]] = {}
+        found: dict[int, list[Named]] = {}
         deadline = time.monotonic() + self._start_timeout
         try:
             todo: dict[int, tuple[int, int]] = {}
@@ -943,13 +945,13 @@ class TransactionalSink:
     ) -> list[Outcome]:
         deadline = time.monotonic() + self._flush_timeout
         keep = set(unconfirmed)
-        for ids in self._committed.values():
-            ids.intersection_update(keep)
+        for shard, rows in self._committed.items():
+            self._committed[shard] = {i: tag for i, tag in rows.items() if i in keep}
         outcomes: dict[int, Outcome] = {}
         opened: list[tuple[int, ShardProducer, _Transaction]] = []
         for shard, messages in group_by_shard(batch, self._shards).items():
             producer = self._producers.get(shard)
-            earlier = self._committed.get(shard, set())
+            earlier = self._committed.get(shard, {})
             problem = ""
             if producer is None:
                 problem = f"shard {shard} is not ready (it is taken at the next lease renewal)"
@@ -957,7 +959,9 @@ class TransactionalSink:
                 problem = f"shard {shard} waits for the database to record earlier deliveries"
             else:
                 try:
-                    txn = producer.produce_transaction(messages, alone, sorted(earlier), deadline)
+                    txn = producer.produce_transaction(
+                        messages, alone, list(earlier.items()), deadline
+                    )
                     opened.append((shard, producer, txn))
                     continue
                 except KafkaException as exc:  # begin_transaction refused: not usable
@@ -968,11 +972,12 @@ class TransactionalSink:
             ends = [opened[0][1].finish(opened[0][2], deadline)]
         else:
             ends = list(self._pool.map(lambda o: o[1].finish(o[2], deadline), opened))
-        for (shard, _, _), results in zip(opened, ends, strict=True):
+        for (shard, _, txn), results in zip(opened, ends, strict=True):
+            tags = dict(txn.produced)
             for outcome in results:
                 outcomes[outcome.id] = outcome
                 if isinstance(outcome, Delivered):
-                    self._committed.setdefault(shard, set()).add(outcome.id)
+                    self._committed.setdefault(shard, {})[outcome.id] = tags[outcome.id]
         for shard, producer in list(self._producers.items()):
             if producer.broken:
                 log.error(

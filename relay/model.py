@@ -136,6 +136,11 @@ class Store(Protocol):
     def record_failures(self, relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> int:
         """Record failures of PENDING rows of buckets RELAY_ID owns; return how many changed."""
 
+    def confirm_from_kafka(self, relay_id: uuid.UUID, rows: Sequence[tuple[int, bytes]]) -> int:
+        """Mark CONFIRMED the PENDING rows of buckets RELAY_ID owns that ROWS name: the id and
+        the last 8 bytes of the message_id both match (relay.shards.message_tag). Return how
+        many changed."""
+
     def release(self, relay_id: uuid.UUID) -> None:
         """Give back every bucket of RELAY_ID and forget it."""
 
@@ -155,12 +160,12 @@ class Sink(Protocol):
     #: that took messages back); the loop counts it.
     resets: int
 
-    def adopt(self, buckets: frozenset[int], lease_lapsed: bool) -> list[int]:
+    def adopt(self, buckets: frozenset[int], lease_lapsed: bool) -> list[tuple[int, bytes]]:
         """Called after every lease renewal, before anything of BUCKETS is read: get ready to
         send their rows (LEASE_LAPSED: the lease may have lapsed since the last call, so trust
-        nothing kept from before). Returns the ids of rows Kafka already holds that the
-        database may not know of: the relay marks them CONFIRMED before reading. Only the
-        exactly-once sink has any (docs/guarantees.md, section 9)."""
+        nothing kept from before). Returns the rows Kafka already holds that the database may
+        not know of, as (id, tag of the message_id): the relay marks them CONFIRMED before
+        reading. Only the exactly-once sink has any (docs/guarantees.md, section 9)."""
 
     def send(
         self,

@@ -98,6 +98,18 @@ UPDATE {table} m
    AND m.bucket = ANY(ARRAY(SELECT b.bucket FROM {bucket_table} b
                              WHERE b.owner = %(relay_id)s))
 
+-- name: confirm_from_kafka
+-- Exactly-once recovery: rows a committed progress record names, by id and by the last 8
+-- bytes of their message_id (`tags` maps each id to those, in hex); a row whose id matches
+-- but whose message_id does not (a restored or recreated table) is left PENDING and sent.
+-- The same ownership rule and lookup by id as mark_confirmed; no partition or offset is known.
+UPDATE {table} m
+   SET status = 'CONFIRMED', delivered_at = now(), next_attempt_at = NULL
+ WHERE m.id = ANY(%(ids)s::bigint[]) AND m.status = 'PENDING'
+   AND encode(substring(uuid_send(m.message_id) FROM 9), 'hex') = %(tags)s::jsonb ->> m.id::text
+   AND m.bucket = ANY(ARRAY(SELECT b.bucket FROM {bucket_table} b
+                             WHERE b.owner = %(relay_id)s))
+
 -- name: record_failures
 -- attempts counts message-specific failures only; an outage does not burn attempts. Same
 -- ownership rule and the same lookup by id as mark_confirmed; `outcomes` maps each id to

@@ -189,9 +189,7 @@ class Relay:
         # not know of yet (exactly-once: a crash between a transaction's commit and its write).
         recovered = self.sink.adopt(buckets, lapsed)
         if recovered:
-            n = self.store.mark_confirmed(
-                self.relay_id, [Delivered(i, None, None) for i in recovered]
-            )
+            n = self.store.confirm_from_kafka(self.relay_id, recovered)
             self.metrics.recovered.inc(n)
             log.info(
                 "confirmed %d rows found in Kafka's progress records (of %d named there)",

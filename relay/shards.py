@@ -4,28 +4,44 @@ In exactly-once mode the 256 buckets are grouped into SHARDS equal runs of conse
 shard s holds buckets [s * w, (s + 1) * w) with w = 256 / SHARDS. A relay owns whole shards
 (the store leases them whole), each shard has one transactional producer (transactional.id
 ``<prefix>-<shard>``), and each batch of a shard is one Kafka transaction that ends with a
-progress record on partition ``shard`` of the progress topic: the ids of the rows the
-transaction carries, and of the rows delivered before whose CONFIRMED status may not be
-written yet. A relay that takes a shard reads the last committed record and confirms those
-rows before it sends anything (docs/design.md, "Exactly-once delivery").
+progress record on partition ``shard`` of the progress topic: the rows the transaction
+carries, and the rows delivered before whose CONFIRMED status may not be written yet, each by
+its id and a tag of its message_id. A relay that takes a shard reads the last committed record
+and confirms those rows before it sends anything (docs/design.md, "Exactly-once delivery").
 
 At-least-once mode leases single buckets: 256 shards of one bucket each.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Sequence
 
 from .model import BUCKETS, fair_share
 
-#: The progress record's layout: this byte, then varints: shard count, shard, id count, and
-#: the ids in ascending order as differences (the first from 0). Row ids of one batch are
-#: close together: two or three bytes an id.
+#: The progress record's layout: this byte, then varints: shard count, shard, row count, the
+#: ids in ascending order as differences (the first from 0), then each row's tag in the same
+#: order. Row ids of one batch are close together: two or three bytes an id, plus its tag.
 PROGRESS_VERSION = 1
 
-#: Most ids one progress record may carry: under 1 MB (Kafka's default max.message.bytes)
+#: The last TAG_BYTES bytes of a row's message_id (random in a UUIDv7). A row is confirmed from
+#: a record only if its id and its tag both match: ids alone would match other rows after the
+#: table was restored from a backup (its sequence set back) or recreated, or with a progress
+#: topic shared by mistake, and those rows would be confirmed without being sent.
+TAG_BYTES = 8
+
+#: Most rows one progress record may carry: under 1 MB (Kafka's default max.message.bytes)
 #: even at ten bytes an id. A shard with more undelivered confirmations waits for the database.
-MAX_PROGRESS_IDS = 90_000
+MAX_PROGRESS_IDS = 50_000
+
+#: (row id, tag): how a progress record names a row.
+Named = tuple[int, bytes]
+
+
+def message_tag(message_id: object) -> bytes:
+    """The tag of a row's message_id (a uuid.UUID, or its text)."""
+    value = message_id if isinstance(message_id, uuid.UUID) else uuid.UUID(str(message_id))
+    return value.bytes[-TAG_BYTES:]
 
 
 class ProgressError(ValueError):
@@ -81,27 +97,34 @@ def _varint(n: int, out: bytearray) -> None:
             return
 
 
-def encode_progress(shards: int, shard: int, ids: Iterable[int]) -> bytes:
-    ordered = sorted(set(ids))
+def encode_progress(shards: int, shard: int, rows: Iterable[Named]) -> bytes:
+    ordered = sorted(dict(rows).items())
     if len(ordered) > MAX_PROGRESS_IDS:
-        raise ValueError(f"{len(ordered)} ids do not fit one progress record")
+        raise ValueError(f"{len(ordered)} rows do not fit one progress record")
     out = bytearray([PROGRESS_VERSION])
     for n in (shards, shard, len(ordered)):
         _varint(n, out)
     previous = 0
-    for row_id in ordered:
+    for row_id, _ in ordered:
         _varint(row_id - previous, out)
         previous = row_id
+    for _, tag in ordered:
+        if len(tag) != TAG_BYTES:
+            raise ValueError(f"a tag is {TAG_BYTES} bytes, not {len(tag)}")
+        out += tag
     return bytes(out)
 
 
-def decode_progress(value: bytes, shards: int, shard: int) -> list[int]:
-    """The ids of a progress record of SHARD; ProgressError if it is not one."""
+def decode_progress(value: bytes, shards: int, shard: int) -> list[Named]:
+    """The rows a progress record of SHARD names; ProgressError if it is not one."""
     if not value or value[0] != PROGRESS_VERSION:
         raise ProgressError("not a progress record of this relay (unknown version)")
     numbers: list[int] = []
     n = shift = 0
-    for byte in value[1:]:
+    at = 1
+    while at < len(value) and (len(numbers) < 3 or len(numbers) < 3 + numbers[2]):
+        byte = value[at]
+        at += 1
         n |= (byte & 0x7F) << shift
         if byte & 0x80:
             shift += 7
@@ -110,16 +133,18 @@ def decode_progress(value: bytes, shards: int, shard: int) -> list[int]:
             n = shift = 0
     if shift or len(numbers) < 3 or len(numbers) != 3 + numbers[2]:
         raise ProgressError("a truncated or malformed progress record")
+    if len(value) - at != numbers[2] * TAG_BYTES:
+        raise ProgressError("a truncated or malformed progress record (its tags)")
     if numbers[0] != shards or numbers[1] != shard:
         raise ProgressError(
             f"the record is of shard {numbers[1]} of {numbers[0]}, read as shard {shard} of "
             f"{shards}: the shard count changed while rows were unconfirmed"
         )
-    ids, previous = [], 0
-    for delta in numbers[3:]:
+    rows, previous = [], 0
+    for i, delta in enumerate(numbers[3:]):
         previous += delta
-        ids.append(previous)
-    return ids
+        rows.append((previous, value[at + i * TAG_BYTES : at + (i + 1) * TAG_BYTES]))
+    return rows
 
 
 def group_by_shard(items: Sequence, shards: int) -> dict[int, list]:

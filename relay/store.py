@@ -202,6 +202,16 @@ class PostgresStore:
             return 0
         return self._execute("mark_confirmed", confirm_params(relay_id, delivered)).rowcount
 
+    def confirm_from_kafka(self, relay_id: uuid.UUID, rows: Sequence[tuple[int, bytes]]) -> int:
+        if not rows:
+            return 0
+        params = {
+            "relay_id": relay_id,
+            "ids": int_array([i for i, _ in rows]),
+            "tags": json.dumps({str(i): tag.hex() for i, tag in rows}),
+        }
+        return self._execute("confirm_from_kafka", params).rowcount
+
     def record_failures(self, relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> int:
         if not failures:
             return 0

@@ -26,7 +26,7 @@ from .model import (
     PendingMessage,
     send_in_key_order,
 )
-from .shards import buckets_of, plan_lease
+from .shards import buckets_of, message_tag, plan_lease
 
 
 def bucket_of(key: bytes | None, row_id: int) -> int:
@@ -160,6 +160,21 @@ class InMemoryStore:
                     n += 1
             return n
 
+    def confirm_from_kafka(self, relay_id: uuid.UUID, rows: Sequence[tuple[int, bytes]]) -> int:
+        with self._lock:
+            n = 0
+            for row_id, tag in rows:
+                row = self.rows.get(row_id)
+                if (
+                    row
+                    and row.status == "PENDING"
+                    and message_tag(row.message_id) == tag
+                    and self._owned_by(row, relay_id)
+                ):
+                    row.status, row.next_attempt_at = "CONFIRMED", None
+                    n += 1
+            return n
+
     def record_failures(self, relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> int:
         with self._lock:
             n = 0
@@ -215,7 +230,7 @@ class RecordingSink:
         self.resets = 0  # it has no producer to replace
         self._offsets = itertools.count()
 
-    def adopt(self, buckets: frozenset[int], lease_lapsed: bool) -> list[int]:
+    def adopt(self, buckets: frozenset[int], lease_lapsed: bool) -> list[tuple[int, bytes]]:
         return []
 
     def send(

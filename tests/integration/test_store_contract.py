@@ -14,6 +14,7 @@ import pytest
 
 import outbox
 from relay.model import BUCKETS, Delivered, FailureUpdate, Store
+from relay.shards import message_tag, whole_shards
 from relay.testing import InMemoryStore, bucket_of
 
 ALL = frozenset(range(BUCKETS))
@@ -26,10 +27,10 @@ class StoreUnderTest:
     insert: Callable[[bytes | None], int]
 
 
-def _postgres(dsn: str) -> Iterator[StoreUnderTest]:
+def _postgres(dsn: str, shards: int = BUCKETS) -> Iterator[StoreUnderTest]:
     from relay.store import PostgresStore
 
-    store = PostgresStore(dsn)
+    store = PostgresStore(dsn, shards=shards)
 
     def insert(key: bytes | None) -> int:
         with psycopg.connect(dsn) as conn, conn.transaction():
@@ -41,8 +42,8 @@ def _postgres(dsn: str) -> Iterator[StoreUnderTest]:
         store.close()
 
 
-def _in_memory() -> Iterator[StoreUnderTest]:
-    store = InMemoryStore(time.monotonic)
+def _in_memory(shards: int = BUCKETS) -> Iterator[StoreUnderTest]:
+    store = InMemoryStore(time.monotonic, shards=shards)
     yield StoreUnderTest(store, lambda key: store.insert("t", key, b"{}").id)
 
 
@@ -52,6 +53,15 @@ def under_test(request) -> Iterator[StoreUnderTest]:
         yield from _postgres(request.getfixturevalue("dsn"))
     else:
         yield from _in_memory()
+
+
+@pytest.fixture(params=["postgres", "in-memory"])
+def sharded(request) -> Iterator[StoreUnderTest]:
+    """The store leasing in 16 shards (exactly-once delivery)."""
+    if request.param == "postgres":
+        yield from _postgres(request.getfixturevalue("dsn"), shards=16)
+    else:
+        yield from _in_memory(shards=16)
 
 
 def ids(messages) -> list[int]:
@@ -129,3 +139,33 @@ def test_retention_deletes_confirmed_rows_only_in_batches(under_test):
     assert store.delete_confirmed(0, 2) == 2
     assert store.delete_confirmed(0, 10) == 1
     assert ids(store.fetch_pending(ALL, 10)) == [rows[3]]
+
+
+def test_leases_move_in_whole_shards(sharded):
+    store = sharded.store
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    assert store.heartbeat(a, "a", 60) == ALL
+    assert store.heartbeat(b, "b", 60) == frozenset()  # until a gives its surplus back
+    store.heartbeat(c, "c", 60)
+    owned = [store.heartbeat(r, r.hex, 60) for r in (a, b, c)]
+    owned = [store.heartbeat(r, r.hex, 60) for r in (a, b, c)]  # b and c took what a gave
+    assert sorted(len(o) for o in owned) == [80, 80, 96]  # 16 shards: 6 + 5 + 5
+    for buckets in owned:
+        assert whole_shards(buckets, 16) == {b // 16 for b in buckets}
+    assert frozenset().union(*owned) == ALL
+
+
+def test_rows_are_confirmed_from_kafka_only_by_id_and_message_id(under_test):
+    store, insert = under_test.store, under_test.insert
+    owner, other = uuid.uuid4(), uuid.uuid4()
+    store.heartbeat(owner, "a", 60)
+    for key in (b"a", b"b", b"c"):
+        insert(key)
+    pending = store.fetch_pending(ALL, 10)
+    named = [(m.id, message_tag(m.message_id)) for m in pending]
+    assert store.confirm_from_kafka(other, named) == 0  # owns no bucket
+    wrong = [(named[0][0], bytes(8)), named[1]]  # a row of another table had id 1
+    assert store.confirm_from_kafka(owner, wrong) == 1
+    assert ids(store.fetch_pending(ALL, 10)) == [named[0][0], named[2][0]]
+    assert store.confirm_from_kafka(owner, named) == 2
+    assert store.confirm_from_kafka(owner, named) == 0  # no longer PENDING
