@@ -776,18 +776,33 @@ def audit(dsn, schema, limit, as_json) -> None:
 @bootstrap_option
 @kafka_option
 @json_option
+@click.option(
+    "--delivery",
+    type=click.Choice(DELIVERY_MODES),
+    envvar="OUTBOX_DELIVERY",
+    default="at-least-once",
+    show_envvar=True,
+    help="exactly-once: check the progress topic too.",
+)
+@click.option("--shards", type=int, envvar="OUTBOX_SHARDS", default=16, show_default=True)
+@click.option(
+    "--progress-topic", envvar="OUTBOX_PROGRESS_TOPIC", default="outbox-progress", show_default=True
+)
 @expected_failures
-def doctor(dsn, schema, bootstrap_servers, kafka_settings, as_json) -> None:
+def doctor(
+    dsn, schema, bootstrap_servers, kafka_settings, as_json, delivery, shards, progress_topic
+) -> None:
     """Check the set-up and say what to do about each problem.
 
     Checks PostgreSQL and Kafka connectivity, the schema version, the expected indexes, that
     the topics of pending messages exist, the table's autovacuum settings, transactions old
-    enough to hold back vacuum, dead rows, FAILED rows and live relays. Exit 1 if any check
-    fails (warnings alone exit 0).
+    enough to hold back vacuum, dead rows, FAILED rows and live relays; with --delivery
+    exactly-once, the progress topic. Exit 1 if any check fails (warnings alone exit 0).
 
     \b
     Examples:
       outbox doctor -b kafka:9092
+      outbox doctor -b kafka:9092 --delivery exactly-once
       outbox doctor --json
     """
     from .doctor import run_checks
@@ -797,7 +812,11 @@ def doctor(dsn, schema, bootstrap_servers, kafka_settings, as_json) -> None:
         kafka["bootstrap.servers"] = bootstrap_servers
     limit = os.environ.get("OUTBOX_MAX_MESSAGE_BYTES", "")
     findings = run_checks(
-        dsn, schema, kafka, int(limit) if limit.isdigit() else DEFAULT_MAX_MESSAGE_BYTES
+        dsn,
+        schema,
+        kafka,
+        int(limit) if limit.isdigit() else DEFAULT_MAX_MESSAGE_BYTES,
+        (progress_topic, shards) if delivery == "exactly-once" else None,
     )
     secrets = secrets_of(RelayConfig(dsn=dsn, kafka=kafka))
     if as_json:

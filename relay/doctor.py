@@ -10,7 +10,7 @@ from outbox.message import RECORD_BATCH_OVERHEAD
 from outbox.schema import SCHEMA_VERSION, installed_version
 from outbox.sql import one_row, validate_identifier
 
-from .kafka import check_kafka, missing_topics, topic_limits
+from .kafka import check_kafka, check_progress_topic, missing_topics, topic_limits
 
 EXPECTED_INDEXES = (
     "local_message_pkey",
@@ -47,8 +47,13 @@ class Finding:
 
 
 def run_checks(
-    dsn: str, schema: str, kafka: dict[str, str], max_message_bytes: int | None = None
+    dsn: str,
+    schema: str,
+    kafka: dict[str, str],
+    max_message_bytes: int | None = None,
+    progress: tuple[str, int] | None = None,
 ) -> list[Finding]:
+    """Every check; PROGRESS, (topic, shards) for exactly-once delivery, checks that topic."""
     out: list[Finding] = []
     validate_identifier(schema)
     try:
@@ -71,7 +76,7 @@ def run_checks(
         out.append(Finding("postgresql", "ok", f"connected, server {version}"))
         out.extend(_schema_checks(conn, schema))
         if out[-1].check == "schema" and out[-1].level == "fail":
-            return out + _kafka_checks(kafka, [], max_message_bytes)
+            return out + _kafka_checks(kafka, [], max_message_bytes, progress)
         out.extend(_table_checks(conn, schema))
         pending_topics = [
             r[0]
@@ -79,7 +84,7 @@ def run_checks(
                 f"SELECT DISTINCT topic FROM \"{schema}\".local_message WHERE status = 'PENDING'"
             )
         ]
-    return out + _kafka_checks(kafka, pending_topics, max_message_bytes)
+    return out + _kafka_checks(kafka, pending_topics, max_message_bytes, progress)
 
 
 def _schema_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
@@ -235,7 +240,10 @@ def _table_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
 
 
 def _kafka_checks(
-    kafka: dict[str, str], pending_topics: list[str], max_message_bytes: int | None
+    kafka: dict[str, str],
+    pending_topics: list[str],
+    max_message_bytes: int | None,
+    progress: tuple[str, int] | None = None,
 ) -> list[Finding]:
     if not kafka.get("bootstrap.servers"):
         return [
@@ -276,7 +284,18 @@ def _kafka_checks(
         out.append(
             _size_check(kafka, [t for t in pending_topics if t not in missing], max_message_bytes)
         )
+    if progress:
+        out.append(_progress_check(kafka, *progress))
     return out
+
+
+def _progress_check(kafka: dict[str, str], topic: str, shards: int) -> Finding:
+    problem = check_progress_topic(kafka, topic, shards)
+    if problem:  # it says how to fix it
+        return Finding("progress topic", "fail", problem)
+    return Finding(
+        "progress topic", "ok", f"{topic}: {shards} partitions, compacted (exactly-once delivery)"
+    )
 
 
 def _size_check(kafka: dict[str, str], topics: list[str], max_message_bytes: int) -> Finding:

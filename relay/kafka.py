@@ -1057,8 +1057,8 @@ def check_progress_topic(
             return (
                 f"progress topic {topic!r} has {len(found.partitions)} partitions; the relay "
                 f"runs with {shards} shards and needs exactly as many (set OUTBOX_SHARDS="
-                f"{len(found.partitions)}, or use a new topic with `{fix}` with every relay "
-                "stopped)"
+                f"{len(found.partitions)}, or, with every relay stopped, create a new topic: "
+                f"outbox migrate --kafka --shards {shards} --progress-topic NEW-NAME)"
             )
         resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
         entries = admin.describe_configs([resource], request_timeout=10)[resource].result(10)

@@ -311,3 +311,33 @@ def test_a_progress_topic_from_another_table_confirms_nothing(
     assert counts(dsn) == {"CONFIRMED": 300}
     received = read_all(bootstrap, topic, expected=400)
     assert len(received) == 400  # the first table's 100, then every row of the new one
+
+
+def test_migrate_creates_the_progress_topic_and_doctor_checks_it(dsn, bootstrap):
+    import json
+
+    from click.testing import CliRunner
+
+    from relay.cli import main
+
+    name = f"progress.{uuid.uuid4().hex[:8]}"
+    runner = CliRunner()
+    base = ["-b", bootstrap, "--progress-topic", name]
+    try:
+        doctor = ["doctor", "--dsn", dsn, "--json", "--delivery", "exactly-once", *base]
+        result = runner.invoke(main, doctor)
+        assert result.exit_code == 1, result.output
+        [finding] = [f for f in json.loads(result.output) if f["check"] == "progress topic"]
+        assert finding["level"] == "fail" and "outbox migrate --kafka" in finding["message"]
+
+        result = runner.invoke(main, ["migrate", "--kafka", "--shards", "8", *base])
+        assert result.exit_code == 0, result.output
+        assert f"progress topic {name}: 8 partitions, compacted (ready)" in result.output
+        result = runner.invoke(main, ["migrate", "--kafka", "--shards", "16", *base])
+        assert result.exit_code == 1 and "has 8 partitions" in result.output, result.output
+
+        result = runner.invoke(main, [*doctor, "--shards", "8"])
+        [finding] = [f for f in json.loads(result.output) if f["check"] == "progress topic"]
+        assert finding["level"] == "ok", finding
+    finally:
+        delete_topic(bootstrap, name)
