@@ -63,6 +63,12 @@ PEERS = {
         "OUTBOX_KAFKA_LINGER_MS": "20",
         "OUTBOX_KAFKA_BATCH_SIZE": "2000000",
     },
+    # Exactly-once delivery with its defaults (16 shards); its progress topic is made afresh
+    # for each run (Env.progress_env).
+    "ours-eos": {"OUTBOX_DELIVERY": "exactly-once"},
+    "x-eos-4": {"OUTBOX_DELIVERY": "exactly-once", "OUTBOX_SHARDS": "4"},
+    "x-eos-8": {"OUTBOX_DELIVERY": "exactly-once", "OUTBOX_SHARDS": "8"},
+    "x-eos-b8k": {"OUTBOX_DELIVERY": "exactly-once", "OUTBOX_BATCH_SIZE": "8000"},
 }
 
 
@@ -94,6 +100,25 @@ class Env:
                 if not notify:  # a relay that polls: a backlog to drain needs no wake-ups
                     c.execute("ALTER TABLE local_message DISABLE TRIGGER local_message_notify")
         return dsn
+
+    def progress_env(self, peer: str) -> dict[str, str]:
+        """For exactly-once peers: a fresh progress topic and transactional-id prefix."""
+        settings = PEERS.get(peer, {})
+        if settings.get("OUTBOX_DELIVERY") != "exactly-once":
+            return {}
+        from relay.kafka import check_progress_topic
+
+        name = f"bench.progress.{uuid.uuid4().hex[:8]}"
+        shards = int(settings.get("OUTBOX_SHARDS", "16"))
+        problem = check_progress_topic(
+            {"bootstrap.servers": self.bootstrap}, name, shards, create=True
+        )
+        if problem:
+            raise RuntimeError(problem)
+        return {
+            "OUTBOX_PROGRESS_TOPIC": name,
+            "OUTBOX_TRANSACTIONAL_ID_PREFIX": f"bench-{name}",
+        }
 
     def fresh_topic(self, name: str) -> str:
         delete_topic(self.bootstrap, name)
@@ -267,7 +292,8 @@ def drain_ours_like(
     elif peer == "limit":
         procs = [start_limit(env, dsn)]
     else:
-        procs = [start_ours(env, dsn, peer, f"{peer}-{i}") for i in range(replicas)]
+        eos = env.progress_env(peer)
+        procs = [start_ours(env, dsn, peer, f"{peer}-{i}", eos) for i in range(replicas)]
     spy = None
     if profile_to is not None and shutil.which("py-spy", path=str(Path(PY).parent)):
         spy = subprocess.Popen(
@@ -445,7 +471,15 @@ def steady_run(
         proc = (
             start_naive(env, dsn)
             if peer == "naive"
-            else start_ours(env, dsn, peer, peer, relay_extra, relay_stderr, listen=True)
+            else start_ours(
+                env,
+                dsn,
+                peer,
+                peer,
+                {**env.progress_env(peer), **(relay_extra or {})},
+                relay_stderr,
+                listen=True,
+            )
         )
         table = "local_message"
     expected, count = ctx.Value("i", 0), ctx.Value("i", 0)

@@ -54,6 +54,7 @@ from .model import (
 )
 from .outage_log import OutageLog
 from .retry import NO_WRITE, CircuitBreaker, RetryPolicy
+from .shards import buckets_of, whole_shards
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,12 @@ class LoopSettings:
     retention_seconds: float = 0.0
     retention_batch: int = 1000
     retention_interval: float = 60.0
+    #: Exactly-once: the buckets form this many shards, one Kafka transaction per shard in a
+    #: batch (0: at least once). While a backlog lasts, each batch is read from one shard in
+    #: turn: one transaction of a full batch, not one small transaction per shard, whose
+    #: fixed costs (the coordinator's round trips, a marker written to every partition)
+    #: halved the drain rate with 16 shards (docs/benchmarks.md).
+    shards: int = 0
 
 
 class Relay:
@@ -138,6 +145,9 @@ class Relay:
         # is set; None: a plain wait on the clock.
         self._wait_for_work = wait_for_work
         self.buckets: frozenset[int] = frozenset()
+        #: Exactly-once: read one shard at a time (a backlog), and which shard was read last.
+        self._shard_by_shard = False
+        self._last_shard = -1
         self._lease_valid_until = float("-inf")
         self._next_heartbeat = float("-inf")
         self._next_retention = self.clock.monotonic()
@@ -225,7 +235,9 @@ class Relay:
         self._heartbeat_if_due()
         batch, self._read_ahead = self._read_ahead, None
         if batch is None:
-            batch = self.store.fetch_pending(self.buckets, self.settings.batch_size)
+            batch = self._note_read(
+                self.store.fetch_pending(self._to_read(), self.settings.batch_size)
+            )
         self.last_progress = self.clock.monotonic()
         if not batch:
             return 0
@@ -239,7 +251,7 @@ class Relay:
         unconfirmed = self._unconfirmed()
         jobs: list[Future[Any]] = [
             self._helper.submit(self._write),
-            self._helper.submit(self._read, leave_out),
+            self._helper.submit(self._read, self._to_read(), leave_out),
         ]
         try:
             outcomes = self.sink.send(batch, alone, unconfirmed)
@@ -250,7 +262,7 @@ class Relay:
         self._log_if_slow(len(batch), begun, started, sent)
         self._account(batch, outcomes, started)
         # A database error surfaces here, with the outcomes kept (written by a later settle()).
-        read_ahead = [job.result() for job in jobs][-1]
+        read_ahead = self._note_read([job.result() for job in jobs][-1])
         failed_keys = held | {
             m.key
             for m, o in zip(batch, outcomes, strict=False)
@@ -299,11 +311,31 @@ class Relay:
         finally:
             self._helper_spent[0] = self.clock.monotonic() - begun
 
-    def _read(self, leave_out: list[int]) -> list[PendingMessage]:
+    def _to_read(self) -> frozenset[int]:
+        """The buckets the next read covers: all of them, or while a backlog lasts in
+        exactly-once mode, the next owned shard in turn (LoopSettings.shards says why)."""
+        shards = self.settings.shards
+        if not (shards and self._shard_by_shard):
+            return self.buckets
+        owned = sorted(whole_shards(self.buckets, shards))
+        if not owned:
+            return self.buckets
+        self._last_shard = next((s for s in owned if s > self._last_shard), owned[0])
+        return frozenset(buckets_of(self._last_shard, shards))
+
+    def _note_read(self, batch: list[PendingMessage]) -> list[PendingMessage]:
+        """Shard by shard after a full batch; all shards again once a shard's read comes back
+        less than half full (the backlog is gone, or that shard had little)."""
+        if self.settings.shards:
+            size = self.settings.batch_size
+            self._shard_by_shard = len(batch) >= (size // 2 if self._shard_by_shard else size)
+        return batch
+
+    def _read(self, buckets: frozenset[int], leave_out: list[int]) -> list[PendingMessage]:
         """A helper's job beside _write, on the reader: the next batch."""
         begun = self.clock.monotonic()
         try:
-            return self.reader.fetch_pending(self.buckets, self.settings.batch_size, leave_out)
+            return self.reader.fetch_pending(buckets, self.settings.batch_size, leave_out)
         finally:
             self._helper_spent[1] = self.clock.monotonic() - begun
 

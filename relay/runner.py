@@ -143,6 +143,7 @@ def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
         idle_poll_interval=cfg.idle_poll_interval,
         dead_letter_topic=cfg.dead_letter_topic,
         retention_seconds=cfg.retention_seconds,
+        shards=cfg.shards if cfg.exactly_once else 0,
     )
     relay = Relay(
         store,

@@ -450,3 +450,25 @@ def test_a_read_beside_the_write_leaves_out_the_batch_being_written_and_holds_it
     assert [m.id for m in sink.sent if m.key == b"K"] == [a.id, b.id]
     assert [m.id for m in sink.sent].count(x.id) == 1  # not read again while being confirmed
     assert all(r.status == "CONFIRMED" for r in (a, x, b, y))
+
+
+def test_exactly_once_reads_a_backlog_shard_by_shard_and_all_shards_once_caught_up():
+    clock = FakeClock()
+    store = InMemoryStore(clock.monotonic, shards=4)
+    sink = RecordingSink()
+    relay = Relay(store, sink, reader=store, clock=clock, batch_size=40, shards=4)
+    rows = [store.insert("t", f"k{i}".encode(), b"x") for i in range(400)]
+    batches = []
+    while (n := relay.step()) > 0:
+        batches.append(sink.sent[-n:])
+    relay.settle()
+    assert all(r.status == "CONFIRMED" for r in rows)
+    shards_of = [{bucket_of(m.key, m.id) // 64 for m in batch} for batch in batches]
+    assert len(shards_of[0]) == 4  # the first read covers every shard: a full batch
+    assert all(len(s) == 1 for s in shards_of[1:-2])  # then one shard a batch, in turn
+    assert [next(iter(s)) for s in shards_of[1:5]] == [0, 1, 2, 3]
+    # Each row once; across shards the order is not the ids' (per key it is: a key is in one).
+    assert sorted(m.id for m in sink.sent) == [r.id for r in rows]
+    # Caught up: the next read covers every shard again, wherever the next row is.
+    store.insert("t", b"late", b"y")
+    assert relay.step() == 1 and sink.sent[-1].key == b"late"
