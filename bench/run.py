@@ -63,12 +63,10 @@ PEERS = {
         "OUTBOX_KAFKA_LINGER_MS": "20",
         "OUTBOX_KAFKA_BATCH_SIZE": "2000000",
     },
-    # Exactly-once delivery with its defaults (16 shards); its progress topic is made afresh
+    # Exactly-once delivery with its defaults (4 shards); its progress topic is made afresh
     # for each run (Env.progress_env).
     "ours-eos": {"OUTBOX_DELIVERY": "exactly-once"},
-    "x-eos-4": {"OUTBOX_DELIVERY": "exactly-once", "OUTBOX_SHARDS": "4"},
-    "x-eos-8": {"OUTBOX_DELIVERY": "exactly-once", "OUTBOX_SHARDS": "8"},
-    "x-eos-b8k": {"OUTBOX_DELIVERY": "exactly-once", "OUTBOX_BATCH_SIZE": "8000"},
+    "ours-eos-16": {"OUTBOX_DELIVERY": "exactly-once", "OUTBOX_SHARDS": "16"},
 }
 
 
@@ -109,7 +107,7 @@ class Env:
         from relay.kafka import check_progress_topic
 
         name = f"bench.progress.{uuid.uuid4().hex[:8]}"
-        shards = int(settings.get("OUTBOX_SHARDS", "16"))
+        shards = int(settings.get("OUTBOX_SHARDS", "4"))
         problem = check_progress_topic(
             {"bootstrap.servers": self.bootstrap}, name, shards, create=True
         )

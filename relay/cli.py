@@ -265,7 +265,7 @@ def main() -> None:
 )
 @bootstrap_option
 @kafka_option
-@click.option("--shards", type=int, default=None, help="With --kafka: the relay's shards [16].")
+@click.option("--shards", type=int, default=None, help="With --kafka: the relay's shards [4].")
 @click.option("--progress-topic", default=None, help="With --kafka: its name [outbox-progress].")
 @expected_failures
 def migrate(
@@ -784,7 +784,7 @@ def audit(dsn, schema, limit, as_json) -> None:
     show_envvar=True,
     help="exactly-once: check the progress topic too.",
 )
-@click.option("--shards", type=int, envvar="OUTBOX_SHARDS", default=16, show_default=True)
+@click.option("--shards", type=int, envvar="OUTBOX_SHARDS", default=4, show_default=True)
 @click.option(
     "--progress-topic", envvar="OUTBOX_PROGRESS_TOPIC", default="outbox-progress", show_default=True
 )
@@ -895,7 +895,7 @@ def grants(schema, role, kind, retention) -> None:
     help="exactly-once: Kafka transactions with progress records [at-least-once].",
 )
 @click.option(
-    "--shards", type=int, default=None, help="Exactly-once: shards of the 256 buckets [16]."
+    "--shards", type=int, default=None, help="Exactly-once: shards of the 256 buckets [4]."
 )
 @click.option(
     "--progress-topic", default=None, help="Exactly-once: the progress topic [outbox-progress]."

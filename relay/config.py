@@ -84,7 +84,7 @@ class RelayConfig:
     #: compacted topic with exactly that many partitions where their progress is recorded.
     #: Every relay of an outbox runs with the same delivery, shards, topic and prefix; change
     #: them only with every relay stopped (docs/operations.md).
-    shards: int = 16
+    shards: int = 4
     progress_topic: str = "outbox-progress"
     #: Exactly-once: the producers' transactional.id is <prefix>-<shard>.
     transactional_id_prefix: str = "outbox-relay"

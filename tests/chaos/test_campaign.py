@@ -194,8 +194,7 @@ def test_campaign(dsn, bootstrap, topic, tmp_path, delivery):
     if delivery == "exactly-once":
         progress = f"{topic}.progress"
         assert (
-            check_progress_topic({"bootstrap.servers": bootstrap}, progress, 16, create=True)
-            is None
+            check_progress_topic({"bootstrap.servers": bootstrap}, progress, 4, create=True) is None
         )
         mode.update(
             OUTBOX_PROGRESS_TOPIC=progress,
