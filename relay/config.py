@@ -17,7 +17,7 @@ from outbox.message import DEFAULT_MAX_MESSAGE_BYTES
 from outbox.sql import validate_identifier
 
 from .model import BUCKETS, SEND_MARGIN
-from .shards import validate_shards
+from .shards import MAX_PROGRESS_IDS, PROGRESS_BYTES_PER_ROW, validate_shards
 
 #: The values of `delivery`.
 DELIVERY_MODES = ("at-least-once", "exactly-once")
@@ -193,6 +193,17 @@ class RelayConfig:
             if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.transactional_id_prefix):
                 raise ConfigError(
                     "transactional_id_prefix must be 1-200 letters, digits, '.', '_' or '-'"
+                )
+            # A progress record names a batch and the batch before it (whose CONFIRMED may
+            # still be being written): it must fit one record (relay.shards).
+            if 2 * self.batch_size > MAX_PROGRESS_IDS or (
+                2 * self.batch_size * PROGRESS_BYTES_PER_ROW + 100 > self.max_message_bytes
+            ):
+                raise ConfigError(
+                    f"batch_size {self.batch_size} is too large for exactly-once delivery: "
+                    f"a progress record names up to two batches, at most {MAX_PROGRESS_IDS} "
+                    f"rows and {PROGRESS_BYTES_PER_ROW} bytes a row within max_message_bytes "
+                    f"({self.max_message_bytes})"
                 )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("log_level must be DEBUG, INFO, WARNING or ERROR")

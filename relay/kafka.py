@@ -589,6 +589,15 @@ class _Transaction(NamedTuple):
     abort_reason: str = ""
 
 
+class _End(NamedTuple):
+    """How a transaction ended: committed, aborted, or unknown (the producer is dropped)."""
+
+    state: str
+    why: str = ""
+    #: What the error that aborted it says of the messages (classify()), if an error did.
+    cause: FailureKind | None = None
+
+
 class ShardProducer(KafkaSink):
     """The transactional producer of one shard: KafkaSink's production in key order, inside a
     transaction that ends with the shard's progress record."""
@@ -652,15 +661,15 @@ class ShardProducer(KafkaSink):
         """Commit TXN (or abort it) and say what became of each of its messages."""
         try:
             if txn.abort_reason or not txn.produced or self._fatal:
-                state, why = self._abort(txn.abort_reason or "nothing to commit")
+                end = self._abort(txn.abort_reason or "nothing to commit")
             else:
-                state, why = self._commit(deadline)
+                end = self._commit(deadline)
         except Exception as exc:  # noqa: BLE001 - whatever it was, the end is not known
             self.broken = f"{type(exc).__name__}: {exc}"
-            state, why = "unknown", self.broken
-        return self._transaction_outcomes(txn, state, why)
+            end = _End("unknown", self.broken)
+        return self._transaction_outcomes(txn, end)
 
-    def _commit(self, deadline: float) -> tuple[str, str]:
+    def _commit(self, deadline: float) -> _End:
         producer = self.producer
         while True:
             left = deadline - time.monotonic()
@@ -668,30 +677,30 @@ class ShardProducer(KafkaSink):
                 return self._abort("the batch deadline passed before the commit")
             try:
                 producer.commit_transaction(left)
-                return "committed", ""
+                return _End("committed")
             except KafkaException as exc:
                 err = exc.args[0]
                 if err.code() in _FENCED or err.fatal():
                     self.broken = describe(err)
-                    return "unknown", self.broken
+                    return _End("unknown", self.broken)
                 if err.txn_requires_abort():
-                    return self._abort(describe(err))
+                    return self._abort(describe(err), classify(err))
                 if not err.retriable():
                     self.broken = describe(err)
-                    return "unknown", self.broken
+                    return _End("unknown", self.broken)
                 # Retriable (a timeout, a coordinator moving): commit again, by the deadline.
 
-    def _abort(self, why: str) -> tuple[str, str]:
+    def _abort(self, why: str, cause: FailureKind | None = None) -> _End:
         try:
             self.producer.abort_transaction(SEND_MARGIN)
-            return "aborted", why
+            return _End("aborted", why, cause)
         except KafkaException as exc:
             # Still committing, timed out, or fenced: whether it committed is not known here.
             self.broken = f"{why}; abort failed: {describe(exc.args[0])}"
-            return "unknown", self.broken
+            return _End("unknown", self.broken)
 
-    @staticmethod
-    def _transaction_outcomes(txn: _Transaction, state: str, why: str) -> list[Outcome]:
+    def _transaction_outcomes(self, txn: _Transaction, end: _End) -> list[Outcome]:
+        state, why = end.state, end.why
         # Each message's own failure: reported by the broker, or found while producing (sent
         # alone, refused by the producer). A failure of the producer's state is not one.
         own: dict[int, Failed] = {f.id: f for f in txn.early.values() if f.kind in _MESSAGE_FAULTS}
@@ -712,8 +721,12 @@ class ShardProducer(KafkaSink):
                 report = txn.reports.get(message.id)
                 if message.id in txn.early:
                     outcome = txn.early[message.id]
-                elif fault is not None:  # librdkafka lets no transaction with one commit
+                elif fault is not None:
+                    # librdkafka lets no transaction with a failed message commit; if it ever
+                    # did, the row is named in the committed record: take the shard afresh
+                    # (its record read back) before anything else of it is sent.
                     outcome = Failed(message.id, FailureKind.UNKNOWN, fault.error)
+                    self.broken = f"row {message.id} failed in a committed transaction"
                 elif report is not None:
                     outcome = Delivered(message.id, report.partition(), report.offset())
                 else:
@@ -722,10 +735,20 @@ class ShardProducer(KafkaSink):
                 pass
             elif state == "aborted":
                 # Not visible to read_committed consumers. Sent again at once if a message of
-                # the transaction was at fault, else after the outage pause.
+                # the transaction was at fault, else after the outage pause. A permanent error
+                # that no message carries (the transaction could not add a partition: a topic
+                # not writable, say) is charged to a message sent alone, and makes the others
+                # go alone next time, as in at least once mode: it must not stall the shard.
                 kept = txn.early.get(message.id)
                 if kept is not None and kept.kind is FailureKind.DEFERRED:
                     outcome = kept
+                elif not own and end.cause is FailureKind.PERMANENT:
+                    alone = len(txn.produced) == 1 or message.id in txn.sent_alone
+                    outcome = Failed(
+                        message.id,
+                        FailureKind.PERMANENT if alone else FailureKind.ISOLATE,
+                        f"its transaction was aborted: {why}",
+                    )
                 else:
                     outcome = Failed(
                         message.id,
@@ -879,10 +902,14 @@ class TransactionalSink:
             window = 64
             while todo and time.monotonic() < deadline:
                 starts = {s: max(low, end - window) for s, (low, end) in todo.items()}
-                last = self._read_to_end(consumer, starts, deadline)
+                ends = {s: end for s, (_, end) in todo.items()}
+                last = self._read_to_end(consumer, starts, ends, deadline)
                 for shard, value in last.items():
                     if value is not None:
-                        found[shard] = decode_progress(value, self._shards, shard)
+                        try:
+                            found[shard] = decode_progress(value, self._shards, shard)
+                        except ProgressError as exc:  # this shard waits; the others go on
+                            log.error("shard %d: its last progress record: %s", shard, exc)
                     elif starts[shard] == todo[shard][0]:
                         found[shard] = []
                     else:
@@ -891,15 +918,14 @@ class TransactionalSink:
                 window *= 16
             for shard in todo:
                 log.warning("shard %d: its progress records were not read in time", shard)
-        except (KafkaException, ProgressError) as exc:
-            text = describe(exc.args[0]) if isinstance(exc, KafkaException) else str(exc)
-            log.error("progress topic %s: %s", self._progress_topic, text)
+        except KafkaException as exc:
+            log.error("progress topic %s: %s", self._progress_topic, describe(exc.args[0]))
         finally:
             consumer.close()
         return found
 
     def _read_to_end(
-        self, consumer: Consumer, starts: dict[int, int], deadline: float
+        self, consumer: Consumer, starts: dict[int, int], ends: dict[int, int], deadline: float
     ) -> dict[int, bytes | None]:
         """Read each shard's partition from its start offset to its end (the last stable
         offset: read_committed); the value of the last record read, None if none."""
@@ -911,12 +937,16 @@ class TransactionalSink:
             if msg is None:
                 continue
             err = msg.error()
+            shard = msg.partition() or 0
             if err is not None:
+                # The end as the broker answered ListOffsets, not a lagging leader's.
+                if err.code() == KafkaError._PARTITION_EOF and (msg.offset() or 0) >= ends[shard]:
+                    open_.discard(shard)
+                    continue
                 if err.code() == KafkaError._PARTITION_EOF:
-                    open_.discard(msg.partition() or 0)
                     continue
                 raise KafkaException(err)
-            last[msg.partition() or 0] = msg.value()
+            last[shard] = msg.value()
         consumer.unassign()
         return {s: v for s, v in last.items() if s not in open_}
 
@@ -1075,10 +1105,14 @@ def check_progress_topic(
     return None
 
 
-def check_transactions(config: Mapping[str, str], prefix: str, flush_timeout: float) -> str | None:
-    """None when the cluster runs transactions for this relay (a throwaway transactional id
-    under PREFIX is initialised: supported, authorised, the transaction timeout accepted),
-    else why not."""
+def check_transactions(
+    config: Mapping[str, str], prefix: str, flush_timeout: float, progress_topic: str
+) -> str | None:
+    """None when the cluster runs transactions for this relay, else why not: a throwaway
+    transactional id under PREFIX is initialised (transactions supported, the id authorised,
+    the transaction timeout accepted), and a record produced to PROGRESS_TOPIC in a
+    transaction that is then aborted (the topic writable: without it every transaction
+    would abort)."""
     producer = Producer(
         {
             **{k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)},
@@ -1087,8 +1121,19 @@ def check_transactions(config: Mapping[str, str], prefix: str, flush_timeout: fl
         },
         logger=log,
     )
+    reports: list[KafkaError | None] = []
     try:
         producer.init_transactions(15)
+        producer.begin_transaction()
+        producer.produce(  # a compacted topic takes only records with a key
+            progress_topic,
+            key=b"check",
+            value=b"",
+            partition=0,
+            on_delivery=lambda e, _m: reports.append(e),
+        )
+        producer.flush(15)
+        producer.abort_transaction(15)
     except KafkaException as exc:
         err = exc.args[0]
         hint = (
@@ -1100,6 +1145,8 @@ def check_transactions(config: Mapping[str, str], prefix: str, flush_timeout: fl
         return f"Kafka transactions are not available: {describe(err)}{hint}"
     finally:
         producer.purge()
+    if reports and reports[0] is not None:
+        return f"progress topic {progress_topic!r} is not writable: {describe(reports[0])}"
     return None
 
 

@@ -70,6 +70,10 @@ SLOW_STEP = 0.05
 _WRITE_ATTEMPTS = 12
 
 
+class LeaseError(RuntimeError):
+    """The leases could not be renewed with time left to use them."""
+
+
 class _Unwritten(NamedTuple):
     """A sent batch whose outcomes are not in the database yet."""
 
@@ -186,6 +190,22 @@ class Relay:
         # since (a pause, a slow database) and another relay may have sent, failed or
         # dead-lettered rows of these buckets meanwhile, even if the same buckets come back.
         self._read_ahead = None
+        for _ in range(3):
+            if self._renew():
+                return
+        raise LeaseError(
+            "the bucket leases were renewed three times without room left to send a batch "
+            "(the database or Kafka answers too slowly for lease_seconds)"
+        )
+
+    def _renew(self) -> bool:
+        """Renew the leases and get the sink ready for them. True when the lease still
+        outlives a batch afterwards: getting ready may take long (exactly-once: initialising
+        producers, reading progress records), and a relay paused meanwhile must not send
+        with what it got ready. Its producers' initialisation may even have fenced a relay
+        that took the shard over since: if the lease ran out, the next renewal counts it as
+        lapsed and gets everything ready again, for the shards it still owns."""
+        s = self.settings
         started = self.clock.monotonic()
         lapsed = started >= self._lease_valid_until
         buckets = self.store.heartbeat(self.relay_id, self.name, s.lease_seconds)
@@ -211,6 +231,18 @@ class Relay:
         self._pending = pending
         self.metrics.pending.set(pending)
         self.metrics.oldest_claimable_age.set(oldest_age or 0.0)
+        now = self.clock.monotonic()
+        if now >= self._lease_valid_until:
+            self._lease_valid_until = float("-inf")  # lapsed: trust nothing got ready
+        if now + s.flush_timeout + SEND_MARGIN < self._lease_valid_until:
+            return True
+        log.warning(
+            "relay %s: renewing its leases took %.1fs, too long to send a batch on them; "
+            "renewing again",
+            self.name,
+            now - started,
+        )
+        return False
 
     # -- one step
 

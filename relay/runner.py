@@ -99,7 +99,9 @@ def check_exactly_once(cfg: RelayConfig) -> None:
     cannot give it: no transactions, or no usable progress topic."""
     problem = check_progress_topic(
         cfg.producer_config(), cfg.progress_topic, cfg.shards
-    ) or check_transactions(cfg.producer_config(), cfg.transactional_id_prefix, cfg.flush_timeout)
+    ) or check_transactions(
+        cfg.producer_config(), cfg.transactional_id_prefix, cfg.flush_timeout, cfg.progress_topic
+    )
     if problem:
         raise ConfigError(f"exactly-once delivery: {redact_text(problem, *secrets_of(cfg))}")
 

@@ -30,8 +30,12 @@ PROGRESS_VERSION = 1
 #: topic shared by mistake, and those rows would be confirmed without being sent.
 TAG_BYTES = 8
 
+#: The most a row takes in a progress record: a 10-byte varint (a difference of ids, at worst)
+#: and its tag.
+PROGRESS_BYTES_PER_ROW = 10 + TAG_BYTES
+
 #: Most rows one progress record may carry: under 1 MB (Kafka's default max.message.bytes)
-#: even at ten bytes an id. A shard with more undelivered confirmations waits for the database.
+#: even at PROGRESS_BYTES_PER_ROW. A shard with more unconfirmed rows waits for the database.
 MAX_PROGRESS_IDS = 50_000
 
 #: (row id, tag): how a progress record names a row.

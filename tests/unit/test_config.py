@@ -106,3 +106,16 @@ def test_invalid_configuration_exits_2_with_one_line():
     assert result.exit_code == 2
     assert result.output.strip() == "error: invalid configuration: batch_size must be at least 1"
     assert "topsecret" not in result.output
+
+
+def test_exactly_once_refuses_a_batch_its_progress_record_cannot_hold():
+    base = {"dsn": "postgresql://x", "bootstrap_servers": "k:9092", "delivery": "exactly-once"}
+    RelayConfig.from_env({}, **base, batch_size=2000)
+    with pytest.raises(ConfigError, match="too large for exactly-once delivery"):
+        RelayConfig.from_env({}, **base, batch_size=30_000)
+    with pytest.raises(ConfigError, match="too large for exactly-once delivery"):
+        RelayConfig.from_env({}, **base, batch_size=2000, max_message_bytes=50_000)
+    with pytest.raises(ConfigError, match="shards must divide 256"):
+        RelayConfig.from_env({}, **base, shards=6)
+    with pytest.raises(ConfigError, match="delivery must be one of"):
+        RelayConfig.from_env({}, **{**base, "delivery": "exactly_once"})

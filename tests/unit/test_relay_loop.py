@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from relay.model import Failed, FailureKind
-from relay.relay import Relay
+from relay.relay import LeaseError, Relay
 from relay.retry import RetryPolicy
 from relay.testing import FakeClock, InMemoryStore, RecordingSink, bucket_of
 
@@ -472,3 +472,46 @@ def test_exactly_once_reads_a_backlog_shard_by_shard_and_all_shards_once_caught_
     # Caught up: the next read covers every shard again, wherever the next row is.
     store.insert("t", b"late", b"y")
     assert relay.step() == 1 and sink.sent[-1].key == b"late"
+
+
+def test_a_renewal_that_outlasts_the_lease_is_redone_as_lapsed_before_anything_is_sent():
+    """Getting ready for the leases (exactly-once: initialising producers) took so long that
+    the lease ran out meanwhile (a pause): nothing is sent on it; the next renewal counts the
+    lease as lapsed, so the sink gets everything ready again."""
+    clock = FakeClock()
+    store = InMemoryStore(clock.monotonic)
+    calls = []
+
+    class SlowToAdopt(RecordingSink):
+        def adopt(self, buckets, lease_lapsed):
+            calls.append(lease_lapsed)
+            if len(calls) == 2:  # the renewal after the first step: paused past the lease
+                clock.advance(100)
+            return []
+
+    sink = SlowToAdopt()
+    relay = Relay(store, sink, reader=store, clock=clock, lease_seconds=90.0)
+    store.insert("t", b"k", b"1")
+    assert relay.run_once() == 1 and calls == [True]
+    clock.advance(11)  # the next heartbeat is due
+    store.insert("t", b"k", b"2")
+    assert relay.run_once() == 1
+    assert calls == [True, False, True]  # paused in the second; the third starts afresh
+    assert len(sink.sent) == 2
+
+
+def test_a_relay_that_cannot_renew_with_time_to_spare_raises_instead_of_sending():
+    clock = FakeClock()
+    store = InMemoryStore(clock.monotonic)
+
+    class Slow(RecordingSink):
+        def adopt(self, buckets, lease_lapsed):
+            clock.advance(60)  # of a 90 s lease: 30 s left, a batch needs 38
+            return []
+
+    sink = Slow()
+    relay = Relay(store, sink, reader=store, clock=clock)
+    store.insert("t", b"k", b"1")
+    with pytest.raises(LeaseError, match="renewed three times"):
+        relay.run_once()
+    assert sink.sent == []
