@@ -95,6 +95,17 @@ class LostWrite(psycopg.OperationalError):
     pass
 
 
+def dying_before_its_update(cfg: RelayConfig):
+    """A relay whose every UPDATE to CONFIRMED fails: as if it died after each commit."""
+    relay, _ = build_relay(cfg)
+
+    def lost(*_args, **_kwargs):
+        raise LostWrite("the relay died before its UPDATE (test)")
+
+    relay.store.mark_confirmed = lost  # type: ignore[method-assign]
+    return relay
+
+
 def test_rows_committed_but_not_confirmed_are_confirmed_from_kafka_not_sent_again(
     dsn, bootstrap, topic, progress_topic
 ):
@@ -102,12 +113,7 @@ def test_rows_committed_but_not_confirmed_are_confirmed_from_kafka_not_sent_agai
     the progress records, confirms those rows and sends only the rest."""
     write(dsn, topic, 1200, keys=30)
     cfg = eos_config(dsn, bootstrap, progress_topic, batch_size=400)
-    zombie, _ = build_relay(cfg)
-
-    def lost(*_args, **_kwargs):
-        raise LostWrite("the relay died before its UPDATE (test)")
-
-    zombie.store.mark_confirmed = lost  # type: ignore[method-assign]
+    zombie = dying_before_its_update(cfg)
     assert zombie.step() == 400  # one batch committed in Kafka
     with pytest.raises(LostWrite):
         zombie.settle()  # and its write fails
@@ -253,6 +259,13 @@ def test_start_is_refused_without_a_usable_progress_topic(dsn, bootstrap, progre
             check_exactly_once(eos_config(dsn, bootstrap, plain))
     finally:
         delete_topic(bootstrap, plain)
+    # A transaction timeout (flush_timeout + 6 s) over the broker's transaction.max.timeout.ms
+    # (15 minutes by default): init_transactions is refused, and so is the start.
+    slow = eos_config(dsn, bootstrap, progress_topic, flush_timeout=1000, lease_seconds=1100)
+    with pytest.raises(
+        ConfigError, match=r"INVALID_TRANSACTION_TIMEOUT.*transaction\.max\.timeout"
+    ):
+        check_exactly_once(slow)
     check_exactly_once(eos_config(dsn, bootstrap, progress_topic))  # and a good one passes
 
 
@@ -291,12 +304,7 @@ def test_a_progress_topic_from_another_table_confirms_nothing(
     confirmed by records of rows that were sent before."""
     write(dsn, topic, 500, keys=10)
     cfg = eos_config(dsn, bootstrap, progress_topic, batch_size=100)
-    first, _ = build_relay(cfg)
-
-    def lost(*_args, **_kwargs):
-        raise LostWrite("the relay died before its UPDATE (test)")
-
-    first.store.mark_confirmed = lost  # type: ignore[method-assign]
+    first = dying_before_its_update(cfg)
     assert first.step() == 100  # committed with ids 1-100 named, never confirmed
     first.sink.close(1)
     first.close_stores()
