@@ -108,23 +108,27 @@ def check_exactly_once(cfg: RelayConfig) -> None:
 
 def build_sinks(cfg: RelayConfig, outage_log: OutageLog) -> tuple[Sink, Sink]:
     """The sink of the configured delivery mode, and the one for dead letters."""
-    settings = {
-        "flush_timeout": cfg.flush_timeout,
-        "metadata_timeout": cfg.metadata_timeout,
-        "max_message_bytes": cfg.max_message_bytes,
-        "outage_log": outage_log,
-    }
-    plain = KafkaSink(cfg.producer_config(), **settings)  # type: ignore[arg-type]
+    plain = KafkaSink(
+        cfg.producer_config(),
+        flush_timeout=cfg.flush_timeout,
+        metadata_timeout=cfg.metadata_timeout,
+        max_message_bytes=cfg.max_message_bytes,
+        outage_log=outage_log,
+    )
     if not cfg.exactly_once:
         return plain, plain
     # Dead letters go through a plain producer: a progress record names outbox rows only.
-    return TransactionalSink(
+    transactional = TransactionalSink(
         cfg.producer_config(),
         shards=cfg.shards,
         progress_topic=cfg.progress_topic,
         transactional_id_prefix=cfg.transactional_id_prefix,
-        **settings,  # type: ignore[arg-type]
-    ), plain
+        flush_timeout=cfg.flush_timeout,
+        metadata_timeout=cfg.metadata_timeout,
+        max_message_bytes=cfg.max_message_bytes,
+        outage_log=outage_log,
+    )
+    return transactional, plain
 
 
 def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
