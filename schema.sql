@@ -33,7 +33,9 @@ CREATE TABLE IF NOT EXISTS local_message (
                              ELSE get_byte(decode(md5(key), 'hex'), 0)::smallint END
                     ) STORED,
     -- PENDING: waiting for delivery (possibly in backoff until next_attempt_at).
-    -- SENT: claimed by one relay in row-claim mode, until claim_expires_at.
+    -- SENT: claimed by one deliverer until claim_expires_at (the original design's middle
+    --       status, kept for it). This relay never writes it: it leases buckets, not rows.
+    --       A SENT row holds back its key; `outbox replay --expired-claims` frees it.
     -- CONFIRMED: Kafka acknowledged it (acks=all); kafka_partition/kafka_offset say where.
     -- FAILED: gave up after a permanent error or max attempts; it holds back later rows of
     --         its key until an operator replays or skips it.
@@ -68,12 +70,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS local_message_message_id_key
 CREATE UNIQUE INDEX IF NOT EXISTS local_message_dedup_key_key
     ON local_message (dedup_key) WHERE dedup_key IS NOT NULL;
 
--- The relay's claim query walks this in id order (and filters on its buckets); it holds only
+-- The relay's read of pending rows walks this in id order (and filters on its buckets); it holds only
 -- undelivered rows, so it stays small however large the table grows.
 CREATE INDEX IF NOT EXISTS local_message_pending_idx
     ON local_message (id) INCLUDE (bucket) WHERE status = 'PENDING';
 
--- Rows that block their key (FAILED) or wait for a retry, and expired row claims: all small.
+-- Rows that block their key (FAILED, SENT) or wait for a retry: all small.
 CREATE INDEX IF NOT EXISTS local_message_blocking_idx
     ON local_message (bucket, key, id)
     WHERE status IN ('FAILED', 'SENT') OR (status = 'PENDING' AND next_attempt_at IS NOT NULL);
@@ -83,7 +85,7 @@ CREATE INDEX IF NOT EXISTS local_message_created_at_brin
     ON local_message USING brin (created_at);
 
 -- A queue table churns: vacuum it early and without throttling, so that dead tuples left by
--- the UPDATE to CONFIRMED do not slow the claim query (see docs/operations.md).
+-- the UPDATE to CONFIRMED do not slow the relay's read (see docs/operations.md).
 ALTER TABLE local_message SET (
     autovacuum_vacuum_scale_factor = 0.01,
     autovacuum_vacuum_threshold = 1000,

@@ -61,7 +61,7 @@ _T = TypeVar("_T")
 def local_message_table(metadata: MetaData, schema: str | None = None) -> Table:
     """A Core Table for local_message, for queries and reports in SQLAlchemy. It is not meant
     for metadata.create_all(): the DDL (identity, generated bucket, indexes, trigger) comes
-    from schema.sql; see create_schema_op()."""
+    from schema.sql; see create_schema_sql()."""
     return Table(
         "local_message",
         metadata,

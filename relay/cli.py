@@ -200,7 +200,9 @@ def selection_options(func):
             "--error", default=None, metavar="TEXT", help="last_error contains TEXT (any case)."
         ),
         click.option(
-            "--expired-claims", is_flag=True, help="SENT rows whose row claim has expired."
+            "--expired-claims",
+            is_flag=True,
+            help="SENT rows whose claim (claim_expires_at) has expired.",
         ),
     ]
     for option in reversed(options):

@@ -167,8 +167,9 @@ def _table_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
                 "warn",
                 f"{len(old)} transaction(s) open for over {OLD_TRANSACTION_SECONDS}s; oldest: pid "
                 f"{pid} ({user}, {state}, {age}s): {query!r}",
-                "they stop vacuum from removing delivered rows and the claim query slows down: end "
-                "them (pg_terminate_backend) and set idle_in_transaction_session_timeout",
+                "they stop vacuum from removing delivered rows and the relay's read of pending "
+                "rows slows down: end them (pg_terminate_backend) and set "
+                "idle_in_transaction_session_timeout",
             )
         )
     else:

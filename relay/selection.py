@@ -85,7 +85,8 @@ class Selection:
     since: dt.datetime | None = None
     until: dt.datetime | None = None
     error: str | None = None
-    #: SENT rows whose row claim has expired (the row-claim mode's stuck rows).
+    #: SENT rows whose claim (claim_expires_at) has expired: rows some other deliverer
+    #: claimed and left (this relay never writes SENT).
     expired_claims: bool = False
 
     @classmethod
