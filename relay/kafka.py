@@ -171,6 +171,12 @@ _CLIENT_PREFIXES = (
 )
 
 
+def client_settings(config: Mapping[str, str]) -> dict[str, str | int | float | bool]:
+    """The settings of CONFIG that any client needs (connection and security): what an
+    AdminClient, a consumer or a throwaway producer shares with the relay's producer."""
+    return {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
+
+
 def message_size(message: PendingMessage) -> int:
     """The bytes of a message as a record, as the writer and librdkafka count them."""
     if not message.headers:  # the common case, without a call per message
@@ -367,7 +373,7 @@ class KafkaSink:
             return {}
         try:
             if self._admin is None:
-                settings = {k: v for k, v in self._config.items() if k.startswith(_CLIENT_PREFIXES)}
+                settings = client_settings(self._config)
                 # error_cb is a librdkafka setting; AdminClient's stub allows only scalars.
                 self._admin = AdminClient(
                     {**settings, "error_cb": self._on_error},  # type: ignore[dict-item]
@@ -871,7 +877,7 @@ class TransactionalSink:
     def _read_progress(self, shards: list[int]) -> dict[int, list[Named]]:
         """The rows named in the last committed progress record of each of SHARDS ([] for a
         shard with none). A shard whose record cannot be read is left out: it does not send."""
-        settings = {k: v for k, v in self._config.items() if k.startswith(_CLIENT_PREFIXES)}
+        settings = client_settings(self._config)
         consumer = Consumer(
             {
                 **settings,
@@ -1036,7 +1042,7 @@ def transaction_timeout(flush_timeout: float) -> float:
 def check_kafka(config: Mapping[str, str], timeout: float = 5.0) -> str | None:
     """None when a broker answers a metadata request with CONFIG's connection settings, else
     why not (for /readyz and `outbox doctor`)."""
-    settings = {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
+    settings = client_settings(config)
     problems: list[str] = []
     try:
         # error_cb is a librdkafka setting; AdminClient's stub allows only scalars.
@@ -1054,9 +1060,7 @@ def missing_topics(config: Mapping[str, str], topics: Sequence[str]) -> list[str
     """Which of TOPICS the cluster does not have."""
     if not topics:
         return []
-    settings: dict[str, str | int | float | bool] = {
-        k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)
-    }
+    settings = client_settings(config)
     existing = AdminClient(settings, logger=log).list_topics(timeout=10).topics
     return sorted(t for t in topics if t not in existing)
 
@@ -1067,9 +1071,7 @@ def check_progress_topic(
     """None when TOPIC can hold exactly-once progress for SHARDS shards (exists, compacted,
     exactly SHARDS partitions), else what is wrong and how to fix it. CREATE: make it if it is
     missing (`outbox migrate --kafka`)."""
-    settings: dict[str, str | int | float | bool] = {
-        k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)
-    }
+    settings = client_settings(config)
     admin = AdminClient(settings, logger=log)
     fix = f"outbox migrate --kafka --shards {shards} --progress-topic {topic}"
     try:
@@ -1115,7 +1117,7 @@ def check_transactions(
     would abort)."""
     producer = Producer(
         {
-            **{k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)},
+            **client_settings(config),
             "transactional.id": f"{prefix}-check-{uuid.uuid4().hex[:12]}",
             "transaction.timeout.ms": str(int(transaction_timeout(flush_timeout) * 1000)),
         },
@@ -1154,9 +1156,7 @@ def topic_limits(config: Mapping[str, str], topics: Sequence[str]) -> dict[str, 
     """The max.message.bytes of TOPICS, as far as they can be read (DescribeConfigs)."""
     if not topics:
         return {}
-    settings: dict[str, str | int | float | bool] = {
-        k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)
-    }
+    settings = client_settings(config)
     admin = AdminClient(settings, logger=log)
     resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics]
     limits = {}
