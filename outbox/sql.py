@@ -61,8 +61,17 @@ def table_ident(schema: str | None, table: str = TABLE) -> sql.Identifier:
 
 @functools.cache
 def query(package: str, filename: str, name: str, schema: str | None) -> sql.Composed:
-    """The block NAME with its identifiers quoted for SCHEMA (None: the search_path)."""
-    return compose(read_blocks(package, filename)[name], schema)
+    """The block NAME with its identifiers quoted for SCHEMA (None: the search_path), and each
+    other block of the file that it names as {BLOCK} put in its place: one rule written once
+    and used by several queries."""
+    blocks = read_blocks(package, filename)
+    body = blocks[name]
+    parts = {
+        other: query(package, filename, other, schema)
+        for other in blocks
+        if other != name and "{" + other + "}" in body
+    }
+    return compose(body, schema, **parts)
 
 
 def compose(body: str, schema: str | None, **fragments: sql.Composable) -> sql.Composed:

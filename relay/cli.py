@@ -117,6 +117,10 @@ def _age(when: dt.datetime | None) -> str:
     return f"{seconds:.1f}s"
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return key_text(value)
@@ -374,13 +378,19 @@ def status(dsn: str, schema: str, as_json: bool, fail_if_lag, fail_if_failed) ->
 def _print_status(report: dict[str, Any]) -> None:
     click.echo(f"schema {report['schema']}: version {report['schema_version']}")
     click.echo("  " + "  ".join(f"{st} {n}" for st, n in report["counts"].items()))
-    age = report["oldest_pending_age_seconds"]
     click.echo(
-        f"lag (oldest claimable PENDING): {'-' if age is None else f'{age:.1f}s'}"
+        f"lag (oldest PENDING row the relay may send now): "
+        f"{_seconds(report['oldest_pending_age_seconds'])}"
         f"   waiting for a retry: {report['in_backoff']}"
+        f"   held behind a blocked key: {report['held']}"
     )
-    for topic, counts in report["by_topic"].items():
-        click.echo(f"  topic {topic}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    for topic, t in report["topics"].items():
+        click.echo(
+            f"  topic {topic}: "
+            + ", ".join(f"{k} {v}" for k, v in t["counts"].items())
+            + f"; lag {_seconds(t['lag_seconds'])}"
+            + (f", {t['held']} held" if t["held"] else "")
+        )
     blocked = report["blocked_keys"]
     click.echo(f"keys blocked by a FAILED row: {report['blocked_key_count']}")
     for b in blocked:

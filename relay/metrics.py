@@ -69,11 +69,16 @@ class RelayMetrics:
         self.pending = Gauge(
             "outbox_pending_messages", "PENDING rows in this relay's buckets.", registry=r
         )
+        self.held = Gauge(
+            "outbox_held_messages",
+            "PENDING rows of this relay's buckets held behind an earlier FAILED or "
+            "backing-off row of their key (head-of-key blocking): waiting on purpose.",
+            registry=r,
+        )
         self.oldest_claimable_age = Gauge(
             "outbox_oldest_claimable_age_seconds",
-            "Age of the oldest PENDING row of this "
-            "relay's buckets that may be sent now (rows in backoff not counted): the lag to "
-            "alert on.",
+            "Age of the oldest PENDING row of this relay's buckets that may be sent now (rows "
+            "in backoff and rows held behind a blocked key not counted): the lag to alert on.",
             registry=r,
         )
         self.buckets_owned = Gauge(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from enum import Enum
 from typing import NamedTuple, Protocol, TypeAlias
 
@@ -66,6 +66,28 @@ class Failed(NamedTuple):
 
 
 Outcome: TypeAlias = Delivered | Failed
+
+
+class PendingStats(NamedTuple):
+    """What waits in a set of buckets, for the gauges and `outbox status`."""
+
+    #: PENDING rows.
+    pending: int
+    #: Of those, rows held behind an earlier FAILED row of their key, or one waiting for its
+    #: retry: they wait on purpose (head-of-key blocking), and are shown as blocked keys.
+    held: int
+    #: Age in seconds of the oldest row that may be sent now (not held, not in backoff): the
+    #: lag. None when there is none.
+    lag_seconds: float | None
+
+    @classmethod
+    def total(cls, parts: Iterable[PendingStats]) -> PendingStats:
+        """The stats of several topics (or bucket sets) together."""
+        parts = list(parts)
+        lags = [p.lag_seconds for p in parts if p.lag_seconds is not None]
+        return cls(
+            sum(p.pending for p in parts), sum(p.held for p in parts), max(lags, default=None)
+        )
 
 
 class FailureUpdate(NamedTuple):
@@ -144,8 +166,8 @@ class Store(Protocol):
     def release(self, relay_id: uuid.UUID) -> None:
         """Give back every bucket of RELAY_ID and forget it."""
 
-    def pending_stats(self, buckets: frozenset[int]) -> tuple[int, float | None]:
-        """(PENDING rows in BUCKETS, age in seconds of the oldest one that may be sent now)."""
+    def pending_stats(self, buckets: frozenset[int]) -> PendingStats:
+        """What waits in BUCKETS: PENDING rows, those held behind a blocked key, the lag."""
 
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
         """Delete up to LIMIT CONFIRMED rows created over OLDER_THAN_SECONDS ago."""

@@ -227,10 +227,11 @@ class Relay:
                 len(recovered),
             )
         self.metrics.buckets_owned.set(len(buckets))
-        pending, oldest_age = self.store.pending_stats(buckets)
-        self._pending = pending
-        self.metrics.pending.set(pending)
-        self.metrics.oldest_claimable_age.set(oldest_age or 0.0)
+        stats = self.store.pending_stats(buckets)
+        self._pending = stats.pending
+        self.metrics.pending.set(stats.pending)
+        self.metrics.held.set(stats.held)
+        self.metrics.oldest_claimable_age.set(stats.lag_seconds or 0.0)
         now = self.clock.monotonic()
         if now >= self._lease_valid_until:
             self._lease_valid_until = float("-inf")  # lapsed: trust nothing got ready

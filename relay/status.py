@@ -10,7 +10,9 @@ from outbox.schema import require_schema
 from outbox.sql import one_row, query
 
 from . import operations
+from .model import BUCKETS, PendingStats
 from .selection import key_text
+from .store import int_array
 
 STATUSES = ("PENDING", "SENT", "CONFIRMED", "FAILED", "SKIPPED")
 
@@ -27,7 +29,15 @@ def read_status(conn: psycopg.Connection, schema: str) -> dict[str, Any]:
         for topic, st, n in conn.execute(q("counts_by_topic")):
             counts[st] = counts.get(st, 0) + n
             by_topic.setdefault(topic, {})[st] = n
-        (age,) = one_row(conn.execute(q("oldest_claimable_age")))
+        # The relay's gauges' own query over every bucket: they and this report agree.
+        waiting = {
+            topic: PendingStats(*rest)
+            for topic, *rest in conn.execute(
+                query("relay", "queries.sql", "pending_stats", schema),
+                {"buckets": int_array(range(BUCKETS))},
+            )
+        }
+        total = PendingStats.total(waiting.values())
         relays = [
             {"relay_id": str(rid), "name": name, "heartbeat_at": hb, "buckets": buckets}
             for rid, name, hb, buckets in conn.execute(q("relays"))
@@ -41,7 +51,16 @@ def read_status(conn: psycopg.Connection, schema: str) -> dict[str, Any]:
         "schema_version": version,
         "counts": counts,
         "by_topic": by_topic,
-        "oldest_pending_age_seconds": age,
+        "oldest_pending_age_seconds": total.lag_seconds,
+        "held": total.held,
+        "topics": {
+            topic: {
+                "counts": counts,
+                "lag_seconds": waiting.get(topic, PendingStats(0, 0, None)).lag_seconds,
+                "held": waiting.get(topic, PendingStats(0, 0, None)).held,
+            }
+            for topic, counts in by_topic.items()
+        },
         "in_backoff": in_backoff,
         "blocked_key_count": blocked_count,
         "blocked_keys": [

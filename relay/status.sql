@@ -3,12 +3,6 @@
 -- name: counts_by_topic
 SELECT topic, status, count(*) FROM {table} GROUP BY topic, status ORDER BY topic, status
 
--- name: oldest_claimable_age
--- Rows in backoff are not counted: this is the lag to alert on.
-SELECT extract(epoch FROM now() - min(created_at))::double precision
-  FROM {table}
- WHERE status = 'PENDING' AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-
 -- name: relays
 SELECT r.relay_id, r.name, r.heartbeat_at,
        (SELECT count(*) FROM {bucket_table} b

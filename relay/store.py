@@ -13,7 +13,7 @@ from outbox.message import headers_from_json
 from outbox.schema import require_schema
 from outbox.sql import one_row, query
 
-from .model import BUCKETS, Delivered, FailureUpdate, PendingMessage
+from .model import BUCKETS, Delivered, FailureUpdate, PendingMessage, PendingStats
 from .shards import plan_lease, validate_shards
 
 
@@ -219,13 +219,11 @@ class PostgresStore:
 
     # -- gauges and retention
 
-    def pending_stats(self, buckets: frozenset[int]) -> tuple[int, float | None]:
+    def pending_stats(self, buckets: frozenset[int]) -> PendingStats:
         if not buckets:
-            return 0, None
-        count, age = one_row(
-            self._execute("pending_stats", {"buckets": self._bucket_array(buckets)})
-        )
-        return count, age
+            return PendingStats(0, 0, None)
+        by_topic = self._execute("pending_stats", {"buckets": self._bucket_array(buckets)})
+        return PendingStats.total(PendingStats(*row[1:]) for row in by_topic)
 
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
         cur = self._execute(

@@ -24,6 +24,7 @@ from .model import (
     FailureUpdate,
     Outcome,
     PendingMessage,
+    PendingStats,
     send_in_key_order,
 )
 from .shards import buckets_of, message_tag, plan_lease
@@ -34,6 +35,14 @@ def bucket_of(key: bytes | None, row_id: int) -> int:
     if key is None:
         return row_id % BUCKETS
     return hashlib.md5(key).digest()[0]
+
+
+def _backing_off(row: Row, now: float) -> bool:
+    return row.status == "PENDING" and row.next_attempt_at is not None and row.next_attempt_at > now
+
+
+def _held(row: Row, blockers: dict[bytes, int]) -> bool:
+    return row.key is not None and blockers.get(row.key, row.id) < row.id
 
 
 @dataclass
@@ -108,17 +117,7 @@ class InMemoryStore:
         excluded = set(exclude)
         with self._lock:
             now = self._now()
-            blockers: dict[bytes, int] = {}
-            for row in sorted(self.rows.values(), key=lambda r: r.id):
-                if row.bucket not in buckets or row.key is None:
-                    continue
-                waiting = (
-                    row.status == "PENDING"
-                    and row.next_attempt_at is not None
-                    and row.next_attempt_at > now
-                )
-                if row.status in ("FAILED", "SENT") or waiting:
-                    blockers.setdefault(row.key, row.id)
+            blockers = self._blocking_keys(buckets, now)
             out: list[PendingMessage] = []
             for row in sorted(self.rows.values(), key=lambda r: r.id):
                 if len(out) >= limit:
@@ -127,7 +126,7 @@ class InMemoryStore:
                     continue
                 if row.next_attempt_at is not None and row.next_attempt_at > now:
                     continue
-                if row.key is not None and blockers.get(row.key, row.id + 1) < row.id:
+                if _held(row, blockers):
                     continue
                 out.append(
                     PendingMessage(
@@ -143,6 +142,16 @@ class InMemoryStore:
                     )
                 )
             return out
+
+    def _blocking_keys(self, buckets: frozenset[int], now: float) -> dict[bytes, int]:
+        """queries.sql's blocking_keys: each key's first FAILED, SENT or backing-off row."""
+        blockers: dict[bytes, int] = {}
+        for row in sorted(self.rows.values(), key=lambda r: r.id):
+            if row.bucket not in buckets or row.key is None:
+                continue
+            if row.status in ("FAILED", "SENT") or _backing_off(row, now):
+                blockers.setdefault(row.key, row.id)
+        return blockers
 
     def _owned_by(self, row: Row, relay_id: uuid.UUID) -> bool:
         owner = self.owners.get(row.bucket)
@@ -192,16 +201,19 @@ class InMemoryStore:
                 n += 1
             return n
 
-    def pending_stats(self, buckets: frozenset[int]) -> tuple[int, float | None]:
+    def pending_stats(self, buckets: frozenset[int]) -> PendingStats:
         with self._lock:
             now_wall = dt.datetime.now(dt.timezone.utc)
             now = self._now()
+            blockers = self._blocking_keys(buckets, now)
             pending = [
                 r for r in self.rows.values() if r.status == "PENDING" and r.bucket in buckets
             ]
-            ready = [r for r in pending if r.next_attempt_at is None or r.next_attempt_at <= now]
-            oldest = min((r.created_at for r in ready), default=None)
-            return len(pending), (now_wall - oldest).total_seconds() if oldest else None
+            held = [r for r in pending if _held(r, blockers)]
+            due = [r for r in pending if not _backing_off(r, now) and not _held(r, blockers)]
+            oldest = min((r.created_at for r in due), default=None)
+            lag = (now_wall - oldest).total_seconds() if oldest else None
+            return PendingStats(len(pending), len(held), lag)
 
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
         with self._lock:

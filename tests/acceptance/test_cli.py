@@ -11,6 +11,9 @@ from click.testing import CliRunner
 
 import outbox
 from relay.cli import main
+from relay.relay import Relay
+from relay.store import PostgresStore
+from relay.testing import RecordingSink
 from tests.integration.test_relay_kafka import drain
 from tests.kafka_helpers import create_topic, delete_topic, read_all
 
@@ -209,6 +212,8 @@ def test_status_json_fields(conn, dsn):
         "counts",
         "by_topic",
         "oldest_pending_age_seconds",
+        "held",
+        "topics",
         "in_backoff",
         "blocked_key_count",
         "blocked_keys",
@@ -218,6 +223,42 @@ def test_status_json_fields(conn, dsn):
     assert report["counts"]["PENDING"] == 1 and report["by_topic"] == {"t": {"PENDING": 1}}
     lagging = cli("status", "--fail-if-lag", "0", env={"OUTBOX_DSN": dsn})
     assert lagging.exit_code == 1 and "PROBLEM: lag" in lagging.output
+
+
+def test_rows_held_behind_a_poisoned_key_are_not_lag_in_status_or_gauge(conn, dsn):
+    """One poisoned key must not fire the lag alert: its held rows show as held, in `outbox
+    status` and in the relay's gauges alike, and a row the relay may send is lag again."""
+    with conn.transaction():
+        for _ in range(4):
+            outbox.publish(conn, topic="t", key="poisoned", payload={})
+    conn.execute(
+        "UPDATE local_message SET status = 'FAILED' WHERE id = (SELECT min(id) FROM local_message)"
+    )
+    conn.commit()
+    relay = Relay(PostgresStore(dsn), RecordingSink(), reader=PostgresStore(dsn), name="gauges")
+    try:
+        assert relay.run_once() == 0  # its heartbeat sets the gauges; nothing may be sent
+        gauge = relay.metrics.registry.get_sample_value
+        report = json.loads(cli("status", "--json", env={"OUTBOX_DSN": dsn}).output)
+        assert report["held"] == gauge("outbox_held_messages") == 3
+        assert report["oldest_pending_age_seconds"] is None
+        assert gauge("outbox_oldest_claimable_age_seconds") == 0.0
+        assert report["topics"]["t"] == {
+            "counts": {"FAILED": 1, "PENDING": 3},
+            "lag_seconds": None,
+            "held": 3,
+        }
+        assert report["blocked_keys"][0]["held"] == 3
+        text = cli("status", "--fail-if-lag", "0", env={"OUTBOX_DSN": dsn})
+        assert text.exit_code == 0 and "held behind a blocked key: 3" in text.output
+        with conn.transaction():
+            outbox.publish(conn, topic="u", key="fresh", payload={})
+        report = json.loads(cli("status", "--json", env={"OUTBOX_DSN": dsn}).output)
+        assert report["topics"]["u"]["lag_seconds"] is not None
+        assert report["oldest_pending_age_seconds"] == report["topics"]["u"]["lag_seconds"]
+        assert cli("status", "--fail-if-lag", "0", env={"OUTBOX_DSN": dsn}).exit_code == 1
+    finally:
+        relay.close_stores()
 
 
 def test_expected_failures_are_one_line_without_traceback_or_password(empty_dsn):

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 import outbox
-from relay.model import BUCKETS, Delivered, FailureUpdate, Store
+from relay.model import BUCKETS, Delivered, FailureUpdate, PendingStats, Store
 from relay.shards import message_tag, whole_shards
 from relay.testing import InMemoryStore, bucket_of
 
@@ -108,12 +108,31 @@ def test_a_failed_or_waiting_row_holds_back_its_key_and_no_other(under_test):
         == 2
     )
     assert ids(store.fetch_pending(ALL, 10)) == [c1, c2]
-    pending, oldest = store.pending_stats(ALL)
+    stats = store.pending_stats(ALL)
     # a2 and b2 are held back but still PENDING; the FAILED a1 is not pending any more.
-    assert pending == 5 and oldest is not None and oldest >= 0
+    assert (stats.pending, stats.held) == (5, 2)
+    assert stats.lag_seconds is not None and stats.lag_seconds >= 0
     assert a2 not in ids(store.fetch_pending(ALL, 10)) and b2 not in ids(
         store.fetch_pending(ALL, 10)
     )
+
+
+def test_rows_held_behind_a_blocked_key_are_not_lag(under_test):
+    """The lag counts rows the relay may send now: one poisoned key must not look like a relay
+    falling behind (it shows as a blocked key instead)."""
+    store, insert = under_test.store, under_test.insert
+    relay = uuid.uuid4()
+    store.heartbeat(relay, "a", 60)
+    first, *_held = (insert(b"poisoned") for _ in range(3))
+    store.record_failures(relay, [FailureUpdate(first, 1, "rejected", True, 0.0)])
+    assert store.pending_stats(ALL) == PendingStats(2, 2, None)
+    waits = insert(b"retrying")
+    store.record_failures(relay, [FailureUpdate(waits, 1, "try again", False, 300.0)])
+    insert(b"retrying")
+    assert store.pending_stats(ALL) == PendingStats(4, 3, None)
+    insert(b"fresh")
+    stats = store.pending_stats(ALL)
+    assert (stats.pending, stats.held) == (5, 3) and stats.lag_seconds is not None
 
 
 def test_only_the_owner_writes_outcomes_and_only_once(under_test):
