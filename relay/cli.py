@@ -31,6 +31,7 @@ from .config import (
     DELIVERY_MODES,
     ConfigError,
     RelayConfig,
+    check_dsn,
     redact_dsn,
     redact_text,
     secrets_of,
@@ -77,8 +78,10 @@ def expected_failures(func):
 
 
 def _connect(dsn: str) -> psycopg.Connection:
-    if not dsn:
-        raise Failure("no database: set --dsn or OUTBOX_DSN", EXIT_USAGE)
+    try:
+        check_dsn(dsn)
+    except ConfigError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
     try:
         return psycopg.connect(
             dsn, autocommit=True, connect_timeout=10, application_name="outbox-cli"
@@ -819,6 +822,7 @@ def doctor(
     """
     from .doctor import run_checks
 
+    check_dsn(dsn)  # no DSN at all: say so, rather than try the local socket
     kafka = _kafka_settings(kafka_settings)
     if bootstrap_servers:
         kafka["bootstrap.servers"] = bootstrap_servers

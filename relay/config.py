@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
+
 from outbox.errors import OutboxError
 from outbox.message import DEFAULT_MAX_MESSAGE_BYTES
 from outbox.sql import validate_identifier
@@ -118,8 +120,7 @@ class RelayConfig:
         return cfg
 
     def validate(self) -> None:
-        if not self.dsn:
-            raise ConfigError("no database: set --dsn or OUTBOX_DSN")
+        check_dsn(self.dsn)
         if not (self.bootstrap_servers or self.kafka.get("bootstrap.servers")):
             raise ConfigError("no Kafka: set --bootstrap-servers or OUTBOX_BOOTSTRAP_SERVERS")
         try:
@@ -281,14 +282,30 @@ def redact_mapping(values: Mapping[str, str]) -> dict[str, str]:
 _KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
 
 
+def check_dsn(dsn: str) -> None:
+    """Refuse a DSN that can never connect (malformed, a port out of range) as a configuration
+    error: retrying it, as the relay retries a database that is not up yet, cannot help."""
+    if not dsn:
+        raise ConfigError("no database: set --dsn or OUTBOX_DSN")
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        raise ConfigError(
+            f"dsn {redact_dsn(dsn)}: {redact_text(str(exc).strip(), *_dsn_secrets(dsn))}"
+        ) from None
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"dsn {redact_dsn(dsn)}: port {port!r} is not a TCP port")
+
+
 def redact_dsn(dsn: str) -> str:
     """The DSN without its password, in URL or key=value form."""
     if "://" in dsn:
         parts = urlsplit(dsn)
         if parts.password is not None:
-            host = parts.hostname or ""
-            if parts.port:
-                host = f"{host}:{parts.port}"
+            # The host part as written: parts.port would raise on a port out of range, the
+            # very DSN an operator needs to see in the error.
+            host = parts.netloc.rpartition("@")[2]
             netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
             parts = parts._replace(netloc=netloc)
         query = _KV_PASSWORD.sub(r"\1***", parts.query.replace("&", " ")).replace(" ", "&")
@@ -306,11 +323,15 @@ def redact_text(text: str, *secrets: str) -> str:
 
 def secrets_of(cfg: RelayConfig) -> list[str]:
     """The secret values in CFG, for scrubbing error messages from libraries."""
-    values = [v for k, v in cfg.kafka.items() if is_secret(k)]
-    if "://" in cfg.dsn:
-        password = urlsplit(cfg.dsn).password
+    return [v for k, v in cfg.kafka.items() if is_secret(k)] + _dsn_secrets(cfg.dsn)
+
+
+def _dsn_secrets(dsn: str) -> list[str]:
+    values = []
+    if "://" in dsn:
+        password = urlsplit(dsn).password
         if password:
             values.append(password)
-    for match in _KV_PASSWORD.finditer(cfg.dsn):
+    for match in _KV_PASSWORD.finditer(dsn):
         values.append(match.group(2).strip("'"))
     return values

@@ -269,10 +269,34 @@ def test_expected_failures_are_one_line_without_traceback_or_password(empty_dsn)
         assert r.stderr.startswith("error: cannot connect to postgresql://outbox:***@127.0.0.1:1")
         assert "Traceback" not in r.stderr and "wr0ngpass" not in r.stderr + r.stdout
         assert len(r.stderr.strip().splitlines()) == 1
+    # DSNs that can never connect: a usage error naming the DSN (password masked), no
+    # traceback, from every command that takes one (the relay does not retry them).
+    commands = (
+        ["status"],
+        ["list"],
+        ["show", "1"],
+        ["migrate"],
+        ["replay", "1", "--yes"],
+        ["skip", "1", "--yes"],
+        ["purge", "--older-than", "1d", "--yes"],
+        ["inbox", "purge", "--older-than", "1d", "--yes"],
+        ["audit"],
+        ["doctor"],
+        ["relay", "-b", "127.0.0.1:1"],
+    )
+    for dsn in ("postgresql://outbox:wr0ngpass@127.0.0.1:70000/app", "password=wr0ngpass bogus"):
+        for args in commands:
+            r = run(*args, env={"OUTBOX_DSN": dsn}, timeout=30)
+            assert r.returncode == 2, (args, dsn, r.stderr)
+            assert "Traceback" not in r.stderr and "wr0ngpass" not in r.stderr + r.stdout
+            assert r.stderr.startswith("error: ") and "dsn " in r.stderr, (args, r.stderr)
+            assert len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     missing = run("status", env={"OUTBOX_DSN": empty_dsn})
     assert missing.returncode == 1 and "run `outbox migrate`" in missing.stderr
     assert run("show", "not-an-id", env={"OUTBOX_DSN": empty_dsn}).returncode == 2
-    assert run("status", env={"OUTBOX_DSN": ""}).returncode == 2
+    for args in commands:
+        unset = run(*args, env={"OUTBOX_DSN": ""}, timeout=30)
+        assert unset.returncode == 2 and "no database: set --dsn or OUTBOX_DSN" in unset.stderr
 
 
 def test_migrate_then_doctor(empty_dsn, bootstrap):
