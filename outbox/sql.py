@@ -64,14 +64,20 @@ def query(package: str, filename: str, name: str, schema: str | None) -> sql.Com
     """The block NAME with its identifiers quoted for SCHEMA (None: the search_path), and each
     other block of the file that it names as {BLOCK} put in its place: one rule written once
     and used by several queries."""
+    body = read_blocks(package, filename)[name]
+    return compose(body, schema, **named_blocks(package, filename, name, schema))
+
+
+def named_blocks(
+    package: str, filename: str, name: str, schema: str | None
+) -> dict[str, sql.Composed]:
+    """The other blocks of the file that block NAME names as {BLOCK}, ready for compose()."""
     blocks = read_blocks(package, filename)
-    body = blocks[name]
-    parts = {
+    return {
         other: query(package, filename, other, schema)
         for other in blocks
-        if other != name and "{" + other + "}" in body
+        if other != name and "{" + other + "}" in blocks[name]
     }
-    return compose(body, schema, **parts)
 
 
 def compose(body: str, schema: str | None, **fragments: sql.Composable) -> sql.Composed:

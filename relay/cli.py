@@ -120,6 +120,22 @@ def _age(when: dt.datetime | None) -> str:
     return f"{seconds:.1f}s"
 
 
+def _waits(row: dict[str, Any]) -> str:
+    """Why a PENDING row is not sent yet: held behind a row of its key, or its next try."""
+    if row["status"] != "PENDING":
+        return ""
+    if row["held_by"] is not None:
+        return f"held by {row['held_by']}"
+    if row["next_attempt_at"] is not None:
+        wait = (row["next_attempt_at"] - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        return f"retry in {max(wait, 0):.0f}s"
+    return ""
+
+
+def _described(selection) -> str:
+    return " ".join(f"{k}={v}" for k, v in selection.describe().items())
+
+
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
@@ -452,22 +468,22 @@ def list_command(
         rows = list_rows(conn, schema, selection, limit, after_id)
     if as_json:
         click.echo(json.dumps(_jsonable(rows), indent=2))
-        return
-    if not rows:
-        click.echo("no messages match")
-        return
-    click.echo(
-        f"{'ID':>10}  {'STATUS':<9} {'TOPIC':<24} {'KEY':<20} {'TRIES':>5} {'AGE':>7}  LAST ERROR"
-    )
-    for r in rows:
-        err = (r["last_error"] or "").replace("\n", " ")
+    elif rows:
         click.echo(
-            f"{r['id']:>10}  {r['status']:<9} {r['topic'][:24]:<24} "
-            f"{key_text(r['key'])[:20]:<20} {r['attempts']:>5} "
-            f"{_age(r['created_at']):>7}  {err[:60]}"
+            f"{'ID':>10}  {'STATUS':<9} {'TOPIC':<24} {'KEY':<20} {'TRIES':>5} {'AGE':>7}  "
+            f"{'WAITS':<16} LAST ERROR"
         )
-    if len(rows) == limit:
-        click.echo(f"(more: --after-id {rows[-1]['id']})")
+        for r in rows:
+            err = (r["last_error"] or "").replace("\n", " ")
+            click.echo(
+                f"{r['id']:>10}  {r['status']:<9} {r['topic'][:24]:<24} "
+                f"{key_text(r['key'])[:20]:<20} {r['attempts']:>5} "
+                f"{_age(r['created_at']):>7}  {_waits(r):<16} {err[:60]}"
+            )
+        if len(rows) == limit:
+            click.echo(f"(more: --after-id {rows[-1]['id']})")
+    if not rows:  # like grep: a script can tell "nothing matches" from the exit status
+        raise Failure(f"no message matches {_described(selection)}".strip())
 
 
 @main.command()
@@ -566,23 +582,32 @@ def _change_command(action: str):
         with _connect(dsn) as conn:
             require_schema(conn, schema)
             counts = operations.count_rows(conn, schema, selection)
-            eligible = (
-                ("FAILED",)
-                if action == "skip"
-                else ("FAILED", "SKIPPED", "CONFIRMED", "PENDING", "SENT")
-            )
-            total = sum(n for st, n in counts.items() if st in eligible)
+            total = operations.count_changeable(conn, schema, selection, action)
+            if not counts:
+                raise Failure(f"{action}: no message matches {_described(selection)}")
             sample = operations.list_rows(conn, schema, selection, limit=5)
+            matched = sum(counts.values())
             click.echo(
                 f"{action}: {total} messages match "
-                f"({', '.join(f'{st} {n}' for st, n in counts.items()) or 'none'})"
+                f"({', '.join(f'{st} {n}' for st, n in counts.items())})"
+                if total == matched
+                else f"{action}: {total} of {matched} matching messages can be changed "
+                f"({', '.join(f'{st} {n}' for st, n in counts.items())}): "
+                + (
+                    "skip takes FAILED rows"
+                    if action == "skip"
+                    else "PENDING rows never tried are on their way already, SENT rows wait "
+                    "for their claim to expire"
+                )
             )
             for r in sample:
                 click.echo(
                     f"  {r['id']:>10} {r['status']:<9} {r['topic']} "
                     f"{key_text(r['key'])} {(r['last_error'] or '')[:60]}"
                 )
-            if dry_run or total == 0:
+            if total == 0:
+                raise Failure(f"{action}: none of the {matched} matching messages can be changed")
+            if dry_run:
                 return
             _confirm(f"{action.capitalize()} these {total} messages?", yes)
             with click.progressbar(length=total, label=action, file=sys.stderr) as bar:
@@ -595,6 +620,8 @@ def _change_command(action: str):
             f"{'back to PENDING' if action == 'replay' else 'SKIPPED'} "
             "(recorded in the audit trail: outbox audit)"
         )
+        if not changed:  # they changed between the count and the change (a relay, an operator)
+            raise Failure(f"{action}: no message changed")
 
     return run
 

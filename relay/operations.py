@@ -15,34 +15,56 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+import outbox.sql
 from outbox.message import headers_from_json
-from outbox.sql import compose, one_row, read_blocks
+from outbox.sql import compose, named_blocks, one_row, read_blocks
 
+from .model import BUCKETS
 from .selection import Selection
+from .store import int_array
 
 BATCH = 1000
+ALL_BUCKETS = int_array(range(BUCKETS))
 Progress = Callable[[int], None]
 
 
 def _q(name: str, schema: str, selection: Selection | None = None):
     body = read_blocks("relay", "operations.sql")[name]
+    parts = named_blocks("relay", "operations.sql", name, schema)
     if selection is None:
-        return compose(body, schema), {}
+        return compose(body, schema, **parts), {}
     where, params = selection.where()
-    return compose(body, schema, where=where), params
+    return compose(body, schema, where=where, **parts), params
 
 
 def list_rows(
     conn: psycopg.Connection, schema: str, selection: Selection, limit: int = 50, after_id: int = 0
 ) -> list[dict[str, Any]]:
-    query, params = _q("list_rows", schema, selection)
+    where, params = selection.where()
+    query = compose(
+        read_blocks("relay", "operations.sql")["list_rows"],
+        schema,
+        where=where,
+        blocking_keys=outbox.sql.query("relay", "queries.sql", "blocking_keys", schema),
+    )
+    params = {**params, "limit": limit, "after_id": after_id, "buckets": ALL_BUCKETS}
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(query, {**params, "limit": limit, "after_id": after_id}).fetchall()
+        return cur.execute(query, params).fetchall()
 
 
 def count_rows(conn: psycopg.Connection, schema: str, selection: Selection) -> dict[str, int]:
     query, params = _q("count_rows", schema, selection)
     return dict(conn.execute(query, params).fetchall())
+
+
+def count_changeable(
+    conn: psycopg.Connection, schema: str, selection: Selection, action: str
+) -> int:
+    """How many selected rows ACTION ('replay' or 'skip') would change now: the same rule
+    as the change itself (operations.sql's replayable and skippable)."""
+    name = {"replay": "count_replayable", "skip": "count_skippable"}[action]
+    query, params = _q(name, schema, selection)
+    return one_row(conn.execute(query, params))[0]
 
 
 def get_row(conn: psycopg.Connection, schema: str, ref: int | uuid.UUID) -> dict[str, Any] | None:

@@ -1,12 +1,19 @@
 -- Named SQL blocks of the operator commands. {where} is the operator's selection.
 
 -- name: list_rows
-SELECT id, message_id, topic, key, status, attempts, next_attempt_at, last_error, created_at,
-       delivered_at, kafka_partition, kafka_offset, bucket, dedup_key
-  FROM {table}
- WHERE ({where}) AND id > %(after_id)s
- ORDER BY id
- LIMIT %(limit)s
+-- held_by: for a PENDING row held back by its key (the relay's own blocking_keys rule, over
+-- every bucket), the id of the row that holds it.
+WITH blockers AS ({blocking_keys})
+SELECT m.*,
+       (SELECT b.first_id FROM blockers b
+         WHERE m.status = 'PENDING' AND b.key = m.key AND b.first_id < m.id) AS held_by
+  FROM (SELECT id, message_id, topic, key, status, attempts, next_attempt_at, last_error,
+               created_at, delivered_at, kafka_partition, kafka_offset, bucket, dedup_key
+          FROM {table}
+         WHERE ({where}) AND id > %(after_id)s
+         ORDER BY id
+         LIMIT %(limit)s) m
+ ORDER BY m.id
 
 -- name: count_rows
 SELECT status, count(*) FROM {table} WHERE {where} GROUP BY status ORDER BY status
@@ -23,15 +30,30 @@ SELECT id, message_id, topic, key, payload, headers, status, attempts, next_atte
 SELECT count(*) FROM {table}
  WHERE key = %(key)s AND id > %(id)s AND status = 'PENDING'
 
+-- name: replayable
+-- The rows a replay puts back to PENDING: FAILED, SKIPPED and CONFIRMED rows, PENDING rows
+-- that were tried (waiting for a retry: sent at once), SENT rows whose claim expired. A PENDING
+-- row never tried is on its way already. Named by replay_batch and count_replayable.
+(status IN ('FAILED', 'SKIPPED', 'CONFIRMED')
+ OR (status = 'PENDING' AND (attempts > 0 OR next_attempt_at IS NOT NULL))
+ OR (status = 'SENT' AND claim_expires_at < now()))
+
+-- name: skippable
+-- The rows a skip marks SKIPPED: FAILED ones only.
+(status = 'FAILED')
+
+-- name: count_replayable
+SELECT count(*) FROM {table} WHERE ({where}) AND {replayable}
+
+-- name: count_skippable
+SELECT count(*) FROM {table} WHERE ({where}) AND {skippable}
+
 -- name: replay_batch
 -- One batch of a replay: back to PENDING, attempts and backoff cleared, with its audit row in
 -- the same transaction.
 WITH picked AS (
     SELECT id FROM {table}
-     WHERE ({where}) AND id > %(after_id)s
-       AND (status IN ('FAILED', 'SKIPPED', 'CONFIRMED')
-            OR (status = 'PENDING' AND (attempts > 0 OR next_attempt_at IS NOT NULL))
-            OR (status = 'SENT' AND claim_expires_at < now()))
+     WHERE ({where}) AND id > %(after_id)s AND {replayable}
      ORDER BY id
      LIMIT %(limit)s
        FOR UPDATE
@@ -56,7 +78,7 @@ SELECT coalesce((SELECT ids FROM audit), ARRAY[]::bigint[])
 -- name: skip_batch
 WITH picked AS (
     SELECT id FROM {table}
-     WHERE ({where}) AND id > %(after_id)s AND status = 'FAILED'
+     WHERE ({where}) AND id > %(after_id)s AND {skippable}
      ORDER BY id
      LIMIT %(limit)s
        FOR UPDATE

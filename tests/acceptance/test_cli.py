@@ -142,10 +142,49 @@ def test_list_filters_and_pages(conn, dsn):
         len(json.loads(cli("list", "--key", "k1", "--limit", "100", "--json", env=env).output))
         == 10
     )
-    assert json.loads(cli("list", "--since", "1h", "--until", "2h", "--json", env=env).output) == []
+    nothing = cli("list", "--since", "1h", "--until", "2h", "--json", env=env)
+    assert nothing.exit_code == 1 and json.loads(nothing.stdout) == []
+    assert nothing.stderr.startswith("error: no message matches since=")
+    # Why a PENDING row waits: held behind its key's FAILED row, or its next try.
+    k0 = [r["id"] for r in json.loads(cli("list", "--key", "k0", "--json", env=env).stdout)]
+    k1 = [r["id"] for r in json.loads(cli("list", "--key", "k1", "--json", env=env).stdout)]
+    conn.execute("UPDATE local_message SET status = 'FAILED' WHERE id = %s", (k0[0],))
+    conn.execute(
+        "UPDATE local_message SET attempts = 1, next_attempt_at = now() + interval '1 hour'"
+        " WHERE id = %s",
+        (k1[0],),
+    )
+    conn.commit()
+    rows = json.loads(cli("list", "--key", "k0", "--json", env=env).stdout)
+    assert [r["held_by"] for r in rows] == [None] + [k0[0]] * (len(k0) - 1)
+    text = cli("list", "--key", "k1", env=env).output
+    assert "retry in 3599s" in text or "retry in 3600s" in text
+    assert text.count(f"held by {k1[0]}") == len(k1) - 1
+    assert "held by" not in cli("list", "--key", "k2", env=env).output
     assert "(more: --after-id" in cli("list", "--limit", "3", env=env).output
     bad = cli("list", "--since", "yesterday", env=env)
     assert bad.exit_code == 2 and "not a time" in bad.output
+
+
+def test_a_change_that_matches_nothing_or_changes_nothing_exits_1(conn, dsn):
+    """A script must tell "replayed" from "nothing to replay", as `show` of a missing id does."""
+    with conn.transaction():
+        fresh = outbox.publish(conn, topic="t", key="k", payload={}).id
+    env = {"OUTBOX_DSN": dsn}
+    for action in ("replay", "skip"):
+        missing = run(action, "999999", "--yes", env=env)
+        assert missing.returncode == 1, missing
+        assert missing.stderr == f"error: {action}: no message matches ids=['999999']\n"
+        assert run(action, "--topic", "no.such", "--dry-run", env=env).returncode == 1
+    # A PENDING row never tried: it matches, but replay cannot change it; the dry run says so.
+    dry = run("replay", "--status", "PENDING", "--dry-run", env=env)
+    assert dry.returncode == 1 and "0 of 1 matching messages can be changed" in dry.stdout
+    assert "none of the 1 matching messages can be changed" in dry.stderr
+    assert run("replay", "--status", "PENDING", "--yes", env=env).returncode == 1
+    assert run("skip", str(fresh), "--yes", env=env).returncode == 1  # not FAILED
+    assert run("show", "999999", env=env).returncode == 1
+    with psycopg.connect(dsn) as c:
+        assert c.execute("SELECT count(*) FROM local_message_audit").fetchone() == (0,)
 
 
 def test_replay_of_confirmed_rows_resends_them(conn, dsn):
