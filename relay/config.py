@@ -66,6 +66,9 @@ class RelayConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Message-specific failures before a row becomes FAILED.
     max_attempts: int = 12
+    #: ... when the failure is one retrying cannot fix (no such topic, too large, not
+    #: authorised): a few tries, in case it is fixed at once, then FAILED and visible.
+    max_permanent_attempts: int = 3
     backoff_base: float = 1.0
     backoff_max: float = 300.0
     #: Longest wait for in-flight deliveries on SIGTERM.
@@ -127,7 +130,7 @@ class RelayConfig:
             validate_identifier(self.schema)
         except OutboxError as exc:
             raise ConfigError(str(exc)) from None
-        for name in ("batch_size", "max_attempts"):
+        for name in ("batch_size", "max_attempts", "max_permanent_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.retention_seconds < 0:

@@ -87,6 +87,8 @@ SELECT m.id, m.message_id::text, m.topic, m.key, m.payload, m.headers, m.attempt
  LIMIT %(limit)s
 
 -- name: mark_confirmed
+-- last_error says why a row is not delivered yet: a delivered row has none (attempts still
+-- counts what it took).
 -- Only rows of buckets this relay still owns: a relay that lost its lease cannot overwrite
 -- the new owner's work (the owned buckets are read once, as an InitPlan).
 -- The rows are found by `id = ANY(ids)` (an index condition on the primary key and on the
@@ -96,7 +98,7 @@ SELECT m.id, m.message_id::text, m.topic, m.key, m.payload, m.headers, m.attempt
 -- per batch (300 ms with 200,000 rows), or loop over the whole array for each row of the
 -- table (40 s with 60,000; tests/integration/test_store_plans.py).
 UPDATE {table} m
-   SET status = 'CONFIRMED', delivered_at = now(), next_attempt_at = NULL,
+   SET status = 'CONFIRMED', delivered_at = now(), next_attempt_at = NULL, last_error = NULL,
        kafka_partition = (%(places)s::jsonb -> m.id::text ->> 0)::integer,
        kafka_offset = (%(places)s::jsonb -> m.id::text ->> 1)::bigint
  WHERE m.id = ANY(%(ids)s::bigint[]) AND m.status = 'PENDING'
@@ -109,7 +111,7 @@ UPDATE {table} m
 -- but whose message_id does not (a restored or recreated table) is left PENDING and sent.
 -- The same ownership rule and lookup by id as mark_confirmed; no partition or offset is known.
 UPDATE {table} m
-   SET status = 'CONFIRMED', delivered_at = now(), next_attempt_at = NULL
+   SET status = 'CONFIRMED', delivered_at = now(), next_attempt_at = NULL, last_error = NULL
  WHERE m.id = ANY(%(ids)s::bigint[]) AND m.status = 'PENDING'
    AND encode(substring(uuid_send(m.message_id) FROM 9), 'hex') = %(tags)s::jsonb ->> m.id::text
    AND m.bucket = ANY(ARRAY(SELECT b.bucket FROM {bucket_table} b

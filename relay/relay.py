@@ -443,7 +443,7 @@ class Relay:
             self._check_order(batch, outcomes)
         self._observe(batch, outcomes, updates, acked_at, started)
         outage = sum(1 for f in failed if f.kind in (FailureKind.OUTAGE, FailureKind.UNKNOWN))
-        self._log_failures(failed)
+        self._log_failures(failed, updates, batch)
         if delivered:
             self.metrics.kafka_up.set(1)
             self.outage_log.recovered()
@@ -451,15 +451,42 @@ class Relay:
             self.metrics.kafka_up.set(0)
         self._pause = self.breaker.record(len(delivered), outage)
 
-    def _log_failures(self, failed: Sequence[Failed]) -> None:
+    def _log_failures(
+        self,
+        failed: Sequence[Failed],
+        updates: Sequence[FailureUpdate],
+        batch: Sequence[PendingMessage],
+    ) -> None:
         """The first few failures of a batch; those of an outage go through the outage log
-        (once each, then a summary now and then)."""
+        (once each, then a summary now and then). A row is called FAILED only when it is
+        marked so; before that the line says which attempt it was and when the next is."""
+        written = {u.id: u for u in updates}
+        tried = {m.id: m.attempts + 1 for m in batch}
         for f in failed[:5]:
-            text = f"delivery of row {f.id} failed ({f.kind.value}): {f.error}"
+            update = written.get(f.id)
             if f.kind in (FailureKind.OUTAGE, FailureKind.UNKNOWN):
+                text = f"delivery of row {f.id} failed ({f.kind.value}): {f.error}"
                 self.outage_log.problem(f"{f.kind.value}: {f.error}", logging.WARNING, text)
+            elif update is None:  # deferred behind its key, or to be sent alone: not counted
+                log.warning("delivery of row %d postponed (%s): %s", f.id, f.kind.value, f.error)
+            elif update.give_up:
+                log.error(
+                    "row %d is FAILED after %d attempts (%s): %s (outbox show %d)",
+                    f.id,
+                    tried[f.id],
+                    f.kind.value,
+                    f.error,
+                    f.id,
+                )
             else:
-                log.warning("%s", text)
+                log.warning(
+                    "delivery of row %d failed (attempt %d of %d, next in %.1fs): %s",
+                    f.id,
+                    tried[f.id],
+                    self.retry.attempts_allowed(f.kind),
+                    update.delay_seconds,
+                    f.error,
+                )
         if self.outage_log.in_outage:
             self.outage_log.summary_if_due(waiting=self._pending)
 

@@ -19,6 +19,10 @@ class RetryPolicy:
     max_attempts: int = 12
     base: float = 1.0
     cap: float = 300.0
+    #: For failures retrying cannot fix (FailureKind.PERMANENT): a few tries in case someone
+    #: fixes the cause at once (creates the topic, grants the ACL), then FAILED, so that the
+    #: blocked key shows within seconds instead of after max_attempts backoffs.
+    max_permanent_attempts: int = 3
     #: Uniform in [0, 1); injectable so that tests get fixed delays.
     random: Callable[[], float] = random.random
 
@@ -26,6 +30,11 @@ class RetryPolicy:
         """Exponential backoff with jitter (half fixed, half random), capped."""
         raw = min(self.cap, self.base * (2 ** max(0, attempts - 1)))
         return raw * (0.5 + 0.5 * self.random())
+
+    def attempts_allowed(self, kind: FailureKind) -> int:
+        if kind is FailureKind.PERMANENT:
+            return min(self.max_permanent_attempts, self.max_attempts)
+        return self.max_attempts
 
     def updates(
         self, failures: Sequence[Failed], messages: dict[int, PendingMessage]
@@ -37,7 +46,7 @@ class RetryPolicy:
             if failure.kind in NO_WRITE:
                 continue
             attempts = messages[failure.id].attempts + 1
-            give_up = attempts >= self.max_attempts
+            give_up = attempts >= self.attempts_allowed(failure.kind)
             out.append(
                 FailureUpdate(
                     failure.id,

@@ -156,7 +156,9 @@ def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
         sink,
         name=cfg.name,
         settings=settings,
-        retry=RetryPolicy(cfg.max_attempts, cfg.backoff_base, cfg.backoff_max),
+        retry=RetryPolicy(
+            cfg.max_attempts, cfg.backoff_base, cfg.backoff_max, cfg.max_permanent_attempts
+        ),
         wait_for_work=listener.wait if listener else None,
         outage_log=outage_log,
         reader=reader,

@@ -163,11 +163,14 @@ class InMemoryStore:
             for d in delivered:
                 row = self.rows.get(d.id)
                 if row and row.status == "PENDING" and self._owned_by(row, relay_id):
-                    row.status = "CONFIRMED"
+                    self._confirm(row)
                     row.kafka_partition, row.kafka_offset = d.partition, d.offset
-                    row.next_attempt_at = None
                     n += 1
             return n
+
+    @staticmethod
+    def _confirm(row: Row) -> None:
+        row.status, row.next_attempt_at, row.last_error = "CONFIRMED", None, None
 
     def confirm_from_kafka(self, relay_id: uuid.UUID, rows: Sequence[tuple[int, bytes]]) -> int:
         with self._lock:
@@ -180,7 +183,7 @@ class InMemoryStore:
                     and message_tag(row.message_id) == tag
                     and self._owned_by(row, relay_id)
                 ):
-                    row.status, row.next_attempt_at = "CONFIRMED", None
+                    self._confirm(row)
                     n += 1
             return n
 

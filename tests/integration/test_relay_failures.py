@@ -56,6 +56,36 @@ def test_too_large_for_its_topic_fails_alone_holds_its_key_and_others_flow(dsn, 
         delete_topic(bootstrap, topic)
 
 
+def test_a_missing_topic_makes_its_row_failed_after_a_few_attempts_not_twelve(
+    dsn, bootstrap, caplog
+):
+    """With auto-creation off, a row for a topic that does not exist cannot succeed until
+    someone creates it: after max_permanent_attempts (3 by default, not max_attempts' 12 with
+    backoff up to minutes) it is FAILED, and its key shows as blocked. The log calls it FAILED
+    only then; before, each line says which attempt it was."""
+    topic = f"t.missing.{os.getpid()}.{time.monotonic_ns()}"
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        lost = outbox.publish(conn, topic=topic, key="K", payload={"n": 1})
+    relay, _ = build_relay(relay_config(dsn, bootstrap, backoff_base=0.05, backoff_max=0.2))
+    assert relay.retry.max_attempts == 12
+    try:
+        run_until(relay, lambda: {r[0]: r for r in statuses(dsn)}[lost.id][1] == "FAILED")
+    finally:
+        relay.shutdown()
+        relay.sink.close(5)
+        relay.close_stores()
+    row = {r[0]: r for r in statuses(dsn)}[lost.id]
+    assert row[4] == 3 and "UNKNOWN_TOPIC" in row[5]
+    lines = [r.getMessage() for r in caplog.records if f"row {lost.id} " in r.getMessage()]
+    assert [("attempt 1 of 3" in m, "attempt 2 of 3" in m) for m in lines[:2]] == [
+        (True, False),
+        (False, True),
+    ]
+    assert lines[2].startswith(f"row {lost.id} is FAILED after 3 attempts (permanent)")
+    assert not any("permanent" in m for m in lines[:2])
+    assert relay.stats["failed"] == 1
+
+
 def test_request_rejected_as_a_whole_costs_no_attempts_and_everything_arrives(
     dsn, bootstrap, caplog
 ):
@@ -76,7 +106,7 @@ def test_request_rejected_as_a_whole_costs_no_attempts_and_everything_arrives(
             relay.shutdown()
             relay.sink.close(5)
             relay.close_stores()
-        assert "failed (isolate): MSG_SIZE_TOO_LARGE" in caplog.text, "the shared request failed"
+        assert "postponed (isolate): MSG_SIZE_TOO_LARGE" in caplog.text, "the shared request failed"
         assert all(r[4] == 0 for r in statuses(dsn)), "no attempt counted"
         received = read_all(bootstrap, topic, expected=9)
         assert len(received) >= 9

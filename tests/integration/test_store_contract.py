@@ -25,6 +25,8 @@ class StoreUnderTest:
     store: Store
     #: Commit one event; returns its row id.
     insert: Callable[[bytes | None], int]
+    #: A row's (status, last_error).
+    row: Callable[[int], tuple[str, str | None]]
 
 
 def _postgres(dsn: str, shards: int = BUCKETS) -> Iterator[StoreUnderTest]:
@@ -36,15 +38,25 @@ def _postgres(dsn: str, shards: int = BUCKETS) -> Iterator[StoreUnderTest]:
         with psycopg.connect(dsn) as conn, conn.transaction():
             return outbox.publish(conn, topic="t", key=key, payload={}).id
 
+    def row(row_id: int) -> tuple[str, str | None]:
+        with psycopg.connect(dsn) as conn:
+            return conn.execute(
+                "SELECT status, last_error FROM local_message WHERE id = %s", (row_id,)
+            ).fetchone()
+
     try:
-        yield StoreUnderTest(store, insert)
+        yield StoreUnderTest(store, insert, row)
     finally:
         store.close()
 
 
 def _in_memory(shards: int = BUCKETS) -> Iterator[StoreUnderTest]:
     store = InMemoryStore(time.monotonic, shards=shards)
-    yield StoreUnderTest(store, lambda key: store.insert("t", key, b"{}").id)
+    yield StoreUnderTest(
+        store,
+        lambda key: store.insert("t", key, b"{}").id,
+        lambda row_id: (store.rows[row_id].status, store.rows[row_id].last_error),
+    )
 
 
 @pytest.fixture(params=["postgres", "in-memory"])
@@ -146,6 +158,19 @@ def test_only_the_owner_writes_outcomes_and_only_once(under_test):
     assert store.mark_confirmed(owner, done) == 3
     assert store.mark_confirmed(owner, done) == 0  # no longer PENDING
     assert store.fetch_pending(ALL, 10) == [] and store.pending_stats(ALL)[0] == 0
+
+
+def test_a_delivered_row_keeps_no_error(under_test):
+    """last_error says why a row is not delivered yet: `outbox list --error X` must not list
+    rows that were delivered after a retry (attempts still says it took more than one)."""
+    store, insert = under_test.store, under_test.insert
+    relay = uuid.uuid4()
+    store.heartbeat(relay, "a", 60)
+    row_id = insert(b"k")
+    store.record_failures(relay, [FailureUpdate(row_id, 1, "transient: timed out", False, 0.0)])
+    assert under_test.row(row_id) == ("PENDING", "transient: timed out")
+    assert store.mark_confirmed(relay, [Delivered(row_id, 0, 7)]) == 1
+    assert under_test.row(row_id) == ("CONFIRMED", None)
 
 
 def test_retention_deletes_confirmed_rows_only_in_batches(under_test):
