@@ -7,6 +7,7 @@ and never a password.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import functools
 import getpass
@@ -108,6 +109,18 @@ def _show_payload(payload: bytes) -> str:
     except UnicodeDecodeError:
         shown = payload[:512].hex(" ")
         return f"({len(payload)} bytes, not UTF-8) {shown}{' ...' if len(payload) > 512 else ''}"
+
+
+def _payload_for_json(payload: bytes) -> tuple[Any, str]:
+    """The payload as a JSON value when it is JSON, else as text, else base64; and which."""
+    try:
+        return json.loads(payload), "json"
+    except ValueError:
+        pass
+    try:
+        return payload.decode("utf-8"), "text"
+    except UnicodeDecodeError:
+        return base64.b64encode(payload).decode("ascii"), "base64"
 
 
 def _age(when: dt.datetime | None) -> str:
@@ -253,6 +266,7 @@ def _kafka_settings(items) -> dict[str, str]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="outbox-relay", message="outbox-relay %(version)s")
 def main() -> None:
     """Transactional outbox for PostgreSQL, delivered to Kafka.
 
@@ -510,7 +524,7 @@ def show(dsn, schema, ref, as_json) -> None:
         raise Failure(f"no message {ref}")
     if as_json:
         out = dict(row)
-        out["payload"] = _show_payload(row["payload"])
+        out["payload"], out["payload_encoding"] = _payload_for_json(row["payload"])
         out["headers"] = [[k, key_text(v) if v is not None else None] for k, v in row["headers"]]
         click.echo(json.dumps(_jsonable(out), indent=2))
         return

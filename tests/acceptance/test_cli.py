@@ -361,6 +361,30 @@ def test_migrate_then_doctor(empty_dsn, bootstrap):
     assert "FAIL] kafka: not reachable" in down.stdout
 
 
+def test_show_json_gives_the_payload_as_json_text_or_base64(conn, dsn):
+    with conn.transaction():
+        as_json = outbox.publish(conn, topic="t", key="k", payload={"amount": 10}).id
+        as_text = outbox.publish(conn, topic="t", key="k", payload=b"plain text").id
+        as_bytes = outbox.publish(conn, topic="t", key="k", payload=b"\xff\x00\x01").id
+    env = {"OUTBOX_DSN": dsn}
+
+    def shown(row_id):
+        out = json.loads(cli("show", str(row_id), "--json", env=env).stdout)
+        return out["payload"], out["payload_encoding"]
+
+    assert shown(as_json) == ({"amount": 10}, "json")
+    assert shown(as_text) == ("plain text", "text")
+    assert shown(as_bytes) == ("/wAB", "base64")
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"outbox-relay {version('outbox-relay')}\n" != "outbox-relay \n"
+
+
 def test_every_command_has_help_with_examples():
     for command in main.commands:
         result = cli(command, "--help")
