@@ -26,7 +26,7 @@ import psycopg
 from outbox.errors import OutboxError
 from outbox.message import DEFAULT_MAX_MESSAGE_BYTES
 from outbox.schema import apply_schema, installed_version, require_schema
-from outbox.sql import schema_sql
+from outbox.sql import schema_sql, validate_identifier
 
 from .config import (
     DELIVERY_MODES,
@@ -38,6 +38,7 @@ from .config import (
     secrets_of,
 )
 from .selection import Selection, SelectionError, key_text, parse_duration, parse_ref
+from .shards import validate_shards
 
 EXIT_OK, EXIT_CONDITION, EXIT_USAGE = 0, 1, 2
 
@@ -185,12 +186,31 @@ dsn_option = click.option(
     show_envvar=True,
     help="PostgreSQL connection string (its password is never printed).",
 )
+
+
+def _valid_schema(_ctx, _param, value: str) -> str:
+    try:
+        return validate_identifier(value)
+    except OutboxError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _valid_shards(_ctx, _param, value: int | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return validate_shards(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 schema_option = click.option(
     "--schema",
     envvar="OUTBOX_SCHEMA",
     default="public",
     show_default=True,
     show_envvar=True,
+    callback=_valid_schema,
     help="Schema that holds local_message.",
 )
 bootstrap_option = click.option(
@@ -304,7 +324,13 @@ def main() -> None:
 )
 @bootstrap_option
 @kafka_option
-@click.option("--shards", type=int, default=None, help="With --kafka: the relay's shards [4].")
+@click.option(
+    "--shards",
+    type=int,
+    default=None,
+    callback=_valid_shards,
+    help="With --kafka: the relay's shards [4].",
+)
 @click.option("--progress-topic", default=None, help="With --kafka: its name [outbox-progress].")
 @expected_failures
 def migrate(
@@ -348,7 +374,7 @@ def _migrate_kafka(bootstrap_servers, kafka_settings, shards, progress_topic) ->
     from .kafka import check_progress_topic
 
     cfg = RelayConfig.from_env(
-        dsn="-",  # not used: only the Kafka settings are
+        dsn="dbname=unused",  # a valid DSN the command never connects to: only Kafka is used
         bootstrap_servers=bootstrap_servers or None,
         shards=shards,
         progress_topic=progress_topic,
@@ -840,7 +866,14 @@ def audit(dsn, schema, limit, as_json) -> None:
     show_envvar=True,
     help="exactly-once: check the progress topic too.",
 )
-@click.option("--shards", type=int, envvar="OUTBOX_SHARDS", default=4, show_default=True)
+@click.option(
+    "--shards",
+    type=int,
+    envvar="OUTBOX_SHARDS",
+    default=4,
+    show_default=True,
+    callback=_valid_shards,
+)
 @click.option(
     "--progress-topic", envvar="OUTBOX_PROGRESS_TOPIC", default="outbox-progress", show_default=True
 )
@@ -910,7 +943,7 @@ def grants(schema, role, kind, retention) -> None:
     """
     from psycopg import sql as pgsql
 
-    from outbox.sql import read_blocks, validate_identifier
+    from outbox.sql import read_blocks
 
     names = [kind] + (["relay_retention"] if retention and kind == "relay" else [])
     blocks = read_blocks("relay", "grants.sql")

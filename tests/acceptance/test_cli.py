@@ -338,6 +338,33 @@ def test_expected_failures_are_one_line_without_traceback_or_password(empty_dsn)
         assert unset.returncode == 2 and "no database: set --dsn or OUTBOX_DSN" in unset.stderr
 
 
+def test_usage_errors_exit_2_with_one_line(dsn):
+    """What the operator typed cannot work: exit 2 (as `outbox --help` says), one line, before
+    anything is touched."""
+    env = {"OUTBOX_DSN": dsn}
+    for args in (
+        ["status", "--schema", "1bad"],
+        ["list", "--schema", "bad name"],
+        ["migrate", "--kafka", "--shards", "3"],
+        ["doctor", "--delivery", "exactly-once", "--shards", "0"],
+        ["relay", "-b", "127.0.0.1:1", "--shards", "3", "--delivery", "exactly-once"],
+        ["relay", "-b", "127.0.0.1:1", "--batch-size", "0"],
+        ["relay", "-b", "127.0.0.1:1", "-X", "novalue"],
+        ["purge", "--older-than", "soon", "--yes"],
+        ["inbox", "purge", "--older-than", "soon", "--yes"],
+        ["replay", "--status", "LOST", "--yes"],
+        ["list", "--since", "yesterday"],
+        ["list", "--key-hex", "zz"],
+        ["show", "abc"],
+        ["audit", "--limit", "0"],
+    ):
+        result = cli(*args, env=env)
+        assert result.exit_code == 2, (args, result.output)
+        # One error line (after click's two-line usage hint for errors it finds itself).
+        errors = [line for line in result.output.splitlines() if "rror" in line]
+        assert len(errors) == 1 and "Traceback" not in result.output, (args, result.output)
+
+
 def test_migrate_then_doctor(empty_dsn, bootstrap):
     env = {"OUTBOX_DSN": empty_dsn}
     before = run("doctor", "-b", bootstrap, env=env)
