@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 import click
@@ -401,24 +402,59 @@ def _migrate_kafka(bootstrap_servers, kafka_settings, shards, progress_topic) ->
     help="Exit 1 if the oldest claimable PENDING row is older than SECONDS.",
 )
 @click.option("--fail-if-failed", is_flag=True, help="Exit 1 if any row is FAILED.")
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0.5),
+    default=None,
+    metavar="SECONDS",
+    help="Refresh every SECONDS until Ctrl-C; the rates are then over SECONDS.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --watch: stop after COUNT refreshes.",
+)
 @expected_failures
-def status(dsn: str, schema: str, as_json: bool, fail_if_lag, fail_if_failed) -> None:
-    """Counts by status and topic, lag, keys blocked by FAILED rows, relays alive.
+def status(dsn: str, schema: str, as_json: bool, fail_if_lag, fail_if_failed, watch, count) -> None:
+    """Counts by status and topic, lag and delivery rate per topic, blocked keys, relays.
 
-    The lag is the age of the oldest PENDING row that may be sent now (rows waiting for a
-    retry are not lag). For cron jobs and probes, --fail-if-lag and --fail-if-failed set the
-    exit code.
+    The lag is the age of the oldest PENDING row that may be sent now: rows waiting for a
+    retry, and rows held behind a FAILED or retrying row of their key, are not lag (they show
+    as held, and their keys as blocked). The delivery rate counts rows delivered in the last
+    minute (with --watch: since the last refresh). For cron jobs and probes, --fail-if-lag
+    and --fail-if-failed set the exit code.
 
     \b
     Examples:
       outbox status
-      outbox status --json | jq .oldest_pending_age_seconds
+      outbox status --watch 2                             # refresh every 2 s, Ctrl-C stops
+      outbox status --json | jq .topics
       outbox status --fail-if-lag 60 --fail-if-failed     # exit 1 when unhealthy
     """
+    if watch is None:
+        _status_once(dsn, schema, as_json, fail_if_lag, fail_if_failed, 60.0)
+        return
+    refreshes = 0
+    try:
+        while count is None or refreshes < count:  # Ctrl-C or --count ends it
+            if refreshes and not as_json and sys.stdout.isatty():
+                click.clear()
+            _status_once(dsn, schema, as_json, fail_if_lag, fail_if_failed, watch, watching=True)
+            refreshes += 1
+            if count is None or refreshes < count:
+                time.sleep(watch)
+    except KeyboardInterrupt:
+        pass
+
+
+def _status_once(
+    dsn, schema, as_json, fail_if_lag, fail_if_failed, rate_window, watching=False
+) -> None:
     from .status import read_status
 
     with _connect(dsn) as conn:
-        report = read_status(conn, schema)
+        report = read_status(conn, schema, rate_window)
     problems = []
     age = report["oldest_pending_age_seconds"]
     if fail_if_lag is not None and age is not None and age > fail_if_lag:
@@ -427,10 +463,10 @@ def status(dsn: str, schema: str, as_json: bool, fail_if_lag, fail_if_failed) ->
         problems.append(f"{report['counts']['FAILED']} FAILED rows")
     report["problems"] = problems
     if as_json:
-        click.echo(json.dumps(_jsonable(report), indent=2))
+        click.echo(json.dumps(_jsonable(report), indent=None if watching else 2))
     else:
         _print_status(report)
-    if problems:
+    if problems and not watching:
         sys.exit(EXIT_CONDITION)
 
 
@@ -447,7 +483,7 @@ def _print_status(report: dict[str, Any]) -> None:
         click.echo(
             f"  topic {topic}: "
             + ", ".join(f"{k} {v}" for k, v in t["counts"].items())
-            + f"; lag {_seconds(t['lag_seconds'])}"
+            + f"; lag {_seconds(t['lag_seconds'])}, {t['delivered_per_second']:.1f}/s"
             + (f", {t['held']} held" if t["held"] else "")
         )
     blocked = report["blocked_keys"]

@@ -17,7 +17,8 @@ from .store import int_array
 STATUSES = ("PENDING", "SENT", "CONFIRMED", "FAILED", "SKIPPED")
 
 
-def read_status(conn: psycopg.Connection, schema: str) -> dict[str, Any]:
+def read_status(conn: psycopg.Connection, schema: str, rate_window: float = 60.0) -> dict[str, Any]:
+    """The report; each topic's delivery rate is over the last RATE_WINDOW seconds."""
     require_schema(conn, schema)
 
     def q(name: str):
@@ -26,9 +27,11 @@ def read_status(conn: psycopg.Connection, schema: str) -> dict[str, Any]:
     with conn.transaction():
         counts = {s: 0 for s in STATUSES}
         by_topic: dict[str, dict[str, int]] = {}
-        for topic, st, n in conn.execute(q("counts_by_topic")):
+        delivered: dict[str, int] = {}
+        for topic, st, n, recent in conn.execute(q("counts_by_topic"), {"window": rate_window}):
             counts[st] = counts.get(st, 0) + n
             by_topic.setdefault(topic, {})[st] = n
+            delivered[topic] = delivered.get(topic, 0) + recent
         # The relay's gauges' own query over every bucket: they and this report agree.
         waiting = {
             topic: PendingStats(*rest)
@@ -53,11 +56,13 @@ def read_status(conn: psycopg.Connection, schema: str) -> dict[str, Any]:
         "by_topic": by_topic,
         "oldest_pending_age_seconds": total.lag_seconds,
         "held": total.held,
+        "rate_window_seconds": rate_window,
         "topics": {
             topic: {
                 "counts": counts,
                 "lag_seconds": waiting.get(topic, PendingStats(0, 0, None)).lag_seconds,
                 "held": waiting.get(topic, PendingStats(0, 0, None)).held,
+                "delivered_per_second": delivered.get(topic, 0) / rate_window,
             }
             for topic, counts in by_topic.items()
         },

@@ -1,7 +1,12 @@
 -- Named SQL blocks of `outbox status`.
 
 -- name: counts_by_topic
-SELECT topic, status, count(*) FROM {table} GROUP BY topic, status ORDER BY topic, status
+-- With the rows delivered in the last `window` seconds: the delivery rate, from the same scan.
+SELECT topic, status, count(*),
+       count(*) FILTER (WHERE delivered_at > now() - make_interval(secs => %(window)s))
+  FROM {table}
+ GROUP BY topic, status
+ ORDER BY topic, status
 
 -- name: relays
 SELECT r.relay_id, r.name, r.heartbeat_at,

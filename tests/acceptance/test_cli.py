@@ -286,6 +286,7 @@ def test_rows_held_behind_a_poisoned_key_are_not_lag_in_status_or_gauge(conn, ds
             "counts": {"FAILED": 1, "PENDING": 3},
             "lag_seconds": None,
             "held": 3,
+            "delivered_per_second": 0.0,
         }
         assert report["blocked_keys"][0]["held"] == 3
         text = cli("status", "--fail-if-lag", "0", env={"OUTBOX_DSN": dsn})
@@ -298,6 +299,37 @@ def test_rows_held_behind_a_poisoned_key_are_not_lag_in_status_or_gauge(conn, ds
         assert cli("status", "--fail-if-lag", "0", env={"OUTBOX_DSN": dsn}).exit_code == 1
     finally:
         relay.close_stores()
+
+
+def test_status_watch_refreshes_with_the_delivery_rate_per_topic(conn, dsn):
+    with conn.transaction():
+        for i in range(6):
+            outbox.publish(conn, topic="a" if i < 4 else "b", key=f"k{i}", payload={})
+    # Three rows of topic a in every window (delivered "in a minute": the test must not
+    # depend on how fast it runs), one an hour ago (in none).
+    conn.execute(
+        "UPDATE local_message SET status = 'CONFIRMED', delivered_at = now() + interval '1m'"
+        " WHERE id IN"
+        " (SELECT id FROM local_message WHERE topic = 'a' ORDER BY id LIMIT 3)"
+    )
+    conn.execute(
+        "UPDATE local_message SET status = 'CONFIRMED', delivered_at = now() - interval '1h'"
+        " WHERE id = (SELECT max(id) FROM local_message WHERE topic = 'a')"
+    )
+    conn.commit()
+    env = {"OUTBOX_DSN": dsn}
+    result = cli("status", "--watch", "0.5", "--count", "2", "--json", env=env)
+    assert result.exit_code == 0, result.output
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(reports) == 2  # one JSON document per refresh, one per line
+    for report in reports:
+        assert report["rate_window_seconds"] == 0.5
+        assert report["topics"]["a"]["delivered_per_second"] == 6.0
+        assert report["topics"]["b"]["delivered_per_second"] == 0
+    once = json.loads(cli("status", "--json", env=env).stdout)
+    assert once["topics"]["a"]["delivered_per_second"] == 3 / 60
+    text = cli("status", "--watch", "0.5", "--count", "1", env=env).output
+    assert "topic a: CONFIRMED 4, PENDING 0" not in text and "6.0/s" in text
 
 
 def test_expected_failures_are_one_line_without_traceback_or_password(empty_dsn):
