@@ -89,6 +89,7 @@ def compose(body: str, schema: str | None, **fragments: sql.Composable) -> sql.C
         "relay_table": table_ident(schema, "local_message_relay"),
         "schema_table": table_ident(schema, "local_message_schema"),
         "audit_table": table_ident(schema, "local_message_audit"),
+        "audit_hash": table_ident(schema, "local_message_audit_hash"),
         "inbox_table": table_ident(schema, "inbox_message"),
     }
     return sql.SQL(body).format(**idents, **fragments)
