@@ -175,7 +175,7 @@ def test_appending_outside_read_committed_is_refused(dsn):
         "actor = 'someone-else@host'",
         "ids = ARRAY[1]::bigint[]",
         "at = at - interval '1 day'",
-        "selection = '{\"statuses\": [\"FAILED\"]}'",
+        'selection = \'{"statuses": ["FAILED"]}\'',
     ],
 )
 def test_an_edited_entry_is_named(dsn, change):
@@ -398,7 +398,9 @@ def netstring(value: bytes | None) -> bytes:
     return b"-" if value is None else str(len(value)).encode() + b":" + value + b","
 
 
-def documented_hash(prev, entry_id, at, actor, db_user, action, selection_text, affected, ids, reason):
+def documented_hash(
+    prev, entry_id, at, actor, db_user, action, selection_text, affected, ids, reason
+):
     """The canonical encoding as docs/operations.md states it, written again from the text."""
     micros = (at - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
     fields = [
@@ -485,7 +487,9 @@ def test_a_v4_trail_upgraded_by_migrate_verifies_the_same_everywhere(admin_dsn):
             conn.execute("UPDATE one.local_message_audit SET affected = 2 WHERE id = 1")
         tampered = run("audit", "verify", env={"OUTBOX_DSN": db, "OUTBOX_SCHEMA": "one"})
         assert tampered.returncode == 1
-        assert tampered.stdout.splitlines()[0] == "entry 1 edited: its contents do not match its hash"
+        assert (
+            tampered.stdout.splitlines()[0] == "entry 1 edited: its contents do not match its hash"
+        )
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(
