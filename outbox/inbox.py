@@ -145,13 +145,16 @@ def purge_inbox(
     batch_size: int = PURGE_BATCH,
     max_batches: int | None = None,
     schema: str | None = None,
+    on_batch: Callable[[psycopg.Connection, int], None] | None = None,
 ) -> int:
     """Delete the inbox rows processed more than OLDER_THAN ago (of GROUP only, if given), in
     transactions of BATCH_SIZE rows, at most MAX_BATCHES of them; return how many.
 
     A message delivered again after its row was deleted is processed again: keep OLDER_THAN
     above the longest time a message can take to come again (docs/consuming.md). Runs its own
-    short transactions, so CONN must not be inside one."""
+    short transactions, so CONN must not be inside one. ON_BATCH(conn, deleted) is called
+    inside each batch's transaction after its DELETE (`outbox inbox purge` writes its audit
+    entry there, so a batch and its entry commit together)."""
     if not isinstance(older_than, dt.timedelta) or older_than <= dt.timedelta(0):
         raise ValueError(f"older_than must be a positive timedelta, not {older_than!r}")
     if batch_size < 1 or (max_batches is not None and max_batches < 1):
@@ -181,6 +184,8 @@ def purge_inbox(
             n = conn.execute(
                 query, {"cutoff": cutoff, "group": group, "limit": batch_size}
             ).rowcount
+            if on_batch is not None:
+                on_batch(conn, n)
         deleted += n
         batches += 1
         if n < batch_size:

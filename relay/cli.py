@@ -770,16 +770,18 @@ def skip(**kwargs) -> None:
 @click.option("--dry-run", is_flag=True, help="Count only.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--actor", default=None, help="Who does it, for the audit trail [user@host].")
+@click.option("--reason", default=None, help="Why, for the audit trail.")
 @expected_failures
-def purge(dsn, schema, older_than, include_skipped, dry_run, yes, actor) -> None:
+def purge(dsn, schema, older_than, include_skipped, dry_run, yes, actor, reason) -> None:
     """Delete old CONFIRMED (and, if asked, SKIPPED) rows in small batches.
 
-    Never PENDING, SENT or FAILED rows. Each batch of 1,000 is its own short transaction.
+    Never PENDING, SENT or FAILED rows. Each batch of 1,000 is its own short transaction,
+    with its audit entry.
 
     \b
     Examples:
       outbox purge --older-than 7d --dry-run
-      outbox purge --older-than 30d --include-skipped --yes
+      outbox purge --older-than 30d --include-skipped --yes --reason "retention: 30 days"
     """
     from . import operations
 
@@ -797,7 +799,13 @@ def purge(dsn, schema, older_than, include_skipped, dry_run, yes, actor) -> None
         _confirm(f"Delete these {total} rows?", yes)
         with click.progressbar(length=total, label="purge", file=sys.stderr) as bar:
             deleted = operations.purge(
-                conn, schema, statuses, cutoff, actor or _default_actor(), progress=bar.update
+                conn,
+                schema,
+                statuses,
+                cutoff,
+                actor or _default_actor(),
+                reason,
+                progress=bar.update,
             )
     click.echo(f"purge: {deleted} rows deleted")
 
@@ -826,9 +834,12 @@ def inbox() -> None:
 @click.option("--group", default=None, help="Only this consumer group's rows.")
 @click.option("--dry-run", is_flag=True, help="Count only.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--actor", default=None, help="Who does it, for the audit trail [user@host].")
+@click.option("--reason", default=None, help="Why, for the audit trail.")
 @expected_failures
-def inbox_purge(dsn, schema, older_than, group, dry_run, yes) -> None:
-    """Delete old inbox rows in small batches, each its own short transaction.
+def inbox_purge(dsn, schema, older_than, group, dry_run, yes, actor, reason) -> None:
+    """Delete old inbox rows in small batches, each its own short transaction with its audit
+    entry (outbox audit --action inbox-purge).
 
     A message delivered again after its row is gone is processed again, so AGE must exceed
     the longest redelivery (a consumer group's lag, a replay of old messages).
@@ -836,9 +847,11 @@ def inbox_purge(dsn, schema, older_than, group, dry_run, yes) -> None:
     \b
     Examples:
       outbox inbox purge --older-than 7d --dry-run
-      outbox inbox purge --older-than 30d --group ledger --yes
+      outbox inbox purge --older-than 30d --group ledger --yes --reason "retention"
     """
-    from outbox.inbox import count_old, purge_inbox
+    from outbox.inbox import count_old
+
+    from .operations import inbox_purge as purge_audited
 
     age = parse_duration(older_than)
     if age <= dt.timedelta(0):
@@ -851,29 +864,61 @@ def inbox_purge(dsn, schema, older_than, group, dry_run, yes) -> None:
         if dry_run or total == 0:
             return
         _confirm(f"Delete these {total} rows?", yes)
-        deleted = purge_inbox(conn, age, group=group, schema=schema)
+        deleted = purge_audited(
+            conn, schema, age, group, actor or _default_actor(), reason, older_than
+        )
     click.echo(f"inbox purge: {deleted} rows deleted")
 
 
-@main.command()
+AUDIT_ACTIONS = ("replay", "skip", "purge", "inbox-purge")
+
+
+@main.group(invoke_without_command=True)
 @dsn_option
 @schema_option
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option(
+    "--action",
+    "actions",
+    multiple=True,
+    type=click.Choice(AUDIT_ACTIONS),
+    help="Only entries of this action; repeatable.",
+)
+@click.option("--actor", default=None, metavar="TEXT", help="Actor contains TEXT (any case).")
+@click.option(
+    "--since",
+    default=None,
+    metavar="TIME",
+    help="Written at or after TIME: ISO time, or an age like 2h.",
+)
+@click.option("--until", default=None, metavar="TIME", help="Written before TIME.")
 @json_option
+@click.pass_context
 @expected_failures
-def audit(dsn, schema, limit, as_json) -> None:
-    """The audit trail: every replay, skip and purge, newest first.
+def audit(ctx, dsn, schema, limit, actions, actor, since, until, as_json) -> None:
+    """The audit trail: every replay, skip, purge and inbox purge, newest first.
+
+    The trail is a hash chain: `outbox audit verify` checks that no entry was edited,
+    deleted or reordered, and prints the head hash to record elsewhere.
 
     \b
     Examples:
       outbox audit
       outbox audit --limit 500 --json > audit.json
+      outbox audit --action replay --action skip --actor alice --since 7d
+      outbox audit verify
+      outbox audit verify --expect-head 3f0c...e1   (a head recorded before)
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from .operations import audit_log
+    from .selection import parse_time
 
+    since_at = parse_time(since) if since else None  # usage errors before any connection
+    until_at = parse_time(until) if until else None
     with _connect(dsn) as conn:
         require_schema(conn, schema)
-        entries = audit_log(conn, schema, limit)
+        entries = audit_log(conn, schema, limit, list(actions), actor, since_at, until_at)
     if as_json:
         click.echo(json.dumps(_jsonable(entries), indent=2))
         return
@@ -886,6 +931,72 @@ def audit(dsn, schema, limit, as_json) -> None:
             + (f"  reason: {e['reason']}" if e["reason"] else "")
             + (f"  ids: {shown}" if ids else "")
         )
+
+
+def _group_value(ctx: click.Context, name: str, value: Any) -> Any:
+    """A subcommand's --dsn or --schema, or the one given to its group on the command line
+    (`outbox audit --dsn ... verify`)."""
+    parent = ctx.parent
+    if (
+        parent is not None
+        and ctx.get_parameter_source(name) != click.core.ParameterSource.COMMANDLINE
+        and parent.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+    ):
+        return parent.params[name]
+    return value
+
+
+@audit.command(name="verify")
+@dsn_option
+@schema_option
+@click.option(
+    "--expect-head",
+    default=None,
+    metavar="HASH",
+    help="A head hash printed before: exit 1 if no entry has it (the tail was cut).",
+)
+@json_option
+@click.pass_context
+@expected_failures
+def audit_verify(ctx, dsn, schema, expect_head, as_json) -> None:
+    """Check the audit trail's hash chain: exit 0 if intact, 1 if tampered with.
+
+    Walks every entry in id order, recomputes its hash and follows its link to the one
+    before, and names each entry edited, deleted or reordered. Prints the head hash: record
+    it outside the database and pass it back with --expect-head to also catch entries cut
+    from the end (docs/operations.md).
+
+    \b
+    Examples:
+      outbox audit verify
+      outbox audit verify --json
+      outbox audit verify --expect-head "$(cat /secure/outbox-audit-head)"
+    """
+    from .audit import parse_head
+    from .operations import verify_audit
+
+    dsn, schema = _group_value(ctx, "dsn", dsn), _group_value(ctx, "schema", schema)
+    try:
+        expected = parse_head(expect_head) if expect_head is not None else None
+    except ValueError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+    with _connect(dsn) as conn:
+        require_schema(conn, schema)
+        report = verify_audit(conn, schema, expected)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for finding in report.findings:
+            click.echo(finding.message)
+        head = (
+            f"head {report.head.hex()} (entry {report.head_id})"
+            if report.head
+            else "no head (the trail is empty)"
+        )
+        verdict = "valid:" if report.valid else f"NOT valid: {len(report.findings)} findings in"
+        click.echo(f"audit trail {verdict} {report.entries} entries checked, {head}")
+    if not report.valid:
+        sys.exit(EXIT_CONDITION)
 
 
 @main.command()

@@ -30,7 +30,11 @@ GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role};
 GRANT UPDATE (status, attempts, next_attempt_at, claim_token, claim_expires_at, delivered_at,
               kafka_partition, kafka_offset) ON {schema}.local_message TO {role};
 GRANT DELETE ON {schema}.local_message TO {role};
-GRANT INSERT ON {schema}.local_message_audit TO {role};
+-- Append to the audit trail, naming only what the operator says: `at`, `db_user` and the
+-- hash chain are the database's to set (defaults and the chain trigger), so an operator cannot
+-- backdate an entry or sign it as another role. No UPDATE or DELETE.
+GRANT INSERT (actor, action, selection, affected, ids, reason)
+    ON {schema}.local_message_audit TO {role};
 -- `outbox inbox purge` (from cron, say): the consumers' old inbox rows.
 GRANT DELETE ON {schema}.inbox_message TO {role};
 

@@ -1,7 +1,10 @@
-"""What the operator commands do to the table: list, show, replay, skip, purge, audit.
+"""What the operator commands do to the table: list, show, replay, skip, purge, inbox purge,
+audit.
 
 Every change is made in small batches, each in its own short transaction together with its
-audit row, so a large replay never holds long locks and the audit trail matches what happened.
+audit entry, so a large replay never holds long locks and the audit trail matches what
+happened. Each batch takes the audit trail's turn first (audit_turn): appends to the hash
+chain are serialised, and always before any row lock, so two operators cannot deadlock.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import psycopg
 from psycopg.rows import dict_row
 
 import outbox.sql
+from outbox.inbox import purge_inbox
 from outbox.message import headers_from_json
 from outbox.sql import compose, named_blocks, one_row, read_blocks
 
+from .audit import Link, Report, check_chain
 from .model import BUCKETS
 from .selection import Selection
 from .store import int_array
@@ -102,10 +107,12 @@ def _batched(
         "selection": json.dumps(selection.describe()),
         "limit": BATCH,
     }
+    turn, _ = _q("audit_turn", schema)
     changed: list[int] = []
     after = 0
     while True:  # bounded: every batch moves `after` past the rows it took, or ends the loop
         with conn.transaction():
+            conn.execute(turn, {"schema": schema})
             ids = one_row(conn.execute(query, {**params, "after_id": after}))[0]
         if not ids:
             return changed
@@ -156,41 +163,114 @@ def purge(
     reason: str | None = None,
     progress: Progress | None = None,
 ) -> int:
-    """Delete CONFIRMED (and SKIPPED, if in STATUSES) rows created before CUTOFF."""
+    """Delete CONFIRMED (and SKIPPED, if in STATUSES) rows created before CUTOFF, each batch
+    with its audit entry."""
     if set(statuses) - {"CONFIRMED", "SKIPPED"}:
         raise ValueError("purge deletes CONFIRMED and SKIPPED rows only")
+    turn, _ = _q("audit_turn", schema)
     query, _ = _q("purge_batch", schema)
+    params = {
+        "statuses": statuses,
+        "cutoff": cutoff,
+        "limit": BATCH,
+        "actor": actor,
+        "reason": reason,
+        "selection": json.dumps({"statuses": statuses, "created_before": cutoff.isoformat()}),
+    }
     deleted = 0
     while True:  # bounded: each round deletes up to BATCH rows or ends the loop
         with conn.transaction():
-            n = conn.execute(
-                query, {"statuses": statuses, "cutoff": cutoff, "limit": BATCH}
-            ).rowcount
+            conn.execute(turn, {"schema": schema})
+            n = one_row(conn.execute(query, params))[0]
         deleted += n
         if progress and n:
             progress(n)
         if n < BATCH:
             break
-    audit, _ = _q("audit_purge", schema)
-    with conn.transaction():
-        conn.execute(
-            audit,
-            {
-                "actor": actor,
-                "reason": reason,
-                "affected": deleted,
-                "selection": json.dumps(
-                    {"statuses": statuses, "created_before": cutoff.isoformat()}
-                ),
-            },
-        )
     return deleted
 
 
-def audit_log(conn: psycopg.Connection, schema: str, limit: int = 50) -> list[dict[str, Any]]:
+def inbox_purge(
+    conn: psycopg.Connection,
+    schema: str,
+    older_than: dt.timedelta,
+    group: str | None,
+    actor: str,
+    reason: str | None = None,
+    older_than_text: str | None = None,
+) -> int:
+    """`outbox inbox purge`: outbox.inbox.purge_inbox, with an audit entry in each batch's
+    transaction.
+
+    The entry's INSERT takes the audit trail's turn after the batch's inbox row locks (no
+    audit_turn first): safe, because whoever holds the turn (a replay, skip or purge batch)
+    never waits for inbox rows."""
+    audit, _ = _q("audit_inbox_purge", schema)
+    selection: dict[str, Any] = {"older_than": older_than_text or str(older_than)}
+    if group is not None:
+        selection["group"] = group
+
+    def record(batch: psycopg.Connection, deleted: int) -> None:
+        if deleted:
+            batch.execute(
+                audit,
+                {
+                    "actor": actor,
+                    "reason": reason,
+                    "affected": deleted,
+                    "selection": json.dumps(selection),
+                },
+            )
+
+    return purge_inbox(conn, older_than, group=group, schema=schema, on_batch=record)
+
+
+def audit_log(
+    conn: psycopg.Connection,
+    schema: str,
+    limit: int = 50,
+    actions: list[str] | None = None,
+    actor: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Audit entries, newest first: of ACTIONS only, by an ACTOR containing that text (any
+    case), written at or after SINCE and before UNTIL, when given."""
     query, _ = _q("audit_log", schema)
+    params = {
+        "limit": limit,
+        "actions": actions or None,
+        "actor": actor or None,
+        "since": since,
+        "until": until,
+    }
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(query, {"limit": limit}).fetchall()
+        return cur.execute(query, params).fetchall()
+
+
+def verify_audit(
+    conn: psycopg.Connection, schema: str, expect_head: bytes | None = None, page: int = 5000
+) -> Report:
+    """Walk the audit chain in id order, in one snapshot, and report what does not fit."""
+    snapshot, _ = _q("audit_snapshot", schema)
+    chain, _ = _q("audit_chain", schema)
+    holders, _ = _q("audit_holders", schema)
+
+    def links():
+        after = 0
+        while True:  # bounded: every page moves `after` past its last id, or ends the loop
+            rows = conn.execute(chain, {"after_id": after, "limit": page}).fetchall()
+            yield from (Link(*row) for row in rows)
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
+
+    def holding(hashes) -> dict[bytes, int]:
+        return {bytes(h): i for h, i in conn.execute(holders, {"hashes": list(hashes)})}
+
+    with conn.transaction():
+        conn.execute(snapshot)
+        return check_chain(links(), holding, expect_head)
 
 
 def blocked_keys(conn: psycopg.Connection, schema: str, limit: int = 20) -> list[dict[str, Any]]:

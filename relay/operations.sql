@@ -102,25 +102,69 @@ SELECT count(*) FROM {table}
  WHERE status = ANY(%(statuses)s::text[]) AND created_at < %(cutoff)s
 
 -- name: purge_batch
--- Never PENDING or SENT: only the statuses the caller passes, which the CLI limits to
--- CONFIRMED and SKIPPED.
-DELETE FROM {table}
- WHERE id IN (SELECT id FROM {table}
-               WHERE status = ANY(%(statuses)s::text[]) AND created_at < %(cutoff)s
-                 AND status NOT IN ('PENDING', 'SENT')
-               ORDER BY id
-               LIMIT %(limit)s
-                 FOR UPDATE SKIP LOCKED)
+-- One batch of a purge, with its audit entry in the same transaction. Never PENDING or SENT:
+-- only the statuses the caller passes, which the CLI limits to CONFIRMED and SKIPPED.
+WITH gone AS (
+    DELETE FROM {table}
+     WHERE id IN (SELECT id FROM {table}
+                   WHERE status = ANY(%(statuses)s::text[]) AND created_at < %(cutoff)s
+                     AND status NOT IN ('PENDING', 'SENT')
+                   ORDER BY id
+                   LIMIT %(limit)s
+                     FOR UPDATE SKIP LOCKED)
+    RETURNING id
+), audit AS (
+    INSERT INTO {audit_table} (actor, action, selection, affected, reason)
+    SELECT %(actor)s, 'purge', %(selection)s::jsonb, count(*), %(reason)s
+      FROM gone
+    HAVING count(*) > 0
+)
+SELECT count(*) FROM gone
 
--- name: audit_purge
+-- name: audit_turn
+-- Taken first in every transaction that changes rows and appends to the audit trail: the
+-- trigger local_message_audit_chain takes the same lock (the same key) when the entry is
+-- inserted, but a batch's row locks could be taken before that (the DELETE of purge_batch
+-- runs before its INSERT), and a replay waiting on such a row while holding this lock would
+-- deadlock with it. One order for all: this lock, then rows.
+SELECT pg_advisory_xact_lock(2830, hashtext(%(schema)s))
+
+-- name: audit_inbox_purge
+-- Written by `outbox inbox purge` inside each batch's transaction (outbox.inbox.purge_inbox's
+-- on_batch), so the deleted rows and their entry commit together.
 INSERT INTO {audit_table} (actor, action, selection, affected, reason)
-VALUES (%(actor)s, 'purge', %(selection)s::jsonb, %(affected)s, %(reason)s)
+VALUES (%(actor)s, 'inbox-purge', %(selection)s::jsonb, %(affected)s, %(reason)s)
 
 -- name: audit_log
-SELECT id, at, actor, db_user, action, selection, affected, ids, reason
+-- Newest first; every filter is optional (NULL: not filtered).
+SELECT id, at, actor, db_user, action, selection, affected, ids, reason,
+       encode(prev_hash, 'hex') AS prev_hash, encode(hash, 'hex') AS hash
   FROM {audit_table}
+ WHERE (%(actions)s::text[] IS NULL OR action = ANY(%(actions)s::text[]))
+   AND (%(actor)s::text IS NULL OR strpos(lower(actor), lower(%(actor)s::text)) > 0)
+   AND (%(since)s::timestamptz IS NULL OR at >= %(since)s::timestamptz)
+   AND (%(until)s::timestamptz IS NULL OR at < %(until)s::timestamptz)
  ORDER BY id DESC
  LIMIT %(limit)s
+
+-- name: audit_snapshot
+-- The whole walk reads one snapshot, so entries appended meanwhile cannot look out of place.
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY
+
+-- name: audit_chain
+-- One page of the chain, oldest first, for `outbox audit verify`: whether each entry still
+-- hashes to its stored hash, recomputed by the same function the trigger wrote it with.
+SELECT id, prev_hash, hash,
+       hash IS NOT DISTINCT FROM {audit_hash}(prev_hash, id, at, actor, db_user, action,
+                                              selection, affected, ids, reason) AS intact
+  FROM {audit_table}
+ WHERE id > %(after_id)s
+ ORDER BY id
+ LIMIT %(limit)s
+
+-- name: audit_holders
+-- Which entries carry these hashes (to name where a broken link points).
+SELECT hash, id FROM {audit_table} WHERE hash = ANY(%(hashes)s::bytea[]) ORDER BY id
 
 -- name: blocked_keys
 -- Keys held back by a FAILED row, with how many later rows wait behind it.

@@ -129,6 +129,19 @@ def test_operator_commands_work_with_operator_grants(role, dsn):
         )
     purged = outbox_cli("inbox", "purge", "--older-than", "7d", "--yes")
     assert "inbox purge: 1 rows deleted" in purged.stdout, purged.stderr
+    # Every action above appended to the hash chain without UPDATE or DELETE on it.
+    verified = outbox_cli("audit", "verify")
+    assert verified.returncode == 0 and "valid: 4 entries checked" in verified.stdout
+    with psycopg.connect(env["OUTBOX_DSN"]) as conn:
+        for forbidden in (
+            "UPDATE local_message_audit SET reason = 'x'",
+            "DELETE FROM local_message_audit",
+            "INSERT INTO local_message_audit (actor, action, selection, affected, db_user) "
+            "VALUES ('x', 'skip', '{}', 0, 'someone_else')",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(forbidden)
+            conn.rollback()
 
 
 def test_an_inbox_consumer_works_with_consumer_grants(role, dsn):
