@@ -1235,10 +1235,10 @@ class KafkaRecordSource:
     def _why(self, text: str) -> str:
         return f"{text} ({self._errors[-1]})" if self._errors else text
 
-    def check(self) -> str | None:
-        """None when a broker answers within the timeout, else why not."""
+    def check(self, timeout: float) -> str | None:
+        """None when a broker answers within TIMEOUT seconds, else why not."""
         try:
-            self._consumer.list_topics(timeout=self._timeout)
+            self._consumer.list_topics(timeout=timeout)
         except KafkaException as exc:
             return self._why(describe(exc.args[0]))
         return None

@@ -74,8 +74,11 @@ class Record:
     digest: bytes
 
     @classmethod
-    def of(cls, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, Any]] | None):
+    def of(cls, key: bytes | None, value: bytes | None, headers: Any) -> Record:
+        """From a consumed record's parts (headers: confluent-kafka's list of pairs)."""
         message_id = next((v for k, v in headers or () if k == "message_id"), None)
+        if isinstance(message_id, str):
+            message_id = message_id.encode()
         # A record without a value (a tombstone) is no row's message: no digest matches b"".
         return cls(message_id, key, hashlib.sha256(value).digest() if value is not None else b"")
 
@@ -299,9 +302,7 @@ _CURSOR = sql.Identifier("outbox_reconcile_rows")
 
 
 def _block(name: str, schema: str, **fragments: sql.Composable) -> sql.Composed:
-    return compose(
-        read_blocks("relay", "reconcile.sql")[name], schema, cursor=_CURSOR, **fragments
-    )
+    return compose(read_blocks("relay", "reconcile.sql")[name], schema, cursor=_CURSOR, **fragments)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,9 @@ class FakeSource:
             yield offset, records.get(offset)
 
 
-def row(i: int, offset: int | None, *, topic="t", partition: int | None = 0, key=b"k", payload=b"p"):
+def row(
+    i: int, offset: int | None, *, topic="t", partition: int | None = 0, key=b"k", payload=b"p"
+):
     return Row(i, uuid.UUID(int=i), topic, partition, offset, key, digest(payload))
 
 
