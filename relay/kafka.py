@@ -1202,23 +1202,30 @@ class KafkaRecordSource:
         seek_gap: int = SEEK_GAP,
     ):
         self._errors: list[str] = []
+        common = {
+            **client_settings(config),
+            # Never joined (assign() only) and nothing committed: a name of its own.
+            "group.id": f"outbox-reconcile-{uuid.uuid4().hex[:12]}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "error_cb": self._on_error,
+        }
         self._consumer = Consumer(
             {
-                **client_settings(config),
-                # Never joined (assign() only) and nothing committed: a name of its own.
-                "group.id": f"outbox-reconcile-{uuid.uuid4().hex[:12]}",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
+                **common,
                 "isolation.level": "read_committed",
                 "enable.partition.eof": True,
                 # An offset deleted under us is an error, not a silent jump to another offset.
                 "auto.offset.reset": "error",
                 # Bounds what librdkafka prefetches for the one partition assigned.
                 "queued.max.messages.kbytes": 16384,
-                "error_cb": self._on_error,
             },
             logger=_reader_log,
         )
+        # Metadata and watermarks. read_uncommitted: its end of a partition is the high
+        # watermark, where a read_committed client's is the last stable offset, short of an
+        # open transaction's records, which are there but not decided yet (not missing).
+        self._meta = Consumer({**common, "isolation.level": "read_uncommitted"}, logger=_reader_log)
         self._timeout = timeout
         self._batch = batch
         self._seek_gap = seek_gap
@@ -1238,20 +1245,21 @@ class KafkaRecordSource:
     def check(self, timeout: float) -> str | None:
         """None when a broker answers within TIMEOUT seconds, else why not."""
         try:
-            self._consumer.list_topics(timeout=timeout)
+            self._meta.list_topics(timeout=timeout)
         except KafkaException as exc:
             return self._why(describe(exc.args[0]))
         return None
 
     def close(self) -> None:
         self._consumer.close()
+        self._meta.close()
 
     def _partitions(self, topic: str) -> frozenset[int]:
         from .reconcile import Absent, Unavailable
 
         if topic not in self._topics:
             try:
-                md = self._consumer.list_topics(topic, timeout=self._timeout).topics.get(topic)
+                md = self._meta.list_topics(topic, timeout=self._timeout).topics.get(topic)
             except KafkaException as exc:
                 raise Unavailable(self._why(f"metadata: {describe(exc.args[0])}")) from None
             if md is None or (
@@ -1271,7 +1279,7 @@ class KafkaRecordSource:
         if partition not in partitions:
             raise Absent(f"no partition {partition} (topic {topic!r} has {len(partitions)})")
         try:
-            low, end = self._consumer.get_watermark_offsets(
+            low, end = self._meta.get_watermark_offsets(
                 TopicPartition(topic, partition), timeout=self._timeout, cached=False
             )
         except KafkaException as exc:
