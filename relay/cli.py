@@ -828,7 +828,7 @@ def reconcile(
         r = p.row
         click.echo(
             redact_text(
-                f"{r.id:>10}  {r.message_id!s:<36}  {r.topic[:24]:<24} "
+                f"{r.id:>10}  {r.message_id:<36}  {r.topic[:24]:<24} "
                 f"{'-' if r.partition is None else r.partition:>4} "
                 f"{'-' if r.offset is None else r.offset:>10}  {p.problem}"
                 + (f" ({', '.join(p.fields)})" if p.fields else "")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import itertools
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -57,7 +56,7 @@ class Row:
     """A CONFIRMED row as the table records it."""
 
     id: int
-    message_id: uuid.UUID
+    message_id: str  # as in the Kafka header: the UUID's text
     topic: str
     partition: int | None
     offset: int | None
@@ -117,7 +116,7 @@ class Problem:
         r = self.row
         return {
             "id": r.id,
-            "message_id": str(r.message_id),
+            "message_id": r.message_id,
             "topic": r.topic,
             "partition": r.partition,
             "offset": r.offset,
@@ -174,7 +173,7 @@ def compare(row: Row, record: Record) -> Problem | None:
     """None when RECORD is ROW's message, else which fields differ."""
     differ = []
     detail = []
-    if record.message_id != str(row.message_id).encode():
+    if record.message_id != row.message_id.encode():
         differ.append("message_id")
         found = record.message_id
         detail.append(

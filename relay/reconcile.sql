@@ -7,10 +7,11 @@
 -- server when the statement's own transaction commits, so no snapshot is held while Kafka is
 -- read (a transaction open for minutes would keep vacuum from cleaning the table), and the
 -- client fetches it in pages (bounded memory). The payload is compared by its SHA-256,
--- computed here: 32 bytes a row cross the wire and the sort, not the payload. Rows without a
+-- computed here: 32 bytes a row cross the wire and the sort, not the payload; the message_id
+-- as text, the form of the Kafka header. Rows without a
 -- recorded place sort last (NULLS LAST is the default of ascending order).
 DECLARE {cursor} SCROLL CURSOR WITH HOLD FOR
-SELECT id, message_id, topic, kafka_partition, kafka_offset, key, sha256(payload)
+SELECT id, message_id::text, topic, kafka_partition, kafka_offset, key, sha256(payload)
   FROM (SELECT id, message_id, topic, kafka_partition, kafka_offset, key, payload
           FROM {table}
          WHERE status = 'CONFIRMED' AND ({where})

@@ -57,11 +57,11 @@ class FakeSource:
 def row(
     i: int, offset: int | None, *, topic="t", partition: int | None = 0, key=b"k", payload=b"p"
 ):
-    return Row(i, uuid.UUID(int=i), topic, partition, offset, key, digest(payload))
+    return Row(i, str(uuid.UUID(int=i)), topic, partition, offset, key, digest(payload))
 
 
 def record_of(r: Row, **changes) -> Record:
-    values = {"message_id": str(r.message_id).encode(), "key": r.key, "digest": r.digest}
+    values = {"message_id": r.message_id.encode(), "key": r.key, "digest": r.digest}
     values.update(changes)
     return Record(**values)
 
