@@ -1166,3 +1166,207 @@ def topic_limits(config: Mapping[str, str], topics: Sequence[str]) -> dict[str, 
         except Exception as exc:  # noqa: BLE001 - not authorised: just not checked
             log.debug("cannot read max.message.bytes of %s: %s", resource.name, exc)
     return limits
+
+
+# -- outbox reconcile: the records at CONFIRMED rows' offsets (relay/reconcile.py decides what
+# they mean). One read_committed consumer, one partition at a time, read forward.
+
+#: librdkafka's log lines while reconciling: the failures that matter come back as Unavailable
+#: and make the command's one error line; the rest are for an application's own handlers.
+_reader_log = logging.getLogger("relay.kafka.reader")
+_reader_log.addHandler(logging.NullHandler())  # no "last resort" lines on the CLI's stderr
+
+#: Records to read past rather than seek over: a seek costs a fetch round trip (a few ms),
+#: reading a record a few microseconds.
+SEEK_GAP = 5000
+
+
+class KafkaRecordSource:
+    """reconcile.RecordSource over Kafka. Rows come partition by partition in offset order;
+    the consumer is assigned at the first offset wanted and reads forward, seeking only over a
+    gap wider than SEEK_GAP, and keeps its place between calls for the same partition.
+
+    read_committed: a row confirmed in exactly-once mode is in a committed transaction, and a
+    row confirmed at least once is a plain record, visible either way; the offsets of aborted
+    records and transaction markers are skipped, and so reported as holding no record.
+
+    Every wait is bounded: a partition that gives nothing for TIMEOUT seconds is marked
+    unavailable, and its remaining rows are reported unreadable without waiting again."""
+
+    def __init__(
+        self,
+        config: Mapping[str, str],
+        *,
+        timeout: float = 15.0,
+        batch: int = 1000,
+        seek_gap: int = SEEK_GAP,
+    ):
+        self._errors: list[str] = []
+        common = {
+            **client_settings(config),
+            # Never joined (assign() only) and nothing committed: a name of its own.
+            "group.id": f"outbox-reconcile-{uuid.uuid4().hex[:12]}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "error_cb": self._on_error,
+        }
+        self._consumer = Consumer(
+            {
+                **common,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+                # An offset deleted under us is an error, not a silent jump to another offset.
+                "auto.offset.reset": "error",
+                # Bounds what librdkafka prefetches for the one partition assigned.
+                "queued.max.messages.kbytes": 16384,
+                # A fetch the broker holds open (500 ms by default) delays the first fetch of
+                # the next partition assigned: 0.4 s per partition, measured.
+                "fetch.wait.max.ms": 10,
+            },
+            logger=_reader_log,
+        )
+        # Watermarks. read_uncommitted: its end of a partition is the high
+        # watermark, where a read_committed client's is the last stable offset, short of an
+        # open transaction's records, which are there but not decided yet (not missing).
+        self._meta = Consumer({**common, "isolation.level": "read_uncommitted"}, logger=_reader_log)
+        self._timeout = timeout
+        self._batch = batch
+        self._seek_gap = seek_gap
+        self._topics: dict[str, frozenset[int]] = {}
+        self._broken: dict[tuple[str, int], str] = {}
+        self._at: tuple[str, int] | None = None  # the partition assigned
+        self._seeked = 0  # the offset it was assigned at
+        self._next = 0  # the offset after the last record handed out
+        self._leftover: list[Message] = []  # consumed, not yet handed out
+
+    def _on_error(self, err: KafkaError) -> None:
+        self._errors.append(describe(err))
+
+    def _why(self, text: str) -> str:
+        return f"{text} ({self._errors[-1]})" if self._errors else text
+
+    def check(self, timeout: float) -> str | None:
+        """None when a broker answers within TIMEOUT seconds, else why not."""
+        try:
+            self._consumer.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            return self._why(describe(exc.args[0]))
+        return None
+
+    def close(self) -> None:
+        self._consumer.close()
+        self._meta.close()
+
+    def _partitions(self, topic: str) -> frozenset[int]:
+        from .reconcile import Absent, Unavailable
+
+        if topic not in self._topics:
+            try:
+                # Asked by the reading consumer: without a metadata request of its own for the
+                # topic, its first fetch after assign() came 0.9 s later (measured).
+                md = self._consumer.list_topics(topic, timeout=self._timeout).topics.get(topic)
+            except KafkaException as exc:
+                raise Unavailable(self._why(f"metadata: {describe(exc.args[0])}")) from None
+            if md is None or (
+                md.error is not None
+                and md.error.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC)
+            ):
+                raise Absent(f"no topic {topic!r} in the cluster")
+            if md.error is not None:
+                raise Unavailable(f"metadata: {describe(md.error)}")
+            self._topics[topic] = frozenset(md.partitions)
+        return self._topics[topic]
+
+    def watermarks(self, topic: str, partition: int) -> tuple[int, int]:
+        from .reconcile import Absent, Unavailable
+
+        partitions = self._partitions(topic)
+        if partition not in partitions:
+            raise Absent(f"no partition {partition} (topic {topic!r} has {len(partitions)})")
+        try:
+            low, end = self._meta.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=self._timeout, cached=False
+            )
+        except KafkaException as exc:
+            raise Unavailable(self._why(f"offsets: {describe(exc.args[0])}")) from None
+        return low, end
+
+    def _assign(self, topic: str, partition: int, offset: int) -> None:
+        # assign() replaces the assignment: librdkafka drops what it had fetched before.
+        self._consumer.assign([TopicPartition(topic, partition, offset)])
+        self._at, self._seeked, self._next, self._leftover = (topic, partition), offset, offset, []
+
+    def _fail(self, place: tuple[str, int], why: str):
+        from .reconcile import Unavailable
+
+        self._broken[place] = why
+        self._at, self._leftover = None, []
+        return Unavailable(why)
+
+    def read(self, topic: str, partition: int, offsets: Sequence[int]):
+        from .reconcile import Record, Unavailable
+
+        place = (topic, partition)
+        if place in self._broken:
+            raise Unavailable(self._broken[place])
+        first = offsets[0]
+        if self._at != place or first < self._next or first - self._next > self._seek_gap:
+            self._assign(topic, partition, first)
+        i, n = 0, len(offsets)
+        heard = time.monotonic()
+        while i < n:  # bounded: each pass hands out records or moves towards the timeout
+            batch, self._leftover = self._leftover, []
+            if not batch:
+                # No more than the records up to the last offset wanted: consume() waits for
+                # as many as it is asked for (or its timeout) at a partition's end.
+                want = min(self._batch, max(1, offsets[-1] + 1 - max(self._next, self._seeked)))
+                try:
+                    batch = self._consumer.consume(want, timeout=0.2)
+                except KafkaException as exc:
+                    raise self._fail(place, describe(exc.args[0])) from None
+                if not batch:
+                    if time.monotonic() - heard > self._timeout:
+                        raise self._fail(
+                            place,
+                            self._why(
+                                f"no answer from {topic} [{partition}] within {self._timeout:g} s"
+                            ),
+                        )
+                    continue
+            heard = time.monotonic()
+            for j, msg in enumerate(batch):
+                offset = msg.offset() or 0
+                if msg.partition() != partition or msg.topic() != topic or offset < self._seeked:
+                    continue  # fetched before the last assign()
+                err = msg.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        raise self._fail(place, describe(err))
+                    # The end of what a read_committed reader sees: offsets before it that did
+                    # not come hold no committed record; those at or after it are in a
+                    # transaction not decided yet.
+                    while i < n and offsets[i] < offset:
+                        yield offsets[i], None
+                        i += 1
+                    if i < n:  # and so are the partition's later rows: no wait for them
+                        raise self._fail(
+                            place,
+                            f"beyond the last stable offset ({offset}): in a Kafka "
+                            "transaction not committed yet",
+                        )
+                    self._next = max(self._next, offset)
+                    self._leftover = batch[j + 1 :]
+                    break
+                self._next = offset + 1
+                while i < n and offsets[i] < offset:
+                    yield offsets[i], None
+                    i += 1
+                if i < n and offsets[i] == offset:
+                    yield offset, Record.of(msg.key(), msg.value(), msg.headers())
+                    i += 1
+                if i == n:
+                    self._leftover = batch[j + 1 :]
+                    break
+                if offsets[i] - self._next > self._seek_gap:
+                    self._assign(topic, partition, offsets[i])
+                    break
