@@ -911,9 +911,7 @@ def reconcile(
                 EXIT_UNCHECKED,
             )
         try:
-            conn = _connect(dsn)
-        except ValueError as exc:  # a DSN psycopg takes but urllib cannot parse (a bad port)
-            raise Failure(f"invalid DSN: {_first_line(exc)}", EXIT_USAGE) from None
+            conn = _connect(dsn)  # a malformed DSN was refused above, by RelayConfig
         except Failure as exc:  # not checked: exit 3, not 1 (which says rows are missing)
             raise Failure(str(exc), EXIT_UNCHECKED) from None
         try:
