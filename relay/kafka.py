@@ -1207,7 +1207,8 @@ def describe_topics(
         metadata = admin.list_topics(timeout=timeout).topics
     except KafkaException as exc:
         raise OutboxError(
-            f"Kafka at {_servers(config)} is not reachable (no answer within {timeout:g}s): "
+            f"Kafka at {_servers(config)} is not reachable (no answer within {timeout:g}s; "
+            "check the address, the listeners and security.protocol/sasl.*): "
             f"{describe(exc.args[0])}"
         ) from None
     return {name: _shape(metadata.get(name)) for name in names}

@@ -13,6 +13,8 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 import outbox
+from relay.kafka import check_kafka
+from tests.conftest import SERVICES, unavailable
 from tests.kafka_helpers import delete_topic
 
 #: The command must give up on an unreachable broker within this (it asks for 10 s).
@@ -206,3 +208,42 @@ def test_bad_input_is_one_line_without_a_password(empty_dsn, bootstrap):
         assert result.returncode == code, (args, result.stderr)
         assert one_error_line(result).startswith(start), (args, result.stderr)
         assert "wr0ngpass" not in result.stdout + result.stderr
+
+
+def test_kafka_credentials_come_from_outbox_kafka_variables_and_are_never_printed(
+    bootstrap, new_topics
+):
+    """As the relay reads them: OUTBOX_KAFKA_SASL_PASSWORD is sasl.password. A wrong password
+    is one line without it."""
+    servers = SERVICES.get("OUTBOX_TEST_SASL_BOOTSTRAP", "")
+    user = SERVICES.get("OUTBOX_TEST_SASL_USERNAME", "")
+    password = SERVICES.get("OUTBOX_TEST_SASL_PASSWORD", "")
+    sasl = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanisms": "PLAIN"}
+    if not servers or check_kafka(
+        {"bootstrap.servers": servers, **sasl, "sasl.username": user, "sasl.password": password}
+    ):
+        unavailable("Kafka's SASL listener", "restart Kafka with scripts/services")
+    name = new_topics()
+
+    def env(secret):
+        return {
+            "OUTBOX_DSN": "",
+            "OUTBOX_BOOTSTRAP_SERVERS": servers,
+            "OUTBOX_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "OUTBOX_KAFKA_SASL_MECHANISMS": "PLAIN",
+            "OUTBOX_KAFKA_SASL_USERNAME": user,
+            "OUTBOX_KAFKA_SASL_PASSWORD": secret,
+        }
+
+    created = run("topics", "create", "--no-table", "--topic", name, env=env(password))
+    assert created.returncode == 0, created.stderr
+    assert f"{name}: created" in created.stdout
+    assert partitions(bootstrap, [name]), "not created"
+
+    wrong = "not-the-pw-93kq"
+    start = time.monotonic()
+    refused = run("topics", "check", "--no-table", "--topic", name, env=env(wrong))
+    assert time.monotonic() - start < UNREACHABLE_DEADLINE
+    assert refused.returncode == 1
+    assert one_error_line(refused).startswith(f"error: Kafka at {servers}")
+    assert wrong not in refused.stdout + refused.stderr
