@@ -437,10 +437,11 @@ def topics_check(dsn, schema, bootstrap_servers, kafka_settings, named, no_table
     missing = [r.name for r in reports if r.state == "missing"]
     if as_json:
         click.echo(json.dumps({"topics": [r.as_dict() for r in reports], "missing": missing}))
-    elif not reports:
-        click.echo("no topics: no row to deliver names one, and no --topic was given")
-    for r in reports if not as_json else []:
-        click.echo(_topic_line(r))
+    else:
+        if not reports:
+            click.echo("no topics: no row to deliver names one, and no --topic was given")
+        for r in reports:
+            click.echo(_topic_line(r))
     if missing:
         raise Failure(
             f"{len(missing)} of {len(reports)} topics missing: {', '.join(missing)} "

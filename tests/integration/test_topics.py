@@ -119,6 +119,14 @@ def test_a_topic_named_before_any_row_exists(bootstrap, new_topics):
     assert run("topics", "check", "--no-table", "--topic", name, env=env).returncode == 0
 
 
+def test_nothing_to_deliver_and_no_names_is_not_a_failure(dsn, bootstrap):
+    env = {"OUTBOX_DSN": dsn, "OUTBOX_BOOTSTRAP_SERVERS": bootstrap}
+    for command in ("check", "create"):
+        result = run("topics", command, env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("no topics: no row to deliver names one")
+
+
 def test_a_creation_the_cluster_refuses_is_one_line(dsn, bootstrap, new_topics):
     """The test cluster has one broker: three replicas cannot be placed."""
     name = new_topics()
