@@ -273,7 +273,7 @@ def _kafka_checks(
                 "topics",
                 "fail",
                 f"PENDING messages for topics that do not exist: {', '.join(missing)}",
-                "create them (kafka-topics --create ...), then outbox replay "
+                "create them: outbox topics create, then outbox replay "
                 "--status FAILED --error UNKNOWN_TOPIC --yes",
             )
         )

@@ -39,11 +39,13 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import NamedTuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from outbox.errors import OutboxError
 from outbox.message import DEFAULT_MAX_MESSAGE_BYTES, RECORD_BATCH_OVERHEAD, record_size
 
 from .model import (
@@ -1370,3 +1372,120 @@ class KafkaRecordSource:
                 if offsets[i] - self._next > self._seek_gap:
                     self._assign(topic, partition, offsets[i])
                     break
+
+
+class TopicShape(NamedTuple):
+    """A topic as the cluster's metadata shows it."""
+
+    partitions: int
+    replication_factor: int
+
+
+class TopicCreation(NamedTuple):
+    """What CreateTopics said about one topic: error None when it was created (or, validating
+    only, would be), existed True when another client had created it first."""
+
+    error: str | None
+    existed: bool = False
+
+
+def _servers(config: Mapping[str, str]) -> str:
+    return str(config.get("bootstrap.servers", "?"))
+
+
+def _shape(md) -> TopicShape | None:
+    """A topic's shape from its metadata (None when absent or in error)."""
+    if md is None or md.error is not None or not md.partitions:
+        return None
+    return TopicShape(len(md.partitions), min(len(p.replicas) for p in md.partitions.values()))
+
+
+def describe_topics(
+    config: Mapping[str, str], names: Sequence[str], timeout: float = 10.0
+) -> dict[str, TopicShape | None]:
+    """The partitions and replication factor of each of NAMES (None: the cluster has no such
+    topic), from one metadata request. A cluster that does not answer within TIMEOUT raises
+    OutboxError, so that a wrong bootstrap address ends in seconds with one line."""
+    admin = AdminClient(client_settings(config), logger=log)
+    try:
+        metadata = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise OutboxError(
+            f"Kafka at {_servers(config)} is not reachable (no answer within {timeout:g}s; "
+            "check the address, the listeners and security.protocol/sasl.*): "
+            f"{describe(exc.args[0])}"
+        ) from None
+    return {name: _shape(metadata.get(name)) for name in names}
+
+
+def create_topics(
+    config: Mapping[str, str],
+    names: Sequence[str],
+    partitions: int | None,
+    replication_factor: int | None,
+    *,
+    validate_only: bool = False,
+    timeout: float = 10.0,
+) -> dict[str, TopicCreation]:
+    """Create NAMES with PARTITIONS and REPLICATION_FACTOR (None: the cluster's num.partitions
+    and default.replication.factor). VALIDATE_ONLY: the broker checks the request and creates
+    nothing. Each topic's outcome; a cluster that does not answer raises OutboxError."""
+    if not names:
+        return {}
+    admin = AdminClient(client_settings(config), logger=log)
+    new = [
+        NewTopic(
+            name,
+            num_partitions=-1 if partitions is None else partitions,
+            replication_factor=-1 if replication_factor is None else replication_factor,
+        )
+        for name in names
+    ]
+    try:
+        futures = admin.create_topics(
+            new, operation_timeout=timeout, request_timeout=timeout, validate_only=validate_only
+        )
+    except KafkaException as exc:
+        raise OutboxError(f"Kafka at {_servers(config)}: {describe(exc.args[0])}") from None
+    out = {}
+    end = time.monotonic() + timeout + SEND_MARGIN
+    for name, future in futures.items():
+        try:
+            future.result(timeout=max(0.0, end - time.monotonic()))
+            out[name] = TopicCreation(None)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                out[name] = TopicCreation(None, existed=True)
+            else:
+                out[name] = TopicCreation(describe(err))
+        except FutureTimeout:
+            out[name] = TopicCreation(f"no answer from Kafka within {timeout:g}s")
+    return out
+
+
+def wait_for_leaders(
+    config: Mapping[str, str], names: Sequence[str], timeout: float = 10.0
+) -> dict[str, TopicShape | None]:
+    """The shapes of NAMES once every partition of each has a leader (a producer can write to
+    them), or as they are when TIMEOUT passes."""
+    admin = AdminClient(client_settings(config), logger=log)
+    end = time.monotonic() + timeout
+    wanted = set(names)
+    while True:
+        try:
+            metadata = admin.list_topics(timeout=max(0.1, end - time.monotonic())).topics
+        except KafkaException:
+            metadata = {}
+        ready = {
+            t
+            for t in wanted
+            if (md := metadata.get(t)) is not None
+            and md.error is None
+            and md.partitions
+            and all(p.leader >= 0 for p in md.partitions.values())
+        }
+        if ready == wanted or time.monotonic() >= end:
+            break
+        time.sleep(0.1)
+    return {t: _shape(metadata.get(t)) for t in names}
