@@ -52,6 +52,11 @@ class Failure(Exception):
         self.code = code
 
 
+#: The DSN of commands that only talk to Kafka, for RelayConfig's other checks: well formed,
+#: never connected to.
+NO_DATABASE = "dbname=unused"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -375,7 +380,7 @@ def _migrate_kafka(bootstrap_servers, kafka_settings, shards, progress_topic) ->
     from .kafka import check_progress_topic
 
     cfg = RelayConfig.from_env(
-        dsn="dbname=unused",  # a valid DSN the command never connects to: only Kafka is used
+        dsn=NO_DATABASE,
         bootstrap_servers=bootstrap_servers or None,
         shards=shards,
         progress_topic=progress_topic,
@@ -452,7 +457,7 @@ def _topics_wanted(dsn, schema, bootstrap_servers, kafka_settings, named, no_tab
             EXIT_USAGE,
         )
     cfg = RelayConfig.from_env(
-        dsn=dsn or "-",  # with --no-table, not used: only the Kafka settings are
+        dsn=dsn or NO_DATABASE,  # --no-table
         schema=schema,
         bootstrap_servers=bootstrap_servers or None,
         kafka=_kafka_settings(kafka_settings),
