@@ -8,7 +8,7 @@ import psycopg
 
 from outbox.message import RECORD_BATCH_OVERHEAD
 from outbox.schema import SCHEMA_VERSION, installed_version
-from outbox.sql import one_row, validate_identifier
+from outbox.sql import one_row, query, validate_identifier
 
 from .kafka import check_kafka, check_progress_topic, missing_topics, topic_limits
 
@@ -72,19 +72,21 @@ def run_checks(
         )
         return out
     with conn:
-        version = one_row(conn.execute("SHOW server_version"))[0]
+        version = one_row(conn.execute(_q("server_version", schema)))[0]
         out.append(Finding("postgresql", "ok", f"connected, server {version}"))
         out.extend(_schema_checks(conn, schema))
         if out[-1].check == "schema" and out[-1].level == "fail":
-            return out + _kafka_checks(kafka, [], max_message_bytes, progress)
+            return out + _kafka_checks(kafka, {}, max_message_bytes, progress)
         out.extend(_table_checks(conn, schema))
-        pending_topics = [
-            r[0]
-            for r in conn.execute(
-                f"SELECT DISTINCT topic FROM \"{schema}\".local_message WHERE status = 'PENDING'"
-            )
-        ]
-    return out + _kafka_checks(kafka, pending_topics, max_message_bytes, progress)
+        # Every row still to deliver (PENDING, FAILED, SENT), as `outbox topics` reads them.
+        topics: dict[str, int] = dict(
+            conn.execute(query("relay", "topics.sql", "undelivered_topics", schema))
+        )
+    return out + _kafka_checks(kafka, topics, max_message_bytes, progress)
+
+
+def _q(name: str, schema: str):
+    return query("relay", "doctor.sql", name, schema)
 
 
 def _schema_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
@@ -107,14 +109,7 @@ def _schema_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
                 f"run: outbox migrate --schema {schema}",
             )
         ]
-    found = {
-        r[0]
-        for r in conn.execute(
-            "SELECT indexname FROM pg_indexes "
-            "WHERE schemaname = %s AND tablename = 'local_message'",
-            (schema,),
-        )
-    }
+    found = {r[0] for r in conn.execute(_q("indexes", schema), {"schema": schema})}
     missing = [i for i in EXPECTED_INDEXES if i not in found]
     out = [Finding("schema", "ok", f"version {version}")]
     if missing:
@@ -133,12 +128,7 @@ def _schema_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
 
 def _table_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
     out = []
-    (options,) = one_row(
-        conn.execute(
-            "SELECT coalesce(reloptions, '{}') FROM pg_class WHERE oid = %s::regclass",
-            (f'"{schema}".local_message',),
-        )
-    )
+    (options,) = one_row(conn.execute(_q("table_options", schema), {"schema": schema}))
     have = {o.split("=")[0] for o in options}
     if all(o in have for o in EXPECTED_AUTOVACUUM):
         out.append(Finding("autovacuum", "ok", "queue settings on local_message"))
@@ -154,10 +144,7 @@ def _table_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
             )
         )
     old = conn.execute(
-        "SELECT pid, usename, state, extract(epoch FROM now() - xact_start)::int, "
-        "left(query, 80) FROM pg_stat_activity WHERE xact_start < now() - make_interval("
-        "secs => %s) AND pid <> pg_backend_pid() ORDER BY xact_start LIMIT 5",
-        (OLD_TRANSACTION_SECONDS,),
+        _q("old_transactions", schema), {"seconds": OLD_TRANSACTION_SECONDS}
     ).fetchall()
     if old:
         pid, user, state, age, query = old[0]
@@ -176,9 +163,7 @@ def _table_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
         out.append(
             Finding("old transactions", "ok", f"none open for over {OLD_TRANSACTION_SECONDS}s")
         )
-    slots = conn.execute(
-        "SELECT slot_name, active FROM pg_replication_slots WHERE NOT active"
-    ).fetchall()
+    slots = conn.execute(_q("inactive_slots", schema)).fetchall()
     if slots:
         out.append(
             Finding(
@@ -188,11 +173,7 @@ def _table_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
                 "drop slots nobody reads: SELECT pg_drop_replication_slot('name')",
             )
         )
-    live, dead = conn.execute(
-        "SELECT coalesce(n_live_tup, 0), coalesce(n_dead_tup, 0) FROM pg_stat_user_tables "
-        "WHERE schemaname = %s AND relname = 'local_message'",
-        (schema,),
-    ).fetchone() or (0, 0)
+    live, dead = conn.execute(_q("dead_rows", schema), {"schema": schema}).fetchone() or (0, 0)
     if dead > 10_000 and dead > live * 0.2:
         out.append(
             Finding(
@@ -205,11 +186,7 @@ def _table_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
         )
     else:
         out.append(Finding("dead rows", "ok", f"{dead} dead rows for {live} live"))
-    counts: dict[str, int] = dict(
-        conn.execute(
-            f'SELECT status, count(*) FROM "{schema}".local_message GROUP BY status'
-        ).fetchall()
-    )
+    counts: dict[str, int] = dict(conn.execute(_q("counts_by_status", schema)).fetchall())
     if counts.get("FAILED"):
         out.append(
             Finding(
@@ -221,11 +198,7 @@ def _table_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
         )
     else:
         out.append(Finding("failed messages", "ok", "none"))
-    (alive,) = one_row(
-        conn.execute(
-            f'SELECT count(*) FROM "{schema}".local_message_relay WHERE lease_until > now()'
-        )
-    )
+    (alive,) = one_row(conn.execute(_q("relays_alive", schema)))
     if counts.get("PENDING") and not alive:
         out.append(
             Finding(
@@ -242,7 +215,7 @@ def _table_checks(conn: psycopg.Connection, schema: str) -> list[Finding]:
 
 def _kafka_checks(
     kafka: dict[str, str],
-    pending_topics: list[str],
+    topics: dict[str, int],
     max_message_bytes: int | None,
     progress: tuple[str, int] | None = None,
 ) -> list[Finding]:
@@ -266,25 +239,22 @@ def _kafka_checks(
             )
         ]
     out = [Finding("kafka", "ok", f"reachable at {kafka['bootstrap.servers']}")]
-    missing = missing_topics(kafka, pending_topics)
+    missing = missing_topics(kafka, list(topics))
     if missing:
         out.append(
             Finding(
                 "topics",
                 "fail",
-                f"PENDING messages for topics that do not exist: {', '.join(missing)}",
-                "create them: outbox topics create, then outbox replay "
-                "--status FAILED --error UNKNOWN_TOPIC --yes",
+                f"{sum(topics[t] for t in missing)} undelivered rows for topics that do not "
+                f"exist: {', '.join(missing)}",
+                "create them: outbox topics create; PENDING rows then go out on their own, "
+                "FAILED ones with outbox replay --status FAILED --error UNKNOWN_TOPIC --yes",
             )
         )
     else:
-        out.append(
-            Finding("topics", "ok", f"all {len(pending_topics)} topics with pending messages exist")
-        )
+        out.append(Finding("topics", "ok", f"all {len(topics)} topics with undelivered rows exist"))
     if max_message_bytes:
-        out.append(
-            _size_check(kafka, [t for t in pending_topics if t not in missing], max_message_bytes)
-        )
+        out.append(_size_check(kafka, [t for t in topics if t not in missing], max_message_bytes))
     if progress:
         out.append(_progress_check(kafka, *progress))
     return out
