@@ -34,6 +34,7 @@ from .config import (
     ConfigError,
     RelayConfig,
     check_dsn,
+    first_line,
     redact_dsn,
     redact_text,
     secrets_of,
@@ -57,11 +58,6 @@ class Failure(Exception):
 NO_DATABASE = "dbname=unused"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def expected_failures(func):
     """Turn the failures an operator can meet into one clean line and an exit code."""
 
@@ -78,7 +74,7 @@ def expected_failures(func):
         except ConfigError as exc:
             message, code = f"invalid configuration: {exc}", EXIT_USAGE
         except (OutboxError, psycopg.Error) as exc:
-            message, code = _first_line(exc), EXIT_CONDITION
+            message, code = first_line(exc), EXIT_CONDITION
         click.echo(f"error: {redact_text(message, *secrets)}", err=True)
         sys.exit(code)
 
@@ -95,7 +91,7 @@ def _connect(dsn: str) -> psycopg.Connection:
             dsn, autocommit=True, connect_timeout=10, application_name="outbox-cli"
         )
     except psycopg.Error as exc:
-        raise Failure(f"cannot connect to {redact_dsn(dsn)}: {_first_line(exc)}") from None
+        raise Failure(f"cannot connect to {redact_dsn(dsn)}: {first_line(exc)}") from None
 
 
 def _default_actor() -> str:
@@ -502,7 +498,7 @@ def topics_check(dsn, schema, bootstrap_servers, kafka_settings, named, no_table
     try:
         reports = check(cfg.producer_config(), wanted) if wanted else []
     except OutboxError as exc:
-        raise Failure(redact_text(_first_line(exc), *secrets_of(cfg))) from None
+        raise Failure(redact_text(first_line(exc), *secrets_of(cfg))) from None
     missing = [r.name for r in reports if r.state == "missing"]
     if as_json:
         click.echo(json.dumps({"topics": [r.as_dict() for r in reports], "missing": missing}))
@@ -577,7 +573,7 @@ def topics_create(
             cfg.producer_config(), wanted, partitions, replication_factor, dry_run=dry_run
         )
     except OutboxError as exc:
-        raise Failure(redact_text(_first_line(exc), *secrets_of(cfg))) from None
+        raise Failure(redact_text(first_line(exc), *secrets_of(cfg))) from None
     for r in reports:
         click.echo(redact_text(_topic_line(r), *secrets_of(cfg)))
     failed = [r for r in reports if r.state == "not created"]
@@ -1134,7 +1130,7 @@ def reconcile(
                             rows
                         )
         except (OutboxError, psycopg.Error) as exc:
-            raise Failure(_first_line(exc), EXIT_UNCHECKED) from None
+            raise Failure(first_line(exc), EXIT_UNCHECKED) from None
     finally:
         source.close()
     if as_json:

@@ -18,7 +18,8 @@ from outbox.errors import OutboxError
 from outbox.message import DEFAULT_MAX_MESSAGE_BYTES
 from outbox.sql import validate_identifier
 
-from .model import BUCKETS, SEND_MARGIN
+from .model import BUCKETS, SEND_MARGIN, LoopSettings
+from .retry import RetryPolicy
 from .shards import MAX_PROGRESS_IDS, PROGRESS_BYTES_PER_ROW, validate_shards
 
 #: The values of `delivery`.
@@ -46,37 +47,37 @@ class RelayConfig:
     #: Shown in `outbox status` and the logs; defaults to host-pid.
     name: str = field(default_factory=_default_name)
     #: Rows read, produced and confirmed together.
-    batch_size: int = 2000
+    batch_size: int = LoopSettings.batch_size
     #: Idle polls start this often and slow down to idle_poll_interval while nothing comes
     #: (NOTIFY, when on, wakes the relay at once).
-    idle_poll_min: float = 0.002
-    idle_poll_interval: float = 1.0
+    idle_poll_min: float = LoopSettings.idle_poll_min
+    idle_poll_interval: float = LoopSettings.idle_poll_interval
     #: LISTEN for the insert trigger's NOTIFY; polling stays the source of truth.
     listen: bool = True
     #: A relay that has not renewed its bucket leases for this long is taken over.
-    lease_seconds: float = 90.0
-    heartbeat_interval: float = 10.0
+    lease_seconds: float = LoopSettings.lease_seconds
+    heartbeat_interval: float = LoopSettings.heartbeat_interval
     #: The batch's deadline: what has no delivery report by then is taken back from the
     #: producer and sent again later (the producer has no timeout of its own).
-    flush_timeout: float = 35.0
+    flush_timeout: float = LoopSettings.flush_timeout
     #: Longest wait for the metadata of a batch's topics not seen in the last minute.
     metadata_timeout: float = 10.0
     #: The largest record (payload, key, headers, framing) the producer takes; publish()'s
     #: default limit is the same number (outbox.message.DEFAULT_MAX_MESSAGE_BYTES).
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Message-specific failures before a row becomes FAILED.
-    max_attempts: int = 12
+    max_attempts: int = RetryPolicy.max_attempts
     #: ... when the failure is one retrying cannot fix (no such topic, too large, not
     #: authorised): a few tries, in case it is fixed at once, then FAILED and visible.
-    max_permanent_attempts: int = 3
-    backoff_base: float = 1.0
-    backoff_max: float = 300.0
+    max_permanent_attempts: int = RetryPolicy.max_permanent_attempts
+    backoff_base: float = RetryPolicy.base
+    backoff_max: float = RetryPolicy.cap
     #: Longest wait for in-flight deliveries on SIGTERM.
     shutdown_timeout: float = 30.0
     #: Copy rows that become FAILED to this Kafka topic ("" = off).
-    dead_letter_topic: str = ""
+    dead_letter_topic: str = LoopSettings.dead_letter_topic
     #: Delete CONFIRMED rows older than this many seconds, in small batches (0 = keep all).
-    retention_seconds: float = 0.0
+    retention_seconds: float = LoopSettings.retention_seconds
     #: Serve /metrics, /healthz and /readyz on this port (0: off).
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
@@ -314,6 +315,12 @@ def redact_dsn(dsn: str) -> str:
         query = _KV_PASSWORD.sub(r"\1***", parts.query.replace("&", " ")).replace(" ", "&")
         return urlunsplit(parts._replace(query=query))
     return _KV_PASSWORD.sub(r"\1***", dsn)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text (psycopg's and librdkafka's run on), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def redact_text(text: str, *secrets: str) -> str:

@@ -10,6 +10,7 @@ from outbox.message import RECORD_BATCH_OVERHEAD
 from outbox.schema import SCHEMA_VERSION, installed_version
 from outbox.sql import one_row, query, validate_identifier
 
+from .config import first_line
 from .kafka import check_kafka, check_progress_topic, missing_topics, topic_limits
 
 EXPECTED_INDEXES = (
@@ -61,12 +62,11 @@ def run_checks(
             dsn, autocommit=True, connect_timeout=10, application_name="outbox-doctor"
         )
     except psycopg.Error as exc:
-        first = (str(exc).strip().splitlines() or ["error"])[0]
         out.append(
             Finding(
                 "postgresql",
                 "fail",
-                f"cannot connect: {first}",
+                f"cannot connect: {first_line(exc)}",
                 "check the DSN, the server, pg_hba.conf and the password",
             )
         )

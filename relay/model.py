@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple, Protocol, TypeAlias
 
@@ -122,6 +123,37 @@ def send_in_key_order(batch, produce_one) -> dict[int, Failed]:
             if message.key is not None:
                 blocked.add(message.key)
     return failed
+
+
+#: A row's statuses (schema.sql's check): SENT is the original design's claimed status, which
+#: this relay never writes.
+STATUSES = ("PENDING", "SENT", "CONFIRMED", "FAILED", "SKIPPED")
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The loop's settings; RelayConfig takes its defaults from here."""
+
+    batch_size: int = 2000
+    lease_seconds: float = 90.0
+    heartbeat_interval: float = 10.0
+    flush_timeout: float = 35.0
+    #: Idle waits start at idle_poll_min and double up to idle_poll_interval while nothing
+    #: comes; any work resets them. NOTIFY (when on) ends a wait at once.
+    idle_poll_min: float = 0.002
+    idle_poll_interval: float = 1.0
+    #: Copy rows that become FAILED to this topic ("" = off).
+    dead_letter_topic: str = ""
+    #: Delete CONFIRMED rows older than this (0 = keep them), in batches of retention_batch.
+    retention_seconds: float = 0.0
+    retention_batch: int = 1000
+    retention_interval: float = 60.0
+    #: Exactly-once: the buckets form this many shards, one Kafka transaction per shard in a
+    #: batch (0: at least once). While a backlog lasts, each batch is read from one shard in
+    #: turn: one transaction of a full batch, not one small transaction per shard, whose
+    #: fixed costs (the coordinator's round trips, a marker written to every partition)
+    #: halved the drain rate with 16 shards (docs/benchmarks.md).
+    shards: int = 0
 
 
 #: Every key maps to one of this many buckets; a relay leases whole buckets (docs/design.md).

@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 from .clock import Clock, SystemClock
@@ -47,6 +47,7 @@ from .model import (
     Failed,
     FailureKind,
     FailureUpdate,
+    LoopSettings,
     Outcome,
     PendingMessage,
     Sink,
@@ -86,30 +87,6 @@ class _Unwritten(NamedTuple):
     #: these outcomes leaves the rows out and holds the keys back.
     ids: tuple[int, ...] = ()
     held_keys: frozenset[bytes] = frozenset()
-
-
-@dataclass(frozen=True)
-class LoopSettings:
-    batch_size: int = 2000
-    lease_seconds: float = 90.0
-    heartbeat_interval: float = 10.0
-    flush_timeout: float = 35.0
-    #: Idle waits start at idle_poll_min and double up to idle_poll_interval while nothing
-    #: comes; any work resets them. NOTIFY (when on) ends a wait at once.
-    idle_poll_min: float = 0.002
-    idle_poll_interval: float = 1.0
-    #: Copy rows that become FAILED to this topic ("" = off).
-    dead_letter_topic: str = ""
-    #: Delete CONFIRMED rows older than this (0 = keep them), in batches of retention_batch.
-    retention_seconds: float = 0.0
-    retention_batch: int = 1000
-    retention_interval: float = 60.0
-    #: Exactly-once: the buckets form this many shards, one Kafka transaction per shard in a
-    #: batch (0: at least once). While a backlog lasts, each batch is read from one shard in
-    #: turn: one transaction of a full batch, not one small transaction per shard, whose
-    #: fixed costs (the coordinator's round trips, a marker written to every partition)
-    #: halved the drain rate with 16 shards (docs/benchmarks.md).
-    shards: int = 0
 
 
 class Relay:

@@ -16,7 +16,7 @@ from tenacity import (
 
 from outbox.errors import OutboxError
 
-from .config import ConfigError, RelayConfig, redact_dsn, redact_text, secrets_of
+from .config import ConfigError, RelayConfig, first_line, redact_dsn, redact_text, secrets_of
 from .health import HealthServer
 from .kafka import (
     KafkaSink,
@@ -26,9 +26,9 @@ from .kafka import (
     check_transactions,
 )
 from .listener import Listener
-from .model import Sink
+from .model import LoopSettings, Sink
 from .outage_log import OutageLog
-from .relay import LoopSettings, Relay
+from .relay import Relay
 from .retry import RetryPolicy
 from .store import PostgresStore
 
@@ -44,8 +44,7 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def _first_line(exc: BaseException, cfg: RelayConfig) -> str:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return redact_text(first, *secrets_of(cfg))
+    return redact_text(first_line(exc), *secrets_of(cfg))
 
 
 def connect_store(cfg: RelayConfig, startup_timeout: float = 30.0) -> PostgresStore:

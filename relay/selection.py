@@ -10,7 +10,7 @@ from typing import Any
 
 from psycopg import sql
 
-STATUSES = ("PENDING", "SENT", "CONFIRMED", "FAILED", "SKIPPED")
+from .model import STATUSES
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|w)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

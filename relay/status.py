@@ -10,11 +10,9 @@ from outbox.schema import require_schema
 from outbox.sql import one_row, query
 
 from . import operations
-from .model import BUCKETS, PendingStats
+from .model import BUCKETS, STATUSES, PendingStats
 from .selection import key_text
 from .store import int_array
-
-STATUSES = ("PENDING", "SENT", "CONFIRMED", "FAILED", "SKIPPED")
 
 
 def read_status(conn: psycopg.Connection, schema: str, rate_window: float = 60.0) -> dict[str, Any]:
