@@ -77,7 +77,7 @@ class RelayConfig:
     #: Copy rows that become FAILED to this Kafka topic ("" = off).
     dead_letter_topic: str = LoopSettings.dead_letter_topic
     #: Delete CONFIRMED rows older than this many seconds, in small batches (0 = keep all).
-    retention_seconds: float = LoopSettings.retention_seconds
+    retention_seconds: float = 0.0
     #: Serve /metrics, /healthz and /readyz on this port (0: off).
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"

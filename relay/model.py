@@ -144,10 +144,6 @@ class LoopSettings:
     idle_poll_interval: float = 1.0
     #: Copy rows that become FAILED to this topic ("" = off).
     dead_letter_topic: str = ""
-    #: Delete CONFIRMED rows older than this (0 = keep them), in batches of retention_batch.
-    retention_seconds: float = 0.0
-    retention_batch: int = 1000
-    retention_interval: float = 60.0
     #: Exactly-once: the buckets form this many shards, one Kafka transaction per shard in a
     #: batch (0: at least once). While a backlog lasts, each batch is read from one shard in
     #: turn: one transaction of a full batch, not one small transaction per shard, whose

@@ -59,9 +59,6 @@ from .shards import buckets_of, whole_shards
 
 log = logging.getLogger(__name__)
 
-#: commit-to-ack latency is observed on at most this many messages per batch (evenly spread):
-#: the histogram stays right, and a 2,000-row batch does not pay 2,000 observations.
-_LATENCY_SAMPLES = 64
 
 #: A step slower than this (seconds) is logged at DEBUG with its stages.
 SLOW_STEP = 0.05
@@ -131,7 +128,6 @@ class Relay:
         self._last_shard = -1
         self._lease_valid_until = float("-inf")
         self._next_heartbeat = float("-inf")
-        self._next_retention = self.clock.monotonic()
         self._idle_wait = self.settings.idle_poll_min
         self._pause = 0.0
         self._alone: set[int] = set()
@@ -203,12 +199,9 @@ class Relay:
                 n,
                 len(recovered),
             )
-        self.metrics.buckets_owned.set(len(buckets))
         stats = self.store.pending_stats(buckets)
         self._pending = stats.pending
-        self.metrics.pending.set(stats.pending)
-        self.metrics.held.set(stats.held)
-        self.metrics.oldest_claimable_age.set(stats.lag_seconds or 0.0)
+        self.metrics.observe_renewal(len(buckets), stats)
         now = self.clock.monotonic()
         if now >= self._lease_valid_until:
             self._lease_valid_until = float("-inf")  # lapsed: trust nothing got ready
@@ -236,10 +229,10 @@ class Relay:
         works on it, one helper writes the outcomes of the batches before and another reads the
         next one. This batch's outcomes are written by the next step, or by settle()."""
         begun = self.clock.monotonic()
-        # Dead letters and retention first: nothing but the read may sit between the lease
-        # check and the batch's send, which the check sized the lease for.
+        # Dead letters first: nothing but the read may sit between the lease check and the
+        # batch's send, which the check sized the lease for. (Retention runs beside the loop:
+        # relay.retention.)
         self._send_dead_letters()
-        self._retention_if_due()
         if self._read_ahead is None:
             self.settle()  # the read must see every outcome: head-of-key blocking is in SQL
         self._heartbeat_if_due()
@@ -475,35 +468,16 @@ class Relay:
         acked_at: dt.datetime,
         started: float,
     ) -> None:
-        m = self.metrics
-        published: Counter = Counter()
-        failures: Counter = Counter()
-        for message, outcome in zip(batch, outcomes, strict=False):
-            if isinstance(outcome, Delivered):
-                published[message.topic] += 1
-            else:
-                failures[(message.topic, outcome.kind.value)] += 1
-        for topic, n in published.items():
-            m.published.labels(topic).inc(n)
-        for (topic, kind), n in failures.items():
-            m.failures.labels(topic, kind).inc(n)
-        step = max(1, len(batch) // _LATENCY_SAMPLES)
-        for message, outcome in list(zip(batch, outcomes, strict=False))[::step]:
-            if isinstance(outcome, Delivered):
-                m.commit_to_ack.observe(max(0.0, (acked_at - message.created_at).total_seconds()))
+        tally = self.metrics.observe_batch(
+            batch, outcomes, updates, acked_at, self.clock.monotonic() - started
+        )
+        self.stats.update(tally._asdict())
         resets = self.sink.resets
         if resets > self._resets_seen:
-            m.producer_resets.inc(resets - self._resets_seen)
+            self.metrics.producer_resets.inc(resets - self._resets_seen)
             self._resets_seen = resets
             # A replaced producer (exactly-once: a shard's) is got ready at the next renewal.
             self._next_heartbeat = float("-inf")
-        m.batch_size.observe(len(batch))
-        m.batch_duration.observe(self.clock.monotonic() - started)
-        given_up = sum(1 for u in updates if u.give_up)
-        self.stats["batches"] += 1
-        self.stats["delivered"] += sum(published.values())
-        self.stats["failed"] += given_up
-        self.stats["retried"] += sum(failures.values()) - given_up
 
     def _track_isolation(self, outcomes: Sequence[Outcome], any_failed: bool) -> None:
         """Rows rejected together with others are sent alone until they have an outcome of
@@ -566,22 +540,6 @@ class Relay:
                     topic,
                     outcome.error,
                 )
-
-    def _retention_if_due(self) -> None:
-        s = self.settings
-        if s.retention_seconds <= 0 or self.clock.monotonic() < self._next_retention:
-            return
-        self._next_retention = self.clock.monotonic() + s.retention_interval
-        deleted = 0
-        for _ in range(100):  # bounded: at most 100 small batches per round
-            n = self.store.delete_confirmed(s.retention_seconds, s.retention_batch)
-            deleted += n
-            if n < s.retention_batch:
-                break
-        if deleted:
-            log.info(
-                "retention: deleted %d CONFIRMED rows older than %gs", deleted, s.retention_seconds
-            )
 
     # -- the loop
 

@@ -29,6 +29,7 @@ from .listener import Listener
 from .model import LoopSettings, Sink
 from .outage_log import OutageLog
 from .relay import Relay
+from .retention import Retention
 from .retry import RetryPolicy
 from .store import PostgresStore
 
@@ -147,7 +148,6 @@ def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
         idle_poll_min=cfg.idle_poll_min,
         idle_poll_interval=cfg.idle_poll_interval,
         dead_letter_topic=cfg.dead_letter_topic,
-        retention_seconds=cfg.retention_seconds,
         shards=cfg.shards if cfg.exactly_once else 0,
     )
     relay = Relay(
@@ -169,7 +169,11 @@ def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
 def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False) -> int:
     relay, listener = build_relay(cfg)
     health = None
+    retention = None
     try:
+        if cfg.retention_seconds:
+            # Beside the loop, on a connection of its own (relay.retention says why).
+            retention = Retention(connect_store(cfg), cfg.retention_seconds)
         if cfg.metrics_port:
             try:
                 health = HealthServer(
@@ -186,6 +190,8 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
                     f"({exc.strerror or exc})"
                 ) from None
     except BaseException:
+        if retention:
+            retention.store.close()
         relay.close_stores()
         if listener:
             listener.close()
@@ -197,9 +203,16 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
                     pass
             finally:
                 relay.shutdown()
+            if retention:
+                retention.run_once()
         else:
+            beside = retention.start(stop) if retention else None
             relay.run(stop)
+            if beside:
+                beside.join(timeout=cfg.shutdown_timeout)
     finally:
+        if retention:
+            retention.store.close()
         relay.sink.close(cfg.shutdown_timeout)
         if relay.dead_letter_sink is not relay.sink:
             relay.dead_letter_sink.close(cfg.shutdown_timeout)

@@ -7,7 +7,7 @@ import time
 import psycopg
 
 import outbox
-from relay.runner import build_relay
+from relay.runner import build_relay, run_relay
 from tests.integration.test_relay_kafka import drain, relay_config
 from tests.kafka_helpers import create_topic, delete_topic, read_all
 from tests.relay_process import wait_for
@@ -78,13 +78,16 @@ def test_relay_retention_deletes_old_confirmed_rows_only(dsn, bootstrap):
             "INSERT INTO local_message (topic, payload, status) VALUES ('t', 'x', 'CONFIRMED')"
         )
         conn.commit()
-    relay, _ = build_relay(relay_config(dsn, bootstrap, retention_seconds=86400.0))
-    try:
-        relay.run_once()
-    finally:
-        relay.shutdown()
-        relay.sink.close(5)
-        relay.close_stores()
+    # As `outbox relay --once --retention 1d` runs it: the relay, then a round of retention
+    # on its own connection (relay.retention).
+    assert (
+        run_relay(
+            relay_config(dsn, bootstrap, retention_seconds=86400.0),
+            threading.Event(),
+            until_idle=True,
+        )
+        == 0
+    )
     with psycopg.connect(dsn) as c:
         left = dict(c.execute("SELECT status, count(*) FROM local_message GROUP BY 1").fetchall())
     assert left == {"FAILED": 1250, "CONFIRMED": 1}
