@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import outbox  # noqa: E402
-from tests.kafka_helpers import create_topic, delete_topic  # noqa: E402
+from bench.topics import create_topic, delete_topic  # noqa: E402
 
 PAYLOAD_BYTES = 256
 KEYS = 1000

@@ -148,7 +148,15 @@ class Relay:
 
     # -- leases
 
-    def _heartbeat_if_due(self) -> None:
+    @property
+    def paused_for(self) -> float:
+        """Seconds the loop pauses before its next batch: the circuit breaker's wait while
+        Kafka is unreachable (0 when the last batch got through)."""
+        return self._pause
+
+    def heartbeat_if_due(self) -> None:
+        """Renew the leases when due (each step starts with it), and get the sink ready for
+        what they hold."""
         now = self.clock.monotonic()
         s = self.settings
         # Produce only while the lease outlives every message this batch could leave in flight:
@@ -235,7 +243,7 @@ class Relay:
         self._send_dead_letters()
         if self._read_ahead is None:
             self.settle()  # the read must see every outcome: head-of-key blocking is in SQL
-        self._heartbeat_if_due()
+        self.heartbeat_if_due()
         batch, self._read_ahead = self._read_ahead, None
         if batch is None:
             batch = self._note_read(

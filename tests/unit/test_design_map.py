@@ -40,3 +40,16 @@ def existing() -> set[str]:
 def test_the_design_map_names_every_module_and_only_real_ones():
     assert mapped() - existing() == set(), "named in design.md but missing"
     assert existing() - mapped() == set(), "in the code but not in design.md's map"
+
+
+def test_the_benchmarks_stand_on_their_own():
+    """bench/ is run from a checkout by people who never run the tests: it imports nothing
+    from tests/."""
+    import re
+
+    leaning = [
+        path.name
+        for path in (ROOT / "bench").glob("*.py")
+        if re.search(r"^\s*(from|import) tests\b", path.read_text("utf-8"), re.M)
+    ]
+    assert leaning == []

@@ -95,18 +95,17 @@ def test_outage_burns_no_attempts_and_pauses_the_relay():
     def script(m):
         return Failed(m.id, FailureKind.OUTAGE, "_TRANSPORT: broker down") if down["on"] else None
 
-    _clock, store, _sink, relay = make(script)
+    _clock, store, _sink, relay = make(script, wait_for_work=lambda t, s: None)
     row = store.insert("t", b"k", b"x")
     stop = threading.Event()
-    relay._wait_for_work = lambda t, s: None
 
     for _ in range(4):
         relay.run_once()
     assert row.attempts == 0 and row.status == "PENDING" and row.last_error is None
-    assert relay._pause == 4.0  # 0.5, 1, 2, 4: the breaker doubles while nothing gets through
+    assert relay.paused_for == 4.0  # 0.5, 1, 2, 4: the breaker doubles while nothing gets through
     down["on"] = False
     relay.run_once()
-    assert row.status == "CONFIRMED" and relay._pause == 0.0
+    assert row.status == "CONFIRMED" and relay.paused_for == 0.0
     assert not stop.is_set()
 
 
@@ -151,7 +150,7 @@ def test_a_relay_that_lost_its_lease_cannot_confirm():
     batch = store.fetch_pending(stale.buckets, 10)
     clock.advance(200)  # stale paused past its lease; another relay takes over
     fresh = Relay(store, RecordingSink(), reader=store, clock=clock, name="fresh")
-    fresh._heartbeat_if_due()
+    fresh.heartbeat_if_due()
     assert row.bucket in fresh.buckets
     from relay.model import Delivered
 
@@ -171,17 +170,17 @@ def test_relay_heartbeats_before_its_lease_could_expire_mid_flight():
 
 
 def test_run_stops_on_the_event_and_releases_leases():
-    _clock, store, sink, relay = make()
-    store.insert("t", b"k", b"x")
     stop = threading.Event()
-    relay._wait_for_work = lambda t, s: stop.set()
+    _clock, store, sink, relay = make(wait_for_work=lambda t, s: stop.set())
+    store.insert("t", b"k", b"x")
     relay.run(stop)
     assert store.owners == {} and relay.relay_id not in store.relays
     assert sink.sent and sink.sent[0].payload == b"x"
 
 
 def test_run_survives_store_errors_and_backs_off():
-    clock, store, _sink, relay = make()
+    stop = threading.Event()
+    clock, store, _sink, relay = make(wait_for_work=lambda t, s: stop.set())
     failures = {"n": 3}
     real = store.fetch_pending
 
@@ -193,8 +192,6 @@ def test_run_survives_store_errors_and_backs_off():
 
     store.fetch_pending = flaky
     row = store.insert("t", b"k", b"x")
-    stop = threading.Event()
-    relay._wait_for_work = lambda t, s: stop.set()
     relay.run(stop)
     assert clock.waits == [0.5, 1.0, 2.0]  # three errors, three backoffs, then delivered
     assert row.status == "CONFIRMED"
@@ -308,7 +305,7 @@ def test_a_rebalance_drops_the_batch_read_ahead_for_buckets_given_away():
     rows = [store.insert("t", b"key-%d" % i, b"%d" % i) for i in range(400)]
     relay.step()  # owns all 256 buckets, has read the next 50 rows ahead
     other = Relay(store, RecordingSink(), reader=store, clock=clock, name="other")
-    other._heartbeat_if_due()  # joins: the first relay must give half back
+    other.heartbeat_if_due()  # joins: the first relay must give half back
     clock.advance(11)
     sent_before = len(sink.sent)
     relay.step()  # heartbeat: 128 buckets given away, then a batch
