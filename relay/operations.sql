@@ -3,16 +3,15 @@
 -- name: list_rows
 -- held_by: for a PENDING row held back by its key (the relay's own blocking_keys rule, over
 -- every bucket), the id of the row that holds it.
-WITH blockers AS ({blocking_keys})
-SELECT m.*,
-       (SELECT b.first_id FROM blockers b
-         WHERE m.status = 'PENDING' AND b.key = m.key AND b.first_id < m.id) AS held_by
+WITH blockers AS MATERIALIZED ({blocking_keys})
+SELECT m.*, b.first_id AS held_by
   FROM (SELECT id, message_id, topic, key, status, attempts, next_attempt_at, last_error,
                created_at, delivered_at, kafka_partition, kafka_offset, bucket, dedup_key
           FROM {table}
          WHERE ({where}) AND id > %(after_id)s
          ORDER BY id
          LIMIT %(limit)s) m
+  LEFT JOIN blockers b ON m.status = 'PENDING' AND b.key = m.key AND b.first_id < m.id
  ORDER BY m.id
 
 -- name: count_rows

@@ -139,18 +139,18 @@ UPDATE {table} m
 -- buckets, how many of them are held behind a blocked key, and the age of the oldest one that
 -- may be sent now: the lag. Rows in backoff and the rows they or a FAILED row hold back wait
 -- on purpose, and are not lag: a poisoned key shows as a blocked key, not as a lagging relay.
-WITH blockers AS ({blocking_keys}),
-waiting AS (
-    SELECT m.topic, m.created_at,
-           m.next_attempt_at IS NULL OR m.next_attempt_at <= now() AS due,
-           EXISTS (SELECT 1 FROM blockers b WHERE b.key = m.key AND b.first_id < m.id) AS held
-      FROM {table} m
-     WHERE m.status = 'PENDING' AND m.bucket = ANY(%(buckets)s::smallint[])
-)
-SELECT topic, count(*), count(*) FILTER (WHERE held),
-       extract(epoch FROM now() - min(created_at) FILTER (WHERE due AND NOT held))::double precision
-  FROM waiting
- GROUP BY topic
+-- One pass over the PENDING rows, hash-joined to the blocking keys (one row per key, computed
+-- once: MATERIALIZED). As a correlated EXISTS the blocking query ran once per PENDING row:
+-- 7 s a renewal with 30,000 rows waiting, longer than a lease allows.
+WITH blockers AS MATERIALIZED ({blocking_keys})
+SELECT m.topic, count(*), count(*) FILTER (WHERE b.first_id < m.id),
+       extract(epoch FROM now() - min(m.created_at) FILTER (
+           WHERE (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
+             AND (b.first_id IS NULL OR b.first_id >= m.id)))::double precision
+  FROM {table} m
+  LEFT JOIN blockers b ON b.key = m.key
+ WHERE m.status = 'PENDING' AND m.bucket = ANY(%(buckets)s::smallint[])
+ GROUP BY m.topic
 
 -- name: delete_confirmed
 -- Retention, one small batch at a time: short locks, and rows another relay is deleting are

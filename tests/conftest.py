@@ -137,3 +137,22 @@ def topic(bootstrap: str) -> Iterator[str]:
     create_topic(bootstrap, name, partitions=3)
     yield name
     delete_topic(bootstrap, name)
+
+
+@pytest.fixture
+def relays(dsn, bootstrap, tmp_path):
+    """Start `outbox relay` processes (tests.relay_process); whatever is still alive at the
+    end is killed."""
+    from tests.relay_process import RelayProcess
+
+    started: list[RelayProcess] = []
+
+    def start(name: str, **env) -> RelayProcess:
+        proc = RelayProcess(name, dsn, bootstrap, tmp_path, **env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.alive():
+            proc.kill()

@@ -9,6 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
+
+import outbox
+
 #: Short timings so that takeovers happen within seconds; still valid (lease > flush + 3 + 2 hb).
 FAST = {
     "OUTBOX_FLUSH_TIMEOUT": "6",
@@ -85,3 +89,25 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def counts(dsn):
+    with psycopg.connect(dsn) as c:
+        return dict(c.execute("SELECT status, count(*) FROM local_message GROUP BY 1").fetchall())
+
+
+def all_confirmed(dsn, total):
+    return counts(dsn).get("CONFIRMED", 0) == total
+
+
+def write(dsn, topic, n, keys, start=0, per_tx=100):
+    with psycopg.connect(dsn) as conn:
+        for base in range(start, start + n, per_tx):
+            with conn.transaction():
+                outbox.publish_many(
+                    conn,
+                    [
+                        dict(topic=topic, key=f"key-{i % keys}", payload={"i": i})
+                        for i in range(base, min(base + per_tx, start + n))
+                    ],
+                )

@@ -17,7 +17,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import threading
 import time
 
@@ -26,22 +25,19 @@ import pytest
 
 import outbox
 from relay.kafka import check_progress_topic
-from tests.conftest import ROOT
 from tests.kafka_helpers import check_kafka, create_topic, delete_topic
 from tests.relay_process import RelayProcess, wait_for
+from tests.service_control import kill_broker, services
 from tests.verify import verify
+
+#: It stops, kills and restarts PostgreSQL and Kafka: the `services` tier.
+pytestmark = pytest.mark.services
 
 SOAK = os.environ.get("CHAOS_SOAK") == "1"
 MESSAGES = 100_000 if SOAK else 10_000
 KEYS = 500 if SOAK else 200
 WRITERS = 4
 DURATION = 900 if SOAK else 150  # seconds of writing, faults spread over it
-
-
-def services(*args: str) -> None:
-    subprocess.run(
-        [str(ROOT / "scripts" / "services"), *args], check=True, timeout=300, capture_output=True
-    )
 
 
 class Writers:
@@ -118,9 +114,7 @@ def kill_broker_and_commit_across_an_unseen_topic(
     """The pattern that once broke order: the broker dies (kill -9); one transaction commits
     a row of KEY on TOPIC, UNSEEN_ROWS rows on a topic no relay has looked up yet, and a second
     row of KEY; the caller brings the broker back a little later."""
-    pid = int((ROOT / ".services" / "kafka" / "kafka.pid").read_text())
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 30, "the broker gone")
+    kill_broker()
     for _ in range(30):  # PostgreSQL may be restarting too: retry, bounded
         try:
             with psycopg.connect(dsn, connect_timeout=5) as conn, conn.transaction():

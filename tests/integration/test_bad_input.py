@@ -10,10 +10,9 @@ import psycopg
 import pytest
 
 import outbox
-from tests.integration.conftest import all_confirmed
 from tests.integration.test_relay_kafka import drain
 from tests.kafka_helpers import read_all
-from tests.relay_process import RelayProcess, wait_for
+from tests.relay_process import RelayProcess, all_confirmed, wait_for
 from tests.verify import verify
 
 

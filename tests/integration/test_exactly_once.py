@@ -17,8 +17,8 @@ from relay.kafka import check_progress_topic
 from relay.model import Failed, FailureKind, PendingMessage
 from relay.runner import build_relay, check_exactly_once, run_relay
 from relay.shards import buckets_of, decode_progress
-from tests.integration.conftest import counts, write
 from tests.kafka_helpers import create_topic, delete_topic, read_all
+from tests.relay_process import counts, write
 from tests.verify import verify
 
 SHARDS = 4

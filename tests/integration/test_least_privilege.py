@@ -12,8 +12,7 @@ import pytest
 from psycopg import sql
 
 import outbox
-from tests.integration.conftest import all_confirmed
-from tests.relay_process import RelayProcess, wait_for
+from tests.relay_process import RelayProcess, all_confirmed, wait_for
 from tests.verify import verify
 
 PASSWORD = "lp-" + uuid.uuid4().hex[:12]

@@ -9,8 +9,8 @@ import psycopg
 
 from relay.config import RelayConfig
 from relay.runner import build_relay
-from tests.integration.conftest import counts, write
-from tests.integration.test_order_outages import relay_config
+from tests.outages.test_order_outages import relay_config
+from tests.relay_process import counts, write
 from tests.verify import verify
 
 

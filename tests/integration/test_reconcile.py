@@ -19,10 +19,10 @@ from confluent_kafka.admin import AdminClient
 
 from relay.kafka import check_progress_topic
 from relay.runner import run_relay
-from tests.integration.conftest import counts, write
 from tests.integration.test_exactly_once import eos_config
 from tests.integration.test_relay_kafka import drain
 from tests.kafka_helpers import create_topic, delete_topic
+from tests.relay_process import counts, write
 
 
 def reconcile(dsn, bootstrap, *args, timeout=120):

@@ -7,8 +7,7 @@ import time
 
 import psycopg
 
-from tests.integration.conftest import all_confirmed, counts, write
-from tests.relay_process import wait_for
+from tests.relay_process import all_confirmed, counts, wait_for, write
 from tests.verify import verify
 
 

@@ -10,8 +10,7 @@ import pytest
 import outbox
 from relay.kafka import check_kafka
 from tests.conftest import SERVICES, unavailable
-from tests.integration.conftest import all_confirmed
-from tests.relay_process import RelayProcess, wait_for
+from tests.relay_process import RelayProcess, all_confirmed, wait_for
 from tests.verify import verify
 
 

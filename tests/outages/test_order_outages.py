@@ -16,7 +16,6 @@ import contextlib
 import datetime as dt
 import os
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -33,35 +32,12 @@ from relay.kafka import KafkaSink
 from relay.model import SEND_MARGIN, Delivered, Failed, FailureKind, PendingMessage
 from relay.runner import build_relay
 from relay.selection import Selection
-from tests.conftest import ROOT
-from tests.integration.conftest import counts
 from tests.kafka_helpers import check_kafka, create_topic, delete_topic, read_all
-from tests.relay_process import wait_for
+from tests.relay_process import counts, wait_for
+from tests.service_control import broker_back, broker_pid, kill_broker
 from tests.verify import verify
 
 pytestmark = pytest.mark.services
-
-
-def services(*args: str) -> None:
-    subprocess.run(
-        [str(ROOT / "scripts" / "services"), *args], check=True, timeout=180, capture_output=True
-    )
-
-
-def broker_pid() -> int:
-    return int((ROOT / ".services" / "kafka" / "kafka.pid").read_text())
-
-
-def kill_broker() -> None:
-    """kill -9 the broker, as a crash would; `services up kafka` starts it again."""
-    pid = broker_pid()
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 30, "the broker gone")
-
-
-def broker_back(bootstrap: str) -> None:
-    services("up", "kafka")
-    wait_for(lambda: check_kafka(bootstrap) is None, 60, "the broker back")
 
 
 @pytest.fixture

@@ -3,23 +3,18 @@ marked without an ack, delivery resumes by itself. These tests stop and start th
 services, so they restart them in any case before they end."""
 
 import json
-import subprocess
 import time
 import urllib.request
 
 import psycopg
+import pytest
 
-from tests.conftest import ROOT
-from tests.integration.conftest import all_confirmed, counts, write
 from tests.kafka_helpers import check_kafka
-from tests.relay_process import wait_for
+from tests.relay_process import all_confirmed, counts, wait_for, write
+from tests.service_control import services
 from tests.verify import verify
 
-
-def services(*args):
-    subprocess.run(
-        [str(ROOT / "scripts" / "services"), *args], check=True, timeout=180, capture_output=True
-    )
+pytestmark = pytest.mark.services
 
 
 def http_get(url):
