@@ -653,17 +653,11 @@ def status(dsn: str, schema: str, as_json: bool, fail_if_lag, fail_if_failed, wa
 def _status_once(
     dsn, schema, as_json, fail_if_lag, fail_if_failed, rate_window, watching=False
 ) -> None:
-    from .status import read_status
+    from .status import health_problems, read_status
 
     with _connect(dsn) as conn:
         report = read_status(conn, schema, rate_window)
-    problems = []
-    age = report["oldest_pending_age_seconds"]
-    if fail_if_lag is not None and age is not None and age > fail_if_lag:
-        problems.append(f"lag {age:.1f}s > {fail_if_lag:g}s")
-    if fail_if_failed and report["counts"]["FAILED"]:
-        problems.append(f"{report['counts']['FAILED']} FAILED rows")
-    report["problems"] = problems
+    problems = report["problems"] = health_problems(report, fail_if_lag, fail_if_failed)
     if as_json:
         click.echo(json.dumps(_jsonable(report), indent=None if watching else 2))
     else:
@@ -855,8 +849,7 @@ def _change_command(action: str):
             raise Failure(
                 f"say what to {action}: ids, --status, --topic, --key, --since ...", EXIT_USAGE
             )
-        if action == "skip" and selection.statuses and selection.statuses != ["FAILED"]:
-            raise Failure("skip changes FAILED rows only", EXIT_USAGE)
+        operations.check_change(action, selection)
         with _connect(dsn) as conn:
             require_schema(conn, schema)
             counts = operations.count_rows(conn, schema, selection)
@@ -988,7 +981,7 @@ def purge(dsn, schema, older_than, include_skipped, dry_run, yes, actor, reason)
     from . import operations
 
     cutoff = dt.datetime.now(dt.timezone.utc) - parse_duration(older_than)
-    statuses = ["CONFIRMED"] + (["SKIPPED"] if include_skipped else [])
+    statuses = operations.purge_statuses(include_skipped)
     with _connect(dsn) as conn:
         require_schema(conn, schema)
         total = operations.purge_count(conn, schema, statuses, cutoff)

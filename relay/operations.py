@@ -25,7 +25,7 @@ from outbox.sql import compose, named_blocks, one_row, read_blocks
 
 from .audit import Link, Report, check_chain
 from .model import BUCKETS
-from .selection import Selection
+from .selection import Selection, SelectionError
 from .store import int_array
 
 BATCH = 1000
@@ -60,6 +60,19 @@ def list_rows(
 def count_rows(conn: psycopg.Connection, schema: str, selection: Selection) -> dict[str, int]:
     query, params = _q("count_rows", schema, selection)
     return dict(conn.execute(query, params).fetchall())
+
+
+def check_change(action: str, selection: Selection) -> None:
+    """Refuse, before anything is read, a change that cannot mean anything: skip takes FAILED
+    rows only."""
+    if action == "skip" and selection.statuses and selection.statuses != ["FAILED"]:
+        raise SelectionError("skip changes FAILED rows only")
+
+
+def purge_statuses(include_skipped: bool) -> list[str]:
+    """What a purge may delete: CONFIRMED rows, and SKIPPED ones if asked; never a row still
+    to deliver."""
+    return ["CONFIRMED"] + (["SKIPPED"] if include_skipped else [])
 
 
 def count_changeable(

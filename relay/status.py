@@ -77,3 +77,17 @@ def read_status(conn: psycopg.Connection, schema: str, rate_window: float = 60.0
         ],
         "relays": relays,
     }
+
+
+def health_problems(
+    report: dict[str, Any], fail_if_lag: float | None, fail_if_failed: bool
+) -> list[str]:
+    """What makes `outbox status --fail-if-lag / --fail-if-failed` exit 1: the lag over
+    FAIL_IF_LAG seconds, FAILED rows."""
+    problems = []
+    lag = report["oldest_pending_age_seconds"]
+    if fail_if_lag is not None and lag is not None and lag > fail_if_lag:
+        problems.append(f"lag {lag:.1f}s > {fail_if_lag:g}s")
+    if fail_if_failed and report["counts"]["FAILED"]:
+        problems.append(f"{report['counts']['FAILED']} FAILED rows")
+    return problems
