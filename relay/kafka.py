@@ -179,6 +179,13 @@ def client_settings(config: Mapping[str, str]) -> dict[str, str | int | float | 
     return {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
 
 
+def report_client_error(outage_log: OutageLog, err: KafkaError) -> None:
+    """The producers' error_cb: client-level errors (brokers down, authentication), each
+    distinct one logged once through the outage log. Fatal errors do not come here:
+    confluent-kafka raises them from poll()/flush() (see KafkaSink._serve)."""
+    outage_log.problem(err.name(), logging.WARNING, f"Kafka: {describe(err)}")
+
+
 def message_size(message: PendingMessage) -> int:
     """The bytes of a message as a record, as the writer and librdkafka count them."""
     if not message.headers:  # the common case, without a call per message
@@ -237,9 +244,7 @@ class KafkaSink:
         return self._producer
 
     def _on_error(self, err: KafkaError) -> None:
-        # Client-level errors (brokers down, authentication). Fatal errors do not come here:
-        # confluent-kafka raises them from poll()/flush() (see _serve).
-        self.outage_log.problem(err.name(), logging.WARNING, f"Kafka: {describe(err)}")
+        report_client_error(self.outage_log, err)
 
     def _serve(self, timeout: float) -> int:
         """Serve delivery reports for up to TIMEOUT seconds, until none is outstanding or the
@@ -959,7 +964,7 @@ class TransactionalSink:
         return {s: v for s, v in last.items() if s not in open_}
 
     def _on_error(self, err: KafkaError) -> None:
-        self.outage_log.problem(err.name(), logging.WARNING, f"Kafka: {describe(err)}")
+        report_client_error(self.outage_log, err)
 
     # -- sending
 
