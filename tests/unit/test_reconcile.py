@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 
@@ -44,14 +44,17 @@ class FakeSource:
         low, end, _ = self.partitions[(topic, partition)]
         return low, end
 
-    def read(self, topic: str, partition: int, offsets: Sequence[int]):
-        self.reads.append((topic, partition, list(offsets)))
-        _, _, records = self.partitions[(topic, partition)]
-        limit = (self.fail_after or {}).get((topic, partition))
-        for n, offset in enumerate(offsets):
-            if limit is not None and n >= limit:
-                raise Unavailable("no answer within 15 s")
-            yield offset, records.get(offset)
+    def read(self, topic: str, wanted: Mapping[int, Sequence[int]]):
+        """One partition after the other (the protocol allows them interleaved)."""
+        for partition, offsets in wanted.items():
+            self.reads.append((topic, partition, list(offsets)))
+            _, _, records = self.partitions[(topic, partition)]
+            limit = (self.fail_after or {}).get((topic, partition))
+            for n, offset in enumerate(offsets):
+                if limit is not None and n >= limit:
+                    yield partition, -1, Unavailable("no answer within 15 s")
+                    break
+                yield partition, offset, records.get(offset)
 
 
 def row(
