@@ -1319,6 +1319,7 @@ class KafkaRecordSource:
         # assign() replaces the assignment: librdkafka drops what it had fetched before.
         self._consumer.assign([TopicPartition(topic, p, r.offsets[0]) for p, r in reading.items()])
         consume, gap, eof = self._consumer.consume, self._seek_gap, KafkaError._PARTITION_EOF
+        new = tuple.__new__  # a Record without NamedTuple's Python-level __new__
         heard = time.monotonic()
         while reading:  # bounded: each pass hands out records or moves towards the timeout
             # No more than the records up to the last offsets wanted: consume() waits for as
@@ -1343,8 +1344,11 @@ class KafkaRecordSource:
                 # None for a client-wide event: no partition read is None.
                 partition = msg.partition()  # type: ignore[assignment]
                 r = reading.get(partition)
-                if r is None or msg.topic() != topic:
-                    continue  # a partition done, or fetched before an assign()
+                if r is None:
+                    # A partition done. The assignment holds this topic only, and librdkafka
+                    # drops what it fetched for an earlier assign() or seek (no topic()
+                    # call a record: 0.1 us each).
+                    continue
                 err = msg.error()
                 if err is not None and err.code() != eof:
                     del reading[partition]
@@ -1384,7 +1388,7 @@ class KafkaRecordSource:
                             break
                     value = msg.value()
                     digest = sha256(value).digest() if value is not None else b""
-                    yield partition, offset, Record(message_id, msg.key(), digest)
+                    yield partition, offset, new(Record, (message_id, msg.key(), digest))
                     i += 1
                 r.i = i
                 if i == n:  # no further fetches of it: they would be thrown away

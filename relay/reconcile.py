@@ -104,8 +104,9 @@ class RecordSource(Protocol):
         watermarks). For each of them, in order within its partition (partitions may
         interleave): (partition, offset, the committed record at it), the record None when
         the log holds none there (skipped by a read_committed reader). A partition whose rest
-        cannot be read gives (partition, -1, Unavailable(why)) and nothing more. Raises
-        Unavailable when no partition can be read further."""
+        cannot be read gives (partition, -1, Unavailable(why)) and nothing more (the offset -1
+        says so: one comparison of an int in the checker's loop). Raises Unavailable when no
+        partition can be read further."""
         ...
 
 
@@ -226,23 +227,14 @@ class Reconciler:
     def check(self, rows: Iterable[Row]) -> Report:
         it = iter(rows)
         while True:  # bounded: each pass takes rows from a finite iterator, or ends
-            chunk = list(islice(it, self._chunk))
-            if not chunk:
+            groups = _by_place(list(islice(it, self._chunk)))
+            if not groups:
                 return self.report
-            groups: dict[tuple[str, int | None], list[Row]] = {}
-            for row in chunk:
-                place = (row[2], row[3])
-                group = groups.get(place)
-                if group is None:
-                    groups[place] = [row]
-                else:
-                    group.append(row)
-            # Held by the groups only from here: the next chunk is built after these go.
-            del chunk
             self._check_chunk(groups)
             if self._progress:
-                for group in groups.values():
-                    self._progress(len(group))
+                for size in [len(group) for group in groups.values()]:
+                    self._progress(size)
+            # The next chunk is built once these rows are gone (tests/unit: rows alive).
             del groups
 
     def _check_chunk(self, groups: dict[tuple[str, int | None], list[Row]]) -> None:
@@ -290,47 +282,61 @@ class Reconciler:
 
     def _compare_all(self, topic: str, wanted: dict[int, list[Row]]) -> None:
         """The rows of WANTED (by partition, each sorted by offset) against the records at
-        their offsets; each offset is read once, however many rows name it. The hot loop:
-        tuples compared by field, a Problem made only for a row that is not ok."""
+        their offsets; each offset is read once, however many rows name it.
+
+        The hot loop: a reader hands out a partition's records in runs, so the partition's
+        state lives in local variables and is saved only when the partition changes; a row
+        is compared field by field, and a Problem is made only for a row that is not ok."""
         add = self.report.add
         offsets = {
             p: cast(list[int], list(dict.fromkeys([row[4] for row in rows])))
             for p, rows in wanted.items()
         }
         # Per partition: [the next row, the next offset], both as indexes.
-        at = {p: [0, 0] for p in wanted}
-        ok = 0
+        saved = {p: [0, 0] for p in wanted}
+        current: int | None = None
+        rows: list[Row] = []
+        offs: list[int] = []
+        k = done = n = ok = 0
         try:
             for partition, offset, record in self.source.read(topic, offsets):
-                rows, state = wanted.get(partition), at.get(partition)
-                if rows is None or state is None:
-                    raise Unavailable(f"the reader answered partition {partition}, not asked for")
-                k, done = state
-                if isinstance(record, Unavailable):
+                if partition != current:
+                    if current is not None:
+                        saved[current] = [k, done]
+                    if partition not in saved:
+                        raise Unavailable(f"the reader answered partition {partition}, unasked")
+                    current, rows, offs = partition, wanted[partition], offsets[partition]
+                    (k, done), n = saved[partition], len(rows)
+                if offset < 0:  # the rest of the partition cannot be read: record says why
                     for row in rows[k:]:
                         add(Problem(row, UNREADABLE, str(record)))
-                    state[0], state[1] = len(rows), len(offsets[partition])
+                    k, done = n, len(offs)
                     continue
-                if done >= len(offsets[partition]) or offset != offsets[partition][done]:
+                if done >= len(offs) or offset != offs[done]:
                     raise Unavailable(f"the reader answered offset {offset} out of order")
-                n = len(rows)
-                while k < n and rows[k][4] == offset:
+                done += 1
+                while k < n and rows[k][4] == offset:  # once, but for rows sharing an offset
                     row = rows[k]
                     k += 1
                     if record is None:
                         add(Problem(row, UNREADABLE, _NO_RECORD))
-                    elif (
-                        record[2] == row[6] and record[1] == row[5] and record[0] == row[1].encode()
+                    elif (  # a Record here: an Unavailable comes with offset -1 (above)
+                        record[2] == row[6]  # type: ignore[index]
+                        and record[1] == row[5]  # type: ignore[index]
+                        and record[0] == row[1].encode()  # type: ignore[index]
                     ):
                         ok += 1
                     else:
-                        add(compare(row, record))
-                state[0], state[1] = k, done + 1
-            for partition, (k, _) in at.items():
+                        add(compare(row, record))  # type: ignore[arg-type]
+            if current is not None:
+                saved[current] = [k, done]
+            for partition, (k, _) in saved.items():
                 for row in wanted[partition][k:]:
                     add(Problem(row, UNREADABLE, "the reader stopped early"))
         except Unavailable as exc:
-            for partition, (k, _) in at.items():
+            if current is not None:
+                saved[current] = [k, done]
+            for partition, (k, _) in saved.items():
                 for row in wanted[partition][k:]:
                     add(Problem(row, UNREADABLE, str(exc)))
         finally:
@@ -357,3 +363,17 @@ _NO_RECORD = (
 )
 
 _OFFSET = itemgetter(4)
+
+
+def _by_place(chunk: list[Row]) -> dict[tuple[str, int | None], list[Row]]:
+    """CHUNK's rows by (topic, partition), in the order met. A function of its own: no
+    variable of the caller keeps a row of this chunk alive while the next one is built."""
+    groups: dict[tuple[str, int | None], list[Row]] = {}
+    for row in chunk:
+        place = (row[2], row[3])
+        group = groups.get(place)
+        if group is None:
+            groups[place] = [row]
+        else:
+            group.append(row)
+    return groups

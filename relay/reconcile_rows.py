@@ -34,8 +34,9 @@ SPAN = 500_000
 
 #: Pages read ahead while a chunk is checked: a chunk's worth, so that the next chunk is
 #: ready when this one is done (with 2 pages, the checker waited 0.3 s more for 200,000 rows).
-#: Rows held at most: CHUNK being checked, AHEAD pages queued, one being read, and the rest
-#: of the page a chunk was cut from: 50,000 + 7 x 10,000 = 120,000 rows (about 50 MB).
+#: Rows held at most: the chunk being checked, AHEAD pages queued, one being read and the
+#: rest of the page the chunk was cut from: 50,000 + 8 x 10,000 = 130,000 rows (about 60 MB;
+#: tests/unit/test_reconcile.py counts them).
 AHEAD = CHUNK // PAGE + 1
 
 #: A page: the progress reached at its end (in RowPages.total's units), and its rows.
@@ -71,9 +72,26 @@ class Window:
         return out
 
 
-class RowPages:
-    """The window's rows in pages. TOTAL is the progress's length (ids of the range, or ids
-    picked); POSITION the progress of the last page handed to the reader (rows())."""
+class Pager:
+    """Rows in pages. TOTAL is the progress's length; POSITION the progress of the last page
+    handed to the reader by rows(). pages() may run on another thread (relay.prefetch)."""
+
+    total = 0
+    position = 0
+
+    def pages(self) -> Generator[Page, None, None]:
+        raise NotImplementedError
+
+    def rows(self, pages: Iterable[Page]) -> Iterator[Row]:
+        """The rows of PAGES, one after another, keeping POSITION up to date."""
+        for position, rows in pages:
+            self.position = position
+            yield from rows
+
+
+class RowPages(Pager):
+    """The window's rows in pages: TOTAL counts the ids of the table's range, or the ids
+    picked by --sample or --limit."""
 
     def __init__(
         self,
@@ -107,7 +125,6 @@ class RowPages:
             if low is not None:  # else an empty table: no page at all
                 self._first, self._last = low, high
             self.total = self._last - self._first + 1 if low is not None else 0
-        self.position = 0
 
     def pages(self) -> Generator[Page, None, None]:
         """Every page, in order (run on the prefetch thread)."""
@@ -130,12 +147,6 @@ class RowPages:
             # A full page may stop short of LAST; a short one read every id up to it.
             after = rows[-1][0] if len(rows) == self._page else last
             yield after - self._first + 1, rows
-
-    def rows(self, pages: Iterable[Page]) -> Iterator[Row]:
-        """The rows of PAGES, one after another, keeping POSITION up to date."""
-        for position, rows in pages:
-            self.position = position
-            yield from rows
 
     def cancel(self) -> None:
         """Cancel the statement in flight (from another thread: libpq's cancel request)."""
