@@ -12,11 +12,12 @@ start to exit:
 
   baseline    a consumer assigned to every partition at offset 0 (read_committed, as
               reconcile) that consume()s until it has had ROWS records: nothing compared
-  reconcile   `outbox reconcile --since 1h --json`: the rows selected (one query on the
-              server, fetched in pages), every record read and compared, the report
+  reconcile   `outbox reconcile --since 1h --json`: the rows read in keyset pages along the
+              primary key (on a thread of their own), every record read and compared, the
+              report
 
 Prints rows/s for each and reconcile's ratio to the baseline of the same round, and, from one
-more run in this process, how long the database's selection took.
+more run in this process, how long the database's side alone took (every page read in turn).
 """
 
 from __future__ import annotations
