@@ -1172,7 +1172,8 @@ def topic_limits(config: Mapping[str, str], topics: Sequence[str]) -> dict[str, 
 
 
 # -- outbox reconcile: the records at CONFIRMED rows' offsets (relay/reconcile.py decides what
-# they mean). One read_committed consumer, one partition at a time, read forward.
+# they mean). One read_committed consumer, a chunk's partitions of a topic at a time, each
+# read forward.
 
 #: librdkafka's log lines while reconciling: the failures that matter come back as Unavailable
 #: and make the command's one error line; the rest are for an application's own handlers.

@@ -17,8 +17,8 @@ header, its key and its payload (compared by SHA-256). Every row ends in one cat
 The rows come in any order (``relay.reconcile_rows`` pages them in id order); the checker
 takes them a chunk at a time, groups a chunk by partition and sorts each group by offset, so
 each partition is read forward and memory holds one chunk whatever the window. The records
-come from a ``RecordSource``: ``relay.kafka.KafkaRecordSource`` reads them, one partition at a
-time, forward; tests use an in-memory one.
+come from a ``RecordSource``: ``relay.kafka.KafkaRecordSource`` reads a chunk's partitions of
+a topic together, each forward; tests use an in-memory one.
 """
 
 from __future__ import annotations
