@@ -1079,7 +1079,9 @@ def reconcile(
     from contextlib import nullcontext
 
     from .kafka import KafkaRecordSource
-    from .reconcile import EXIT_UNCHECKED, Reconciler, Rows, Window
+    from .prefetch import Prefetch
+    from .reconcile import EXIT_UNCHECKED, Reconciler
+    from .reconcile_rows import AHEAD, RowPages, Window
 
     for name, value in (("--sample", sample), ("--limit", limit)):
         if value is not None and value < 1:
@@ -1112,16 +1114,31 @@ def reconcile(
         try:
             with conn:
                 require_schema(conn, schema)
-                with Rows(conn, schema, window) as rows:
-                    bar = (
-                        click.progressbar(length=rows.total, label="reconcile", file=sys.stderr)
-                        if sys.stderr.isatty()
-                        else None
-                    )
-                    with bar or nullcontext():
-                        report = Reconciler(source, progress=bar.update if bar else None).check(
-                            rows
-                        )
+                pages = RowPages(conn, schema, window)
+                # Over the id range (or the picked ids): no count of the window beforehand.
+                bar = (
+                    click.progressbar(length=pages.total, label="reconcile", file=sys.stderr)
+                    if sys.stderr.isatty()
+                    else None
+                )
+                shown = 0
+
+                def advance(_rows: int) -> None:
+                    nonlocal shown
+                    if bar is not None:
+                        bar.update(pages.position - shown)
+                        shown = pages.position
+
+                # The next page is read on its own thread (which owns conn until it is
+                # joined, at the end of the block) while the rows before it are checked.
+                with (
+                    Prefetch(
+                        pages.pages, depth=AHEAD, cancel=pages.cancel, name="reconcile-rows"
+                    ) as ahead,
+                    bar or nullcontext(),
+                ):
+                    checker = Reconciler(source, progress=advance if bar else None)
+                    report = checker.check(pages.rows(ahead))
         except (OutboxError, psycopg.Error) as exc:
             raise Failure(first_line(exc), EXIT_UNCHECKED) from None
     finally:

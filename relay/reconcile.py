@@ -14,26 +14,24 @@ header, its key and its payload (compared by SHA-256). Every row ends in one cat
   record, a transaction marker, a record removed by compaction), an offset beyond the last
   stable offset (a transaction still open), or the broker did not answer in time.
 
-The records come from a ``RecordSource``: ``relay.kafka.KafkaRecordSource`` reads them, one
-partition at a time, forward; tests use an in-memory one. The rows come from the database in
-Kafka's order (``open_rows``), page by page, so memory stays bounded whatever the window.
+The rows come in any order (``relay.reconcile_rows`` pages them in id order); the checker
+takes them a chunk at a time, groups a chunk by partition and sorts each group by offset, so
+each partition is read forward and memory holds one chunk whatever the window. The records
+come from a ``RecordSource``: ``relay.kafka.KafkaRecordSource`` reads a chunk's partitions of
+a topic together, each forward; tests use an in-memory one.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from itertools import islice
+from operator import itemgetter
+from typing import Any, NamedTuple, Protocol, cast
 
-import psycopg
-from psycopg import sql
-
-from outbox.sql import compose, read_blocks
-
-from .selection import Selection, key_text
+from .selection import key_text
 
 OK, MISSING, MISMATCHED, EXPIRED, UNREADABLE = (
     "ok",
@@ -47,13 +45,15 @@ CATEGORIES = (OK, MISSING, MISMATCHED, EXPIRED, UNREADABLE)
 #: Exit codes for a cron job or a probe (0, 1 and 2 as every command: ok, problems, usage).
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_UNCHECKED = 0, 1, 2, 3
 
-#: Rows fetched from the database at a time, and handed to the source at a time per partition.
-PAGE = 5000
+#: Rows checked at a time: grouped by partition, sorted by offset, then read from Kafka. Ids
+#: grow with time, so a chunk's rows of one partition lie close together in its log; the
+#: chunk bounds the rows held (about 150 bytes each with their objects).
+CHUNK = 50_000
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """A CONFIRMED row as the table records it."""
+class Row(NamedTuple):
+    """A CONFIRMED row as the table records it. A tuple: built straight from the database's
+    row (``tuple.__new__``), no per-row constructor."""
 
     id: int
     message_id: str  # as in the Kafka header: the UUID's text
@@ -64,8 +64,7 @@ class Row:
     digest: bytes  # SHA-256 of the payload
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """A record as Kafka holds it (the payload by its digest only)."""
 
     message_id: bytes | None  # the first `message_id` header's value, None if it has none
@@ -75,9 +74,11 @@ class Record:
     @classmethod
     def of(cls, key: bytes | None, value: bytes | None, headers: Any) -> Record:
         """From a consumed record's parts (headers: confluent-kafka's list of pairs)."""
-        message_id = next((v for k, v in headers or () if k == "message_id"), None)
-        if isinstance(message_id, str):
-            message_id = message_id.encode()
+        message_id = None
+        for name, found in headers or ():
+            if name == "message_id":
+                message_id = found.encode() if isinstance(found, str) else found
+                break
         # A record without a value (a tombstone) is no row's message: no digest matches b"".
         return cls(message_id, key, hashlib.sha256(value).digest() if value is not None else b"")
 
@@ -97,11 +98,15 @@ class RecordSource(Protocol):
         ...
 
     def read(
-        self, topic: str, partition: int, offsets: Sequence[int]
-    ) -> Iterator[tuple[int, Record | None]]:
-        """For each of OFFSETS (ascending, distinct, each between the watermarks), in order:
-        the committed record at it, or None when the log holds none there (skipped by a
-        read_committed reader). Raises Unavailable when the rest cannot be read."""
+        self, topic: str, wanted: Mapping[int, Sequence[int]]
+    ) -> Iterator[tuple[int, int, Record | Unavailable | None]]:
+        """WANTED: offsets by partition (each list ascending, distinct, between the partition's
+        watermarks). For each of them, in order within its partition (partitions may
+        interleave): (partition, offset, the committed record at it), the record None when
+        the log holds none there (skipped by a read_committed reader). A partition whose rest
+        cannot be read gives (partition, -1, Unavailable(why)) and nothing more (the offset -1
+        says so: one comparison of an int in the checker's loop). Raises Unavailable when no
+        partition can be read further."""
         ...
 
 
@@ -130,7 +135,8 @@ class Problem:
 @dataclass
 class Report:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
-    #: Problem rows in Kafka's order, up to max_listed; the counts hold every one.
+    #: Problem rows in the order checked (chunk by chunk; in a chunk, partition by partition
+    #: and by offset), up to max_listed; the counts hold every one.
     problems: list[Problem] = field(default_factory=list)
     max_listed: int = 100_000
 
@@ -141,6 +147,9 @@ class Report:
     @property
     def truncated(self) -> bool:
         return len(self.problems) < self.checked - self.counts[OK]
+
+    def add_ok(self, n: int) -> None:
+        self.counts[OK] += n
 
     def add(self, problem: Problem | None) -> None:
         if problem is None:
@@ -193,8 +202,8 @@ def compare(row: Row, record: Record) -> Problem | None:
 
 
 class Reconciler:
-    """Checks rows, given in Kafka's order, against a RecordSource; PROGRESS is called with the
-    number of rows done now and then."""
+    """Checks rows, given in any order, against a RecordSource, CHUNK rows at a time; PROGRESS
+    is called with the number of rows done, after each partition of a chunk."""
 
     def __init__(
         self,
@@ -202,79 +211,142 @@ class Reconciler:
         *,
         max_listed: int = 100_000,
         progress: Callable[[int], None] | None = None,
-        chunk: int = PAGE,
+        chunk: int = CHUNK,
     ):
         self.source = source
         self.report = Report(max_listed=max_listed)
         self._progress = progress
-        self._chunk = chunk
-        # Per partition: (first offset, end), or why it cannot be read. Read once, at its first
-        # row: every row's offset was acknowledged before the rows were selected, which was
-        # before this, so an offset at or beyond the end is not a record still on its way.
+        self._chunk = max(1, chunk)
+        # Per partition: (first offset, end), or why it cannot be read. Read at its first row,
+        # and again when a later row lies at or beyond the end read then: rows are read from
+        # the database after that, and a row confirmed since may hold a newer offset. A row
+        # reaches the database after Kafka acknowledged its offset, so an offset at or beyond
+        # an end read after the row is not a record still on its way.
         self._marks: dict[tuple[str, int], tuple[int, int] | Problem] = {}
 
     def check(self, rows: Iterable[Row]) -> Report:
-        for (topic, partition), group in itertools.groupby(rows, _place):
-            while chunk := list(itertools.islice(group, self._chunk)):
-                self._check_chunk(topic, partition, chunk)
-                if self._progress:
-                    self._progress(len(chunk))
-        return self.report
+        it = iter(rows)
+        while True:  # bounded: each pass takes rows from a finite iterator, or ends
+            groups = _by_place(list(islice(it, self._chunk)))
+            if not groups:
+                return self.report
+            self._check_chunk(groups)
+            if self._progress:
+                for size in [len(group) for group in groups.values()]:
+                    self._progress(size)
+            # The next chunk is built once these rows are gone (tests/unit: rows alive).
+            del groups
 
-    def _check_chunk(self, topic: str, partition: int | None, rows: list[Row]) -> None:
+    def _check_chunk(self, groups: dict[tuple[str, int | None], list[Row]]) -> None:
+        # Each topic's partitions are read together, as a consumer of the topic does.
+        by_topic: dict[str, dict[int, list[Row]]] = {}
+        for (topic, partition), rows in groups.items():
+            wanted = self._placed(topic, partition, rows)
+            if wanted and partition is not None:
+                by_topic.setdefault(topic, {})[partition] = wanted
+        for topic, wanted_rows in by_topic.items():
+            self._compare_all(topic, wanted_rows)
+
+    def _placed(self, topic: str, partition: int | None, rows: list[Row]) -> list[Row]:
+        """The rows of one partition that its log can hold, sorted by offset; the others
+        reported (no place, expired, missing, or the partition cannot be read)."""
         add = self.report.add
         if partition is None:
             for row in rows:
                 add(Problem(row, UNREADABLE, _NO_PLACE))
-            return
-        marks = self._watermarks(topic, partition, rows[0])
-        if isinstance(marks, Problem):
+            return []
+        placed = [row for row in rows if row[4] is not None]
+        if len(placed) < len(rows):
             for row in rows:
+                if row[4] is None:
+                    add(Problem(row, UNREADABLE, _NO_PLACE))
+            if not placed:
+                return []
+        placed.sort(key=_OFFSET)
+        marks = self._watermarks(topic, partition, placed[0])
+        if not isinstance(marks, Problem) and cast(int, placed[-1][4]) >= marks[1]:
+            marks = self._watermarks(topic, partition, placed[0], fresh=True)
+        if isinstance(marks, Problem):
+            for row in placed:
                 add(Problem(row, marks.problem, marks.detail))
-            return
+            return []
         low, end = marks
-        wanted: dict[int, list[Row]] = {}
-        for row in rows:
-            offset = row.offset
-            if offset is None:
-                add(Problem(row, UNREADABLE, _NO_PLACE))
-            elif offset < low:
-                add(
-                    Problem(
-                        row,
-                        EXPIRED,
-                        f"deleted by retention: the partition starts at offset {low}",
-                    )
-                )
-            elif offset >= end:
-                add(Problem(row, MISSING, f"beyond the partition's end (offset {end})"))
-            else:
-                wanted.setdefault(offset, []).append(row)
-        if not wanted:
-            return
-        offsets = sorted(wanted)
-        done = 0
-        try:
-            for offset, record in self.source.read(topic, partition, offsets):
-                if done >= len(offsets) or offset != offsets[done]:
-                    raise Unavailable(f"the reader answered offset {offset} out of order")
-                for row in wanted[offset]:
-                    add(
-                        compare(row, record)
-                        if record is not None
-                        else Problem(row, UNREADABLE, _NO_RECORD)
-                    )
-                done += 1
-            if done < len(offsets):
-                raise Unavailable("the reader stopped early")
-        except Unavailable as exc:
-            for offset in offsets[done:]:
-                for row in wanted[offset]:
-                    add(Problem(row, UNREADABLE, str(exc)))
+        first = bisect_left(placed, low, key=_OFFSET)
+        beyond = bisect_left(placed, end, key=_OFFSET)
+        expired = f"deleted by retention: the partition starts at offset {low}"
+        for row in placed[:first]:
+            add(Problem(row, EXPIRED, expired))
+        for row in placed[beyond:]:
+            add(Problem(row, MISSING, f"beyond the partition's end (offset {end})"))
+        return placed[first:beyond]
 
-    def _watermarks(self, topic: str, partition: int, row: Row) -> tuple[int, int] | Problem:
+    def _compare_all(self, topic: str, wanted: dict[int, list[Row]]) -> None:
+        """The rows of WANTED (by partition, each sorted by offset) against the records at
+        their offsets; each offset is read once, however many rows name it.
+
+        The hot loop: a reader hands out a partition's records in runs, so the partition's
+        state lives in local variables and is saved only when the partition changes; a row
+        is compared field by field, and a Problem is made only for a row that is not ok."""
+        add = self.report.add
+        offsets = {
+            p: cast(list[int], list(dict.fromkeys([row[4] for row in rows])))
+            for p, rows in wanted.items()
+        }
+        # Per partition: [the next row, the next offset], both as indexes.
+        saved = {p: [0, 0] for p in wanted}
+        current: int | None = None
+        rows: list[Row] = []
+        offs: list[int] = []
+        k = done = n = ok = 0
+        try:
+            for partition, offset, record in self.source.read(topic, offsets):
+                if partition != current:
+                    if current is not None:
+                        saved[current] = [k, done]
+                    if partition not in saved:
+                        raise Unavailable(f"the reader answered partition {partition}, unasked")
+                    current, rows, offs = partition, wanted[partition], offsets[partition]
+                    (k, done), n = saved[partition], len(rows)
+                if offset < 0:  # the rest of the partition cannot be read: record says why
+                    for row in rows[k:]:
+                        add(Problem(row, UNREADABLE, str(record)))
+                    k, done = n, len(offs)
+                    continue
+                if done >= len(offs) or offset != offs[done]:
+                    raise Unavailable(f"the reader answered offset {offset} out of order")
+                done += 1
+                while k < n and rows[k][4] == offset:  # once, but for rows sharing an offset
+                    row = rows[k]
+                    k += 1
+                    if record is None:
+                        add(Problem(row, UNREADABLE, _NO_RECORD))
+                    elif (  # a Record here: an Unavailable comes with offset -1 (above)
+                        record[2] == row[6]  # type: ignore[index]
+                        and record[1] == row[5]  # type: ignore[index]
+                        and record[0] == row[1].encode()  # type: ignore[index]
+                    ):
+                        ok += 1
+                    else:
+                        add(compare(row, record))  # type: ignore[arg-type]
+            if current is not None:
+                saved[current] = [k, done]
+            for partition, (k, _) in saved.items():
+                for row in wanted[partition][k:]:
+                    add(Problem(row, UNREADABLE, "the reader stopped early"))
+        except Unavailable as exc:
+            if current is not None:
+                saved[current] = [k, done]
+            for partition, (k, _) in saved.items():
+                for row in wanted[partition][k:]:
+                    add(Problem(row, UNREADABLE, str(exc)))
+        finally:
+            self.report.add_ok(ok)
+
+    def _watermarks(
+        self, topic: str, partition: int, row: Row, *, fresh: bool = False
+    ) -> tuple[int, int] | Problem:
         place = (topic, partition)
-        if place not in self._marks:
+        if fresh or place not in self._marks:
             try:
                 self._marks[place] = self.source.watermarks(topic, partition)
             except Absent as exc:
@@ -290,81 +362,18 @@ _NO_RECORD = (
     "marker, or removed by compaction)"
 )
 
-
-def _place(row: Row) -> tuple[str, int | None]:
-    return (row.topic, row.partition)
+_OFFSET = itemgetter(4)
 
 
-# --------------------------------------------------------------------------- the database side
-
-_CURSOR = sql.Identifier("outbox_reconcile_rows")
-
-
-def _block(name: str, schema: str, **fragments: sql.Composable) -> sql.Composed:
-    return compose(read_blocks("relay", "reconcile.sql")[name], schema, cursor=_CURSOR, **fragments)
-
-
-@dataclass(frozen=True)
-class Window:
-    """Which CONFIRMED rows to check: delivered in [since, until), of a topic or a key, all of
-    them or a random sample or the latest."""
-
-    since: dt.datetime | None = None
-    until: dt.datetime | None = None
-    topic: str | None = None
-    key: bytes | None = None
-    sample: int | None = None
-    limit: int | None = None
-
-    def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in ("since", "until", "topic", "key", "sample", "limit"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, dt.datetime):
-                value = value.isoformat()
-            elif isinstance(value, bytes):
-                value = key_text(value)
-            out[name] = value
-        return out
-
-
-class Rows:
-    """The window's rows, selected once on the server (a cursor WITH HOLD) and fetched a page
-    at a time. Use as a context manager: the cursor is closed at the end."""
-
-    def __init__(self, conn: psycopg.Connection, schema: str, window: Window):
-        self._conn, self._schema = conn, schema
-        where, params = Selection(topic=window.topic, key=window.key).where()
-        pick: sql.Composable = sql.SQL("")
-        count = window.sample or window.limit
-        if window.sample is not None:
-            pick = sql.SQL(read_blocks("relay", "reconcile.sql")["pick_sample"])
-        elif window.limit is not None:
-            pick = sql.SQL(read_blocks("relay", "reconcile.sql")["pick_latest"])
-        conn.execute(
-            _block("open_rows", schema, where=where, pick=pick),
-            {**params, "since": window.since, "until": window.until, "count": count},
-        )
-        self.total = conn.execute(_block("count_rows", schema)).rowcount
-        conn.execute(_block("rewind", schema))
-
-    def __iter__(self) -> Iterator[Row]:
-        fetch = _block("fetch_rows", self._schema, count=sql.Literal(PAGE))
-        while True:  # bounded: the cursor's rows are finite and each page moves past its rows
-            page = self._conn.execute(fetch).fetchall()
-            for r in page:
-                yield Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6])
-            if len(page) < PAGE:
-                return
-
-    def __enter__(self) -> Rows:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self._conn.closed:
-            try:
-                self._conn.execute(_block("close_rows", self._schema))
-            except psycopg.Error:
-                pass  # the session ends soon after, and the cursor with it
+def _by_place(chunk: list[Row]) -> dict[tuple[str, int | None], list[Row]]:
+    """CHUNK's rows by (topic, partition), in the order met. A function of its own: no
+    variable of the caller keeps a row of this chunk alive while the next one is built."""
+    groups: dict[tuple[str, int | None], list[Row]] = {}
+    for row in chunk:
+        place = (row[2], row[3])
+        group = groups.get(place)
+        if group is None:
+            groups[place] = [row]
+        else:
+            group.append(row)
+    return groups

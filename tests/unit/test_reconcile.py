@@ -4,11 +4,13 @@ and the exit code a cron job sees."""
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 
+from relay.prefetch import Prefetch
 from relay.reconcile import (
     EXIT_OK,
     EXIT_PROBLEMS,
@@ -19,6 +21,7 @@ from relay.reconcile import (
     Row,
     Unavailable,
 )
+from relay.reconcile_rows import Pager
 
 
 def digest(payload: bytes) -> bytes:
@@ -44,14 +47,17 @@ class FakeSource:
         low, end, _ = self.partitions[(topic, partition)]
         return low, end
 
-    def read(self, topic: str, partition: int, offsets: Sequence[int]):
-        self.reads.append((topic, partition, list(offsets)))
-        _, _, records = self.partitions[(topic, partition)]
-        limit = (self.fail_after or {}).get((topic, partition))
-        for n, offset in enumerate(offsets):
-            if limit is not None and n >= limit:
-                raise Unavailable("no answer within 15 s")
-            yield offset, records.get(offset)
+    def read(self, topic: str, wanted: Mapping[int, Sequence[int]]):
+        """One partition after the other (the protocol allows them interleaved)."""
+        for partition, offsets in wanted.items():
+            self.reads.append((topic, partition, list(offsets)))
+            _, _, records = self.partitions[(topic, partition)]
+            limit = (self.fail_after or {}).get((topic, partition))
+            for n, offset in enumerate(offsets):
+                if limit is not None and n >= limit:
+                    yield partition, -1, Unavailable("no answer within 15 s")
+                    break
+                yield partition, offset, records.get(offset)
 
 
 def row(
@@ -235,3 +241,127 @@ def test_json_shape():
 def test_a_record_without_a_value_matches_no_payload():
     assert Record.of(b"k", None, None).digest != digest(b"")
     assert Record.of(b"k", b"", [("message_id", b"x")]).message_id == b"x"
+
+
+def test_watermarks_are_read_again_for_a_row_beyond_the_end_read_before():
+    """A later chunk may hold a row confirmed after its partition's end was read: it is
+    missing only if it lies beyond the end read again."""
+    early, late = row(1, 3), row(2, 12)
+    source = FakeSource({("t", 0): (0, 10, {3: record_of(early), 12: record_of(late)})})
+    checker = Reconciler(source, chunk=1)
+    checker.check([early])
+    source.partitions[("t", 0)] = (0, 20, source.partitions[("t", 0)][2])  # the log grew
+    report = checker.check([late])
+    assert report.counts["ok"] == 2 and report.problems == []
+
+
+# ------------------------------------------------------------ bounded memory, the fetch thread
+
+
+class CountedRow(Row):
+    """A Row that counts how many of its kind are alive."""
+
+    __slots__ = ()
+    alive = 0
+    peak = 0
+
+    def __del__(self) -> None:
+        CountedRow.alive -= 1
+
+
+def counted_row(i: int, partition: int, offset: int) -> Row:
+    CountedRow.alive += 1
+    CountedRow.peak = max(CountedRow.peak, CountedRow.alive)
+    return tuple.__new__(CountedRow, (i, str(uuid.UUID(int=i)), "t", partition, offset, b"k", b"d"))
+
+
+class FakePager(Pager):
+    """PAGES pages of SIZE rows in id order, spread over 3 partitions as a relay leaves them;
+    endless when PAGES is None. Notes when its generator is closed."""
+
+    def __init__(self, size: int, pages: int | None):
+        self.size, self.count = size, pages
+        self.total = (pages or 1) * size
+        self.closed = False
+
+    def pages(self):
+        try:
+            n = 0
+            while self.count is None or n < self.count:
+                rows = [
+                    counted_row(i, i % 3, i // 3) for i in range(n * self.size, (n + 1) * self.size)
+                ]
+                n += 1
+                yield n * self.size, rows
+        finally:
+            self.closed = True
+
+
+class EveryRecordThere:
+    """Every offset holds the counted rows' record; notes the rows alive at each read."""
+
+    def __init__(self, fail_after_reads: int | None = None, exc: BaseException | None = None):
+        self.alive_at_reads: list[int] = []
+        self.wanted_at_reads: list[int] = []
+        self.fail_after_reads, self.exc = fail_after_reads, exc
+
+    def watermarks(self, topic, partition):
+        return 0, 10**9
+
+    def read(self, topic, wanted):
+        self.alive_at_reads.append(CountedRow.alive)
+        self.wanted_at_reads.append(sum(len(o) for o in wanted.values()))
+        if self.fail_after_reads is not None and len(self.alive_at_reads) > self.fail_after_reads:
+            raise self.exc or RuntimeError("a bug in the reader")
+        for partition, offsets in wanted.items():
+            for offset in offsets:
+                i = offset * 3 + partition
+                yield partition, offset, Record(str(uuid.UUID(int=i)).encode(), b"k", b"d")
+
+
+def test_the_checker_holds_one_chunk_of_rows_whatever_the_window():
+    chunk, page, depth = 1000, 100, 3
+    pager = FakePager(page, 200)  # 20,000 rows: 20 chunks
+    source = EveryRecordThere()
+    CountedRow.alive = CountedRow.peak = 0
+    with Prefetch(pager.pages, depth=depth) as ahead:
+        report = Reconciler(source, chunk=chunk).check(pager.rows(ahead))
+    assert report.counts["ok"] == 20_000 and report.checked == 20_000
+    assert len(source.wanted_at_reads) == 20 and max(source.wanted_at_reads) == chunk
+    # At most: the chunk being checked (or built), the pages queued, the one being made, the
+    # rest of the page the chunk was cut from; never the chunk before as well (2,000 and more).
+    assert max(source.alive_at_reads) <= CountedRow.peak <= chunk + (depth + 2) * page
+    assert CountedRow.alive == 0 and pager.closed and pager.position == 20_000
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("a bug in the reader"), KeyboardInterrupt()])
+def test_the_fetch_thread_is_stopped_and_joined_when_the_checker_fails(exc):
+    pager = FakePager(100, None)  # endless: the thread stops only when told
+    source = EveryRecordThere(fail_after_reads=2, exc=exc)
+    prefetch = Prefetch(pager.pages, depth=2)
+    with pytest.raises(type(exc)), prefetch as ahead:
+        Reconciler(source, chunk=500).check(pager.rows(ahead))
+    assert not prefetch.thread.is_alive() and pager.closed
+
+
+def test_an_error_of_the_fetch_thread_reaches_the_reader_after_the_pages_before_it():
+    def pages():
+        yield 1, [row(1, 1)]
+        yield 2, [row(2, 2)]
+        raise OSError("the database went away")
+
+    got = []
+    prefetch: Prefetch = Prefetch(pages, depth=1)
+    with pytest.raises(OSError, match="went away"), prefetch as ahead:
+        for _, rows in ahead:
+            got += rows
+    assert [r.id for r in got] == [1, 2] and not prefetch.thread.is_alive()
+
+
+def test_a_producer_blocked_on_a_full_queue_is_stopped_at_the_exit():
+    pager = FakePager(10, None)
+    prefetch = Prefetch(pager.pages, depth=1)
+    with prefetch as ahead:
+        next(iter(ahead))
+        time.sleep(0.05)  # the thread is now waiting for room in the queue
+    assert not prefetch.thread.is_alive() and pager.closed
