@@ -293,9 +293,15 @@ def check_dsn(dsn: str) -> None:
         raise ConfigError("no database: set --dsn or OUTBOX_DSN")
     try:
         params = psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.Error as exc:
+    except psycopg.Error:
+        # Neither the DSN nor libpq's message: a DSN that does not parse may not be masked
+        # right either (libpq quotes the word it stopped at, which can be part of a password
+        # with a space in it). The names of the keys it has are enough to find the mistake.
+        keys = sorted(set(re.findall(r"([A-Za-z_]+)\s*=", dsn.split("://", 1)[-1])))
         raise ConfigError(
-            f"dsn {redact_dsn(dsn)}: {redact_text(str(exc).strip(), *_dsn_secrets(dsn))}"
+            "dsn: malformed (neither a postgresql:// URL nor key=value pairs libpq accepts; "
+            f"keys seen: {', '.join(keys) or 'none'}); quote values with spaces: "
+            "password='...'"
         ) from None
     for port in str(params.get("port") or "").split(","):
         if port and not (port.isdigit() and 0 < int(port) < 65536):

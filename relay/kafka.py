@@ -51,6 +51,7 @@ from outbox.message import DEFAULT_MAX_MESSAGE_BYTES, RECORD_BATCH_OVERHEAD, rec
 
 from .model import (
     SEND_MARGIN,
+    TOPIC_ERROR_TTL,
     Delivered,
     Failed,
     FailureKind,
@@ -360,7 +361,9 @@ class KafkaSink:
                     else "UNKNOWN_TOPIC_OR_PART: the cluster has no such topic"
                 )
                 info = _Topic(
-                    Failed(0, FailureKind.PERMANENT, f"{why} (topic {t!r})"), None, now + 5.0
+                    Failed(0, FailureKind.PERMANENT, f"{why} (topic {t!r})"),
+                    None,
+                    now + TOPIC_ERROR_TTL,
                 )
                 self._topics[t] = info
             elif err is not None:

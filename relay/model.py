@@ -125,6 +125,11 @@ def send_in_key_order(batch, produce_one) -> dict[int, Failed]:
     return failed
 
 
+#: How long the sink trusts an answer that a topic does not exist (or may not be written): the
+#: retries of a permanent failure wait longer (relay.retry), so that each one asks the cluster
+#: again instead of reading the same cached answer.
+TOPIC_ERROR_TTL = 5.0
+
 #: A row's statuses (schema.sql's check): SENT is the original design's claimed status, which
 #: this relay never writes.
 STATUSES = ("PENDING", "SENT", "CONFIRMED", "FAILED", "SKIPPED")

@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .model import Failed, FailureKind, FailureUpdate, PendingMessage
+from .model import TOPIC_ERROR_TTL, Failed, FailureKind, FailureUpdate, PendingMessage
 
 #: Failures that leave the row untouched: not the message's fault, or not even tried.
 NO_WRITE = frozenset(
@@ -23,6 +23,11 @@ class RetryPolicy:
     #: fixes the cause at once (creates the topic, grants the ACL), then FAILED, so that the
     #: blocked key shows within seconds instead of after max_attempts backoffs.
     max_permanent_attempts: int = 3
+    #: ... each at least this long after the last: a topic created or an ACL granted a moment
+    #: later gets a real second chance (the sink caches a missing topic for TOPIC_ERROR_TTL,
+    #: so a sooner retry would read the same cached answer; a broker's metadata may also lag a
+    #: creation), and the row is FAILED within about 15 s.
+    permanent_retry_delay: float = TOPIC_ERROR_TTL + 2.0
     #: Uniform in [0, 1); injectable so that tests get fixed delays.
     random: Callable[[], float] = random.random
 
@@ -30,6 +35,12 @@ class RetryPolicy:
         """Exponential backoff with jitter (half fixed, half random), capped."""
         raw = min(self.cap, self.base * (2 ** max(0, attempts - 1)))
         return raw * (0.5 + 0.5 * self.random())
+
+    def _delay(self, kind: FailureKind, attempts: int) -> float:
+        delay = self.delay(attempts)
+        if kind is FailureKind.PERMANENT:
+            return max(delay, self.permanent_retry_delay)
+        return delay
 
     def attempts_allowed(self, kind: FailureKind) -> int:
         if kind is FailureKind.PERMANENT:
@@ -53,7 +64,7 @@ class RetryPolicy:
                     1,
                     f"{failure.kind.value}: {failure.error}",
                     give_up,
-                    0.0 if give_up else self.delay(attempts),
+                    0.0 if give_up else self._delay(failure.kind, attempts),
                 )
             )
         return out

@@ -355,12 +355,18 @@ def test_expected_failures_are_one_line_without_traceback_or_password(empty_dsn)
         ["doctor"],
         ["relay", "-b", "127.0.0.1:1"],
     )
-    for dsn in ("postgresql://outbox:wr0ngpass@127.0.0.1:70000/app", "password=wr0ngpass bogus"):
+    for dsn in (
+        "postgresql://outbox:wr0ngpass@127.0.0.1:70000/app",
+        "password=wr0ngpass bogus",
+        # A password with spaces, unquoted: libpq's message would quote its second word.
+        "password=wr0ngpass horse battery dbname=x",
+    ):
         for args in commands:
             r = run(*args, env={"OUTBOX_DSN": dsn}, timeout=30)
             assert r.returncode == 2, (args, dsn, r.stderr)
-            assert "Traceback" not in r.stderr and "wr0ngpass" not in r.stderr + r.stdout
-            assert r.stderr.startswith("error: ") and "dsn " in r.stderr, (args, r.stderr)
+            out = r.stderr + r.stdout
+            assert "Traceback" not in out and "wr0ngpass" not in out and "horse" not in out
+            assert r.stderr.startswith("error: ") and "dsn" in r.stderr, (args, r.stderr)
             assert len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     missing = run("status", env={"OUTBOX_DSN": empty_dsn})
     assert missing.returncode == 1 and "run `outbox migrate`" in missing.stderr

@@ -73,7 +73,8 @@ def test_permanent_failure_backs_off_holds_its_key_then_fails_while_other_keys_f
     # the failing row resolves (see the next assertions), so it stays PENDING here.
     bad_row = store.rows[bad["id"]]
     assert bad_row.attempts == 1 and bad_row.status == "PENDING"
-    assert bad_row.next_attempt_at == clock.now + 0.5  # base 1s, jitter 0 -> half
+    # Base 1 s, jitter 0 -> 0.5 s, but a permanent failure waits out the sink's topic cache.
+    assert bad_row.next_attempt_at == clock.now + RetryPolicy.permanent_retry_delay
     assert "MSG_SIZE_TOO_LARGE" in bad_row.last_error
 
     sent_before = len(sink.sent)
@@ -512,3 +513,20 @@ def test_a_relay_that_cannot_renew_with_time_to_spare_raises_instead_of_sending(
     with pytest.raises(LeaseError, match="renewed three times"):
         relay.run_once()
     assert sink.sent == []
+
+
+def test_a_permanent_failure_is_retried_after_the_topic_cache_expires_then_failed():
+    """Three tries, each after the sink's cached answer about the topic has expired, so each
+    asks the cluster again; transient failures keep max_attempts and their own backoff."""
+    from relay.model import TOPIC_ERROR_TTL, PendingMessage
+
+    policy = RetryPolicy(max_attempts=12, random=lambda: 0.0)
+    row = PendingMessage(1, "m", "t", b"k", b"x", [], 0, None, 0)
+    gone = Failed(1, FailureKind.PERMANENT, "UNKNOWN_TOPIC_OR_PART")
+    first, second = (policy.updates([gone], {1: row._replace(attempts=n)})[0] for n in (0, 1))
+    assert not first.give_up and first.delay_seconds > TOPIC_ERROR_TTL
+    assert not second.give_up and second.delay_seconds > TOPIC_ERROR_TTL
+    assert policy.updates([gone], {1: row._replace(attempts=2)})[0].give_up
+    busy = Failed(1, FailureKind.TRANSIENT, "NOT_ENOUGH_REPLICAS")
+    assert policy.updates([busy], {1: row._replace(attempts=2)})[0].delay_seconds == 2.0
+    assert not policy.updates([busy], {1: row._replace(attempts=10)})[0].give_up
