@@ -683,7 +683,7 @@ def _print_status(report: dict[str, Any]) -> None:
             + (f", {t['held']} held" if t["held"] else "")
         )
     blocked = report["blocked_keys"]
-    click.echo(f"keys blocked by a FAILED row: {report['blocked_key_count']}")
+    click.echo(f"keys blocked by a FAILED (or SENT) row: {report['blocked_key_count']}")
     for b in blocked:
         click.echo(
             f"  key {b['key']}: FAILED row {b['first_failed']}, {b['held']} rows held "

@@ -166,14 +166,16 @@ SELECT id, prev_hash, hash,
 SELECT hash, id FROM {audit_table} WHERE hash = ANY(%(hashes)s::bytea[]) ORDER BY id
 
 -- name: blocked_keys
--- Keys held back by a FAILED row, with how many later rows wait behind it.
+-- Keys held back by a FAILED row (or a SENT one: the original design's claim, which only
+-- `outbox replay --expired-claims` frees), with how many later rows wait behind it. Their
+-- held rows are not lag, so these keys are what shows a stall.
 SELECT f.key, f.first_failed, f.failed,
        (SELECT count(*) FROM {table} p
          WHERE p.key = f.key AND p.status = 'PENDING' AND p.id > f.first_failed) AS held
   FROM (SELECT key, min(id) AS first_failed, count(*) AS failed
-          FROM {table} WHERE status = 'FAILED' AND key IS NOT NULL GROUP BY key) f
+          FROM {table} WHERE status IN ('FAILED', 'SENT') AND key IS NOT NULL GROUP BY key) f
  ORDER BY f.first_failed
  LIMIT %(limit)s
 
 -- name: blocked_key_count
-SELECT count(DISTINCT key) FROM {table} WHERE status = 'FAILED' AND key IS NOT NULL
+SELECT count(DISTINCT key) FROM {table} WHERE status IN ('FAILED', 'SENT') AND key IS NOT NULL

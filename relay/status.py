@@ -90,4 +90,7 @@ def health_problems(
         problems.append(f"lag {lag:.1f}s > {fail_if_lag:g}s")
     if fail_if_failed and report["counts"]["FAILED"]:
         problems.append(f"{report['counts']['FAILED']} FAILED rows")
+    if fail_if_failed and report["counts"]["SENT"]:
+        # Held by the original design's claim: nothing moves them but `replay --expired-claims`.
+        problems.append(f"{report['counts']['SENT']} SENT rows (outbox replay --expired-claims)")
     return problems

@@ -51,7 +51,7 @@ def test_stuck_message_found_understood_and_replayed(dsn, bootstrap, topic):
 
     status = run("status", "--fail-if-failed", env=env)
     assert status.returncode == 1
-    assert "keys blocked by a FAILED row: 1" in status.stdout
+    assert "keys blocked by a FAILED (or SENT) row: 1" in status.stdout
     assert f"key acct-7: FAILED row {stuck.id}, 1 rows held behind it" in status.stdout
     assert "PROBLEM: 1 FAILED rows" in status.stdout
 
@@ -291,6 +291,8 @@ def test_rows_held_behind_a_poisoned_key_are_not_lag_in_status_or_gauge(conn, ds
         assert report["blocked_keys"][0]["held"] == 3
         text = cli("status", "--fail-if-lag", "0", env={"OUTBOX_DSN": dsn})
         assert text.exit_code == 0 and "held behind a blocked key: 3" in text.output
+        # Held rows are not lag; what shows the stall is the blocked key (and its FAILED row).
+        assert cli("status", "--fail-if-failed", env={"OUTBOX_DSN": dsn}).exit_code == 1
         with conn.transaction():
             outbox.publish(conn, topic="u", key="fresh", payload={})
         report = json.loads(cli("status", "--json", env={"OUTBOX_DSN": dsn}).output)
@@ -299,6 +301,24 @@ def test_rows_held_behind_a_poisoned_key_are_not_lag_in_status_or_gauge(conn, ds
         assert cli("status", "--fail-if-lag", "0", env={"OUTBOX_DSN": dsn}).exit_code == 1
     finally:
         relay.close_stores()
+
+
+def test_a_key_held_by_a_sent_row_shows_as_blocked_and_fails_the_probe(conn, dsn):
+    """SENT (the original design's claim) holds its key until replay --expired-claims: its
+    held rows are not lag, so the key must show as blocked, and --fail-if-failed fire."""
+    with conn.transaction():
+        for _ in range(3):
+            outbox.publish(conn, topic="t", key="claimed", payload={})
+    conn.execute(
+        "UPDATE local_message SET status = 'SENT', claim_expires_at = now() - interval '1m'"
+        " WHERE id = (SELECT min(id) FROM local_message)"
+    )
+    conn.commit()
+    env = {"OUTBOX_DSN": dsn}
+    report = json.loads(cli("status", "--json", env=env).stdout)
+    assert report["blocked_key_count"] == 1 and report["blocked_keys"][0]["held"] == 2
+    probe = cli("status", "--fail-if-failed", env=env)
+    assert probe.exit_code == 1 and "1 SENT rows (outbox replay --expired-claims)" in probe.output
 
 
 def test_status_watch_refreshes_with_the_delivery_rate_per_topic(conn, dsn):
