@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import decimal
 import functools
 import getpass
 import json
@@ -115,15 +116,41 @@ def _show_payload(payload: bytes) -> str:
 
 
 def _payload_for_json(payload: bytes) -> tuple[Any, str]:
-    """The payload as a JSON value when it is JSON, else as text, else base64; and which."""
+    """The payload as a JSON value when it is JSON that Python reads back exactly, else as
+    text, else base64; and which. Exactly: an amount like 12345678901234567.89 would come out
+    as 1.2345678901234568e+16 through a float, and of a duplicated key one value would be
+    lost; such a payload is shown as its text."""
     try:
-        return json.loads(payload), "json"
-    except ValueError:
+        return json.loads(
+            payload,
+            parse_float=_exact_float,
+            parse_constant=_not_json,
+            object_pairs_hook=_without_duplicates,
+        ), "json"
+    except (ValueError, ArithmeticError):
         pass
     try:
         return payload.decode("utf-8"), "text"
     except UnicodeDecodeError:
         return base64.b64encode(payload).decode("ascii"), "base64"
+
+
+def _exact_float(text: str) -> float:
+    value = float(text)
+    if decimal.Decimal(repr(value)) != decimal.Decimal(text):
+        raise ArithmeticError(f"{text} is not exact as a float")
+    return value
+
+
+def _not_json(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")  # NaN, Infinity: Python's extension, not JSON
+
+
+def _without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a key appears twice")
+    return out
 
 
 def _age(when: dt.datetime | None) -> str:
@@ -606,10 +633,11 @@ def topics_create(
 @click.option("--fail-if-failed", is_flag=True, help="Exit 1 if any row is FAILED.")
 @click.option(
     "--watch",
-    type=click.FloatRange(min=0.5),
+    type=click.FloatRange(min=1.0),
     default=None,
     metavar="SECONDS",
-    help="Refresh every SECONDS until Ctrl-C; the rates are then over SECONDS.",
+    help="Refresh every SECONDS (at least 1: each refresh counts the table) until Ctrl-C; "
+    "the rates are then over SECONDS; --fail-if-* apply to the last refresh.",
 )
 @click.option(
     "--count",
@@ -637,22 +665,26 @@ def status(dsn: str, schema: str, as_json: bool, fail_if_lag, fail_if_failed, wa
     if watch is None:
         _status_once(dsn, schema, as_json, fail_if_lag, fail_if_failed, 60.0)
         return
-    refreshes = 0
+    refreshes, problems = 0, []
     try:
         while count is None or refreshes < count:  # Ctrl-C or --count ends it
             if refreshes and not as_json and sys.stdout.isatty():
                 click.clear()
-            _status_once(dsn, schema, as_json, fail_if_lag, fail_if_failed, watch, watching=True)
+            problems = _status_once(
+                dsn, schema, as_json, fail_if_lag, fail_if_failed, watch, watching=True
+            )
             refreshes += 1
             if count is None or refreshes < count:
                 time.sleep(watch)
     except KeyboardInterrupt:
         pass
+    if problems:  # as of the last refresh, as without --watch
+        sys.exit(EXIT_CONDITION)
 
 
 def _status_once(
     dsn, schema, as_json, fail_if_lag, fail_if_failed, rate_window, watching=False
-) -> None:
+) -> list[str]:
     from .status import health_problems, read_status
 
     with _connect(dsn) as conn:
@@ -664,6 +696,7 @@ def _status_once(
         _print_status(report)
     if problems and not watching:
         sys.exit(EXIT_CONDITION)
+    return problems
 
 
 def _print_status(report: dict[str, Any]) -> None:

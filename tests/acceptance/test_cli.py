@@ -338,18 +338,22 @@ def test_status_watch_refreshes_with_the_delivery_rate_per_topic(conn, dsn):
     )
     conn.commit()
     env = {"OUTBOX_DSN": dsn}
-    result = cli("status", "--watch", "0.5", "--count", "2", "--json", env=env)
+    result = cli("status", "--watch", "1", "--count", "2", "--json", env=env)
     assert result.exit_code == 0, result.output
     reports = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(reports) == 2  # one JSON document per refresh, one per line
     for report in reports:
-        assert report["rate_window_seconds"] == 0.5
-        assert report["topics"]["a"]["delivered_per_second"] == 6.0
+        assert report["rate_window_seconds"] == 1
+        assert report["topics"]["a"]["delivered_per_second"] == 3.0
         assert report["topics"]["b"]["delivered_per_second"] == 0
     once = json.loads(cli("status", "--json", env=env).stdout)
     assert once["topics"]["a"]["delivered_per_second"] == 3 / 60
-    text = cli("status", "--watch", "0.5", "--count", "1", env=env).output
-    assert "topic a: CONFIRMED 4, PENDING 0" not in text and "6.0/s" in text
+    text = cli("status", "--watch", "1", "--count", "1", env=env).output
+    assert "3.0/s" in text
+    # --fail-if-* apply to the last refresh, as without --watch: 2 rows of b wait, lag > 0.
+    lagging = cli("status", "--watch", "1", "--count", "1", "--fail-if-lag", "0", env=env)
+    assert lagging.exit_code == 1 and "PROBLEM: lag" in lagging.output
+    assert cli("status", "--watch", "0.5", env=env).exit_code == 2
 
 
 def test_expected_failures_are_one_line_without_traceback_or_password(empty_dsn):
@@ -460,6 +464,16 @@ def test_show_json_gives_the_payload_as_json_text_or_base64(conn, dsn):
     assert shown(as_json) == ({"amount": 10}, "json")
     assert shown(as_text) == ("plain text", "text")
     assert shown(as_bytes) == ("/wAB", "base64")
+    # JSON that Python would not read back exactly is shown as its text, not changed.
+    with conn.transaction():
+        amount = outbox.publish(
+            conn, topic="t", key="k", payload=b'{"amount": 12345678901234567.89, "fee": 1.10}'
+        ).id
+        twice = outbox.publish(conn, topic="t", key="k", payload=b'{"a": 1, "a": 2}').id
+        fine = outbox.publish(conn, topic="t", key="k", payload=b'{"fee": 1.1}').id
+    assert shown(amount) == ('{"amount": 12345678901234567.89, "fee": 1.10}', "text")
+    assert shown(twice) == ('{"a": 1, "a": 2}', "text")
+    assert shown(fine) == ({"fee": 1.1}, "json")
 
 
 def test_version():
