@@ -26,9 +26,16 @@ _Row = TypeVar("_Row")
 
 @functools.cache
 def read_blocks(package: str, filename: str) -> dict[str, str]:
+    """The file's blocks by name, their whole-line comments left out: they are for the reader,
+    and a `{name}` in one would otherwise be filled in like the block's own."""
     text = resources.files(package).joinpath(filename).read_text("utf-8")
     parts = _NAME_RE.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    return {
+        name: "\n".join(
+            line for line in body.strip().splitlines() if not line.lstrip().startswith("--")
+        )
+        for name, body in zip(parts[1::2], parts[2::2], strict=True)
+    }
 
 
 def one_row(cur: psycopg.Cursor[_Row]) -> _Row:
@@ -73,8 +80,10 @@ def named_blocks(
 ) -> dict[str, sql.Composed]:
     """The other blocks of the file that block NAME names as {BLOCK}, ready for compose()."""
     blocks = read_blocks(package, filename)
+    # In parentheses of their own: whatever an included block ends with, it cannot run into
+    # what follows it where it is named.
     return {
-        other: query(package, filename, other, schema)
+        other: sql.SQL("(") + query(package, filename, other, schema) + sql.SQL("\n)")
         for other in blocks
         if other != name and "{" + other + "}" in blocks[name]
     }
