@@ -90,16 +90,14 @@ def named_blocks(
 
 
 def compose(body: str, schema: str | None, **fragments: sql.Composable) -> sql.Composed:
-    """BODY with {table} and the other table names (and {audit_hash}, the audit chain's hash
-    function) quoted for SCHEMA, and FRAGMENTS (already safe SQL, such as an operator's
-    selection) put in their places."""
+    """BODY with {table} and the other table names quoted for SCHEMA, and FRAGMENTS (already
+    safe SQL, such as an operator's selection) put in their places."""
     idents = {
         "table": table_ident(schema),
         "bucket_table": table_ident(schema, "local_message_bucket"),
         "relay_table": table_ident(schema, "local_message_relay"),
         "schema_table": table_ident(schema, "local_message_schema"),
         "audit_table": table_ident(schema, "local_message_audit"),
-        "audit_hash": table_ident(schema, "local_message_audit_hash"),
         "inbox_table": table_ident(schema, "inbox_message"),
     }
     return sql.SQL(body).format(**idents, **fragments)

@@ -2,11 +2,14 @@
 
 Every entry of local_message_audit stores the previous entry's hash (prev_hash) and its own
 (hash), both written by the trigger local_message_audit_chain with local_message_audit_hash()
-(schema.sql). The verifier recomputes each hash with that same SQL function, so there is one
-implementation of the canonical encoding; this module reads the resulting links, in id order,
-and names what does not fit: an entry whose contents no longer match its hash (edited), a link
-to a hash no entry has (an entry deleted before it), a link to another entry than the one
-before it (reordered), and a recorded head that is gone (a truncated tail).
+(schema.sql). The verifier does not call that function: whoever can edit the table (its owner,
+a superuser) can also replace the function, for instance by one that returns the stored hash.
+entry_hash() below recomputes each hash from the entry's fields as read, so a verdict depends
+on the data and this code only. tests/integration/test_audit_chain.py proves that the two
+implementations agree. This module reads the resulting links, in id order, and names what does
+not fit: an entry whose contents no longer match its hash (edited), a link to a hash no entry
+has (an entry deleted before it), a link to another entry than the one before it (reordered),
+and a recorded head that is gone (a truncated tail).
 
 Ids are not expected to be contiguous: a rolled-back transaction uses up an id too. Whether an
 entry is missing is for the links to say.
@@ -14,12 +17,16 @@ entry is missing is for the links to say.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 _HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_MICROSECOND = dt.timedelta(microseconds=1)
 
 #: Which entries carry these hashes: {hash: id}.
 Holders = Callable[[Collection[bytes]], dict[bytes, int]]
@@ -34,6 +41,69 @@ class Link:
     prev_hash: bytes | None
     hash: bytes
     intact: bool
+
+
+def _netstring(value: bytes | None) -> bytes:
+    return b"-" if value is None else b"%d:%s," % (len(value), value)
+
+
+def _utf8(text: str | None) -> bytes | None:
+    return None if text is None else text.encode("utf-8")
+
+
+def entry_hash(
+    prev_hash: bytes | None,
+    entry_id: int,
+    at: dt.datetime,
+    actor: str,
+    db_user: str,
+    action: str,
+    selection: str,
+    affected: int,
+    ids: str | None,
+    reason: str | None,
+) -> bytes:
+    """An entry's hash by the canonical encoding (docs/operations.md, "The hash"): sha256 over
+    netstrings of the version tag and the fields, `-` for NULL. SELECTION and IDS are the
+    columns' PostgreSQL text forms as read (`selection::text`, `ids::text`), since the
+    encoding is those texts and this side does not re-serialise them."""
+    micros = (at - _EPOCH) // _MICROSECOND
+    fields = (
+        b"outbox-audit-v1",
+        prev_hash,
+        str(entry_id).encode(),
+        str(micros).encode(),
+        _utf8(actor),
+        _utf8(db_user),
+        _utf8(action),
+        _utf8(selection),
+        str(affected).encode(),
+        _utf8(ids),
+        _utf8(reason),
+    )
+    return hashlib.sha256(b"".join(_netstring(f) for f in fields)).digest()
+
+
+def entry_link(
+    entry_id: int,
+    prev_hash: bytes | None,
+    stored_hash: bytes,
+    at: dt.datetime,
+    actor: str,
+    db_user: str,
+    action: str,
+    selection: str,
+    affected: int,
+    ids: str | None,
+    reason: str | None,
+) -> Link:
+    """The Link of an entry read by the audit_chain query (relay/operations.sql), in its
+    column order: whether its fields still hash to its stored hash, by entry_hash()."""
+    prev = None if prev_hash is None else bytes(prev_hash)
+    computed = entry_hash(
+        prev, entry_id, at, actor, db_user, action, selection, affected, ids, reason
+    )
+    return Link(entry_id, prev, bytes(stored_hash), computed == bytes(stored_hash))
 
 
 @dataclass(frozen=True)

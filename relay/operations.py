@@ -23,7 +23,7 @@ from outbox.inbox import purge_inbox
 from outbox.message import headers_from_json
 from outbox.sql import compose, named_blocks, one_row, read_blocks
 
-from .audit import Link, Report, check_chain
+from .audit import Report, check_chain, entry_link
 from .model import BUCKETS
 from .selection import Selection, SelectionError
 from .store import int_array
@@ -273,7 +273,7 @@ def verify_audit(
         after = 0
         while True:  # bounded: every page moves `after` past its last id, or ends the loop
             rows = conn.execute(chain, {"after_id": after, "limit": page}).fetchall()
-            yield from (Link(*row) for row in rows)
+            yield from (entry_link(*row) for row in rows)
             if len(rows) < page:
                 return
             after = rows[-1][0]

@@ -151,11 +151,13 @@ SELECT id, at, actor, db_user, action, selection, affected, ids, reason,
 SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY
 
 -- name: audit_chain
--- One page of the chain, oldest first, for `outbox audit verify`: whether each entry still
--- hashes to its stored hash, recomputed by the same function the trigger wrote it with.
-SELECT id, prev_hash, hash,
-       hash IS NOT DISTINCT FROM {audit_hash}(prev_hash, id, at, actor, db_user, action,
-                                              selection, affected, ids, reason) AS intact
+-- One page of the chain, oldest first, for `outbox audit verify`: each entry's fields, in the
+-- order relay.audit.entry_link takes them. Only read here, never hashed: the verifier
+-- recomputes the hashes itself (relay/audit.py), so that a replaced local_message_audit_hash()
+-- cannot vouch for an edited entry. selection and ids as their text forms, which is what the
+-- encoding hashes.
+SELECT id, prev_hash, hash, at, actor, db_user, action, selection::text, affected, ids::text,
+       reason
   FROM {audit_table}
  WHERE id > %(after_id)s
  ORDER BY id

@@ -12,12 +12,15 @@ ALTER TABLE local_message_audit DROP CONSTRAINT IF EXISTS local_message_audit_ac
 ALTER TABLE local_message_audit ADD CONSTRAINT local_message_audit_action_check
     CHECK (action IN ('replay', 'skip', 'purge', 'inbox-purge'));
 
--- The one implementation of the canonical encoding: the trigger below hashes with it, and
--- `outbox audit verify` recomputes with it. Each field is a netstring of its bytes
--- (`<octet length>:<bytes>,`), or `-` when NULL; the fields, in this order: the version tag
--- 'outbox-audit-v1', prev_hash (32 raw bytes), id (decimal), at (microseconds since
--- 1970-01-01 UTC, decimal), actor, db_user, action (UTF-8), selection (its jsonb text),
--- affected (decimal), ids (decimals joined by ','), reason (UTF-8).
+-- The canonical encoding, for the trigger below to write with. `outbox audit verify` never
+-- calls it: whoever can edit entries (the owner, a superuser) can also replace this function,
+-- so the verifier recomputes the encoding itself (relay/audit.py, entry_hash; a test proves
+-- the two agree). Each field is a netstring of its bytes (`<octet length>:<bytes>,`), or `-`
+-- when NULL; the fields, in this order: the version tag 'outbox-audit-v1', prev_hash (32 raw
+-- bytes), id (decimal), at (microseconds since 1970-01-01 UTC, decimal), actor, db_user,
+-- action (UTF-8), selection (its jsonb text), affected (decimal), ids (its array text, such as
+-- {7,8,12}: NULL elements and explicit bounds such as [5:6]={1,2} are part of it, so an edit
+-- that adds or removes them shows), reason (UTF-8).
 CREATE OR REPLACE FUNCTION local_message_audit_hash(
     prev bytea, entry_id bigint, entry_at timestamptz, entry_actor text, entry_db_user text,
     entry_action text, entry_selection jsonb, entry_affected bigint, entry_ids bigint[],
@@ -36,7 +39,7 @@ SELECT sha256(string_agg(
                (7, convert_to(entry_action, 'UTF8')),
                (8, convert_to(entry_selection::text, 'UTF8')),
                (9, convert_to(entry_affected::text, 'UTF8')),
-               (10, convert_to(array_to_string(entry_ids, ','), 'UTF8')),
+               (10, convert_to(entry_ids::text, 'UTF8')),
                (11, convert_to(entry_reason, 'UTF8'))) AS f(n, v)
 $$;
 

@@ -5,7 +5,6 @@ table owner's rights, concurrent appenders never fork it, and an upgraded trail 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ from click.testing import CliRunner
 from psycopg import sql
 
 import outbox
-from relay import operations
+from relay import audit, operations
 from relay.cli import main
 from relay.selection import Selection
 from tests.conftest import with_dbname
@@ -394,46 +393,90 @@ def test_an_appender_that_waits_for_the_lock_gets_the_next_id_and_chains_to_the_
 # --------------------------------------------------------------------------- encoding
 
 
-def netstring(value: bytes | None) -> bytes:
-    return b"-" if value is None else str(len(value)).encode() + b":" + value + b","
-
-
-def documented_hash(
-    prev, entry_id, at, actor, db_user, action, selection_text, affected, ids, reason
-):
-    """The canonical encoding as docs/operations.md states it, written again from the text."""
-    micros = (at - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
-    fields = [
-        b"outbox-audit-v1",
-        prev,
-        str(entry_id).encode(),
-        str(micros).encode(),
-        actor.encode(),
-        db_user.encode(),
-        action.encode(),
-        selection_text.encode(),
-        str(affected).encode(),
-        None if ids is None else ",".join(map(str, ids)).encode(),
-        None if reason is None else reason.encode(),
-    ]
-    return hashlib.sha256(b"".join(netstring(f) for f in fields)).digest()
-
-
-def test_the_documented_encoding_is_the_one_the_database_hashes(dsn):
+def test_the_verifier_and_the_database_hash_alike(dsn):
+    """The trigger writes with local_message_audit_hash() and verify recomputes with
+    relay.audit.entry_hash: the two implementations of the encoding give the same hash, on
+    entries with NULLs, non-ASCII text, empty strings and arrays, NULL array elements, explicit
+    array bounds and a time before 1970."""
     with psycopg.connect(dsn) as c:
         c.execute(
             "INSERT INTO local_message_audit (actor, action, selection, affected, ids, reason) "
             "VALUES ('zoë@host', 'replay', %s, 3, ARRAY[7, 8, 12], 'ünïcode, \"quotes\"'), "
-            "('b', 'purge', '{}', 0, NULL, NULL), ('c', 'skip', '[]', 0, '{}', '')",
+            "('b', 'purge', '{}', 0, NULL, NULL), ('c', 'skip', '[]', 0, '{}', ''), "
+            "('', 'skip', '{\"ключ\": \"値\", \"a\": [1, 2.50, null]}', -1, '{1,NULL,2}', "
+            "'emoji 🧾'), ('d', 'replay', '\"\"', 2, '[5:6]={1,2}', NULL)",
             (json.dumps({"ids": ["7"], "topic": "pay-ments", "key": "k\\x00"}),),
         )
+        c.execute(
+            "INSERT INTO local_message_audit (at, actor, db_user, action, selection, affected) "
+            "VALUES ('1969-12-31 23:59:59.999999+00', 'e', '', 'skip', '{}', 0)"
+        )
         rows = c.execute(
-            "SELECT prev_hash, id, at, actor, db_user, action, selection::text, affected, ids, "
-            "reason, hash FROM local_message_audit ORDER BY id"
+            "SELECT prev_hash, id, at, actor, db_user, action, selection::text, affected, "
+            "ids::text, reason, hash FROM local_message_audit ORDER BY id"
         ).fetchall()
-    assert len(rows) == 3
+    assert len(rows) == 6
+    assert [r[8] for r in rows] == ["{7,8,12}", None, "{}", "{1,NULL,2}", "[5:6]={1,2}", None]
     for row in rows:
-        assert documented_hash(*row[:10]) == row[10]
+        assert audit.entry_hash(*row[:10]) == row[10], row
+    assert verify(dsn)[0] == 0
+
+
+@pytest.mark.parametrize(
+    "written, edited",
+    [
+        ("'{1,NULL,2}'", "'{1,2}'"),
+        ("'{1,2}'", "'{1,NULL,2}'"),
+        ("'[5:6]={1,2}'", "'{1,2}'"),
+        ("'{}'", "NULL"),
+    ],
+)
+def test_ids_edited_to_the_same_numbers_are_named(dsn, written, edited):
+    """The ids are hashed in their array text form: a NULL element or explicit bounds added or
+    removed is an edit too."""
+    ids = trail(dsn, 2)
+    with psycopg.connect(dsn) as c:
+        (entry,) = c.execute(
+            "INSERT INTO local_message_audit (actor, action, selection, affected, ids) "
+            f"VALUES ('x', 'replay', '{{}}', 2, {written}) RETURNING id"
+        ).fetchone()
+    trail(dsn, 1)
+    assert verify(dsn)[0] == 0
+    as_owner(dsn, f"UPDATE local_message_audit SET ids = {edited} WHERE id = {entry}")
+    code, out = verify(dsn)
+    assert code == 1
+    assert out.splitlines()[0] == f"entry {entry} edited: its contents do not match its hash"
+    assert f"1 findings in {len(ids) + 2} entries" in out
+
+
+def test_a_replaced_hash_function_does_not_vouch_for_an_edited_entry(dsn):
+    """The owner who edits an entry can also replace local_message_audit_hash(), here by one
+    that returns whatever hash is stored: verify does not use it, and names the entry."""
+    ids = trail(dsn)
+    recorded = head(dsn)
+    as_owner(
+        dsn,
+        "CREATE OR REPLACE FUNCTION local_message_audit_hash(prev bytea, entry_id bigint, "
+        "entry_at timestamptz, entry_actor text, entry_db_user text, entry_action text, "
+        "entry_selection jsonb, entry_affected bigint, entry_ids bigint[], entry_reason text) "
+        "RETURNS bytea LANGUAGE sql STABLE AS "
+        "$$ SELECT hash FROM local_message_audit WHERE id = entry_id $$",
+        f"UPDATE local_message_audit SET affected = 0, reason = 'nothing happened' "
+        f"WHERE id = {ids[1]}",
+    )
+    with psycopg.connect(dsn) as c:  # the replaced function says every entry is intact
+        assert c.execute(
+            f"SELECT bool_and(hash = local_message_audit_hash({HASH_ARGS})) "
+            "FROM local_message_audit"
+        ).fetchone() == (True,)
+    for args in ((), ("--expect-head", recorded)):
+        code, out = verify(dsn, *args)
+        assert code == 1, out
+        assert out.splitlines() == [
+            f"entry {ids[1]} edited: its contents do not match its hash",
+            f"audit trail NOT valid: 1 findings in 4 entries checked, head {recorded} "
+            f"(entry {ids[3]})",
+        ]
 
 
 # --------------------------------------------------------------------------- upgrade

@@ -3,9 +3,12 @@ are stand-ins; tests/integration/test_audit_chain.py runs the real ones)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+
 import pytest
 
-from relay.audit import Link, check_chain, parse_head
+from relay.audit import Link, check_chain, entry_hash, entry_link, parse_head
 
 
 def h(n: int) -> bytes:
@@ -74,3 +77,49 @@ def test_a_malformed_head_is_refused(text):
 
 def test_a_head_is_read_in_either_case():
     assert parse_head("AB" * 32) == parse_head(" " + "ab" * 32 + "\n") == bytes([0xAB]) * 32
+
+
+# --------------------------------------------------------------------------- the encoding
+
+
+def test_entry_hash_is_the_documented_encoding():
+    """The encoding as docs/operations.md states it, written out by hand for two entries."""
+    at = dt.datetime(2026, 1, 5, 10, 0, 0, 123456, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+    first = (
+        b"15:outbox-audit-v1,"
+        b"-"  # no previous entry
+        b"2:12,"
+        b"16:1767603600123456,"  # 09:00:00.123456 UTC
+        b"6:zo\xc3\xab@h,"
+        b"3:ops,"
+        b"6:replay,"
+        b'14:{"ids": ["7"]},'
+        b"1:3,"
+        b"10:{7,NULL,8},"
+        b"-"  # no reason
+    )
+    h1 = entry_hash(None, 12, at, "zoë@h", "ops", "replay", '{"ids": ["7"]}', 3, "{7,NULL,8}", None)
+    assert h1 == hashlib.sha256(first).digest()
+    before_1970 = dt.datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc)
+    second = b"15:outbox-audit-v1,32:" + h1 + b",2:13,2:-1,0:,0:,5:purge,2:{},1:0,-0:,"
+    assert entry_hash(h1, 13, before_1970, "", "", "purge", "{}", 0, None, "") == (
+        hashlib.sha256(second).digest()
+    )
+
+
+def test_ids_are_hashed_as_their_array_text():
+    """NULL elements and explicit bounds are part of the ids: no two of these hash alike."""
+    at = dt.datetime(2026, 1, 5, tzinfo=dt.timezone.utc)
+    texts = [None, "{}", "{1,2}", "{1,NULL,2}", "[5:6]={1,2}", "{12}", "{1,2,NULL}"]
+    hashes = {entry_hash(None, 1, at, "a", "b", "skip", "{}", 2, t, None) for t in texts}
+    assert len(hashes) == len(texts)
+
+
+def test_an_entry_is_intact_when_its_fields_hash_to_its_stored_hash():
+    at = dt.datetime(2026, 1, 5, tzinfo=dt.timezone.utc)
+    fields = (at, "a", "b", "skip", "{}", 2, "{1,2}", None)
+    stored = entry_hash(h(1), 7, *fields)
+    assert entry_link(7, h(1), stored, *fields) == Link(7, h(1), stored, True)
+    assert not entry_link(7, h(1), stored, at, "a", "b", "skip", "{}", 2, "{1,NULL,2}", None).intact
+    assert not entry_link(8, h(1), stored, *fields).intact  # moved to another id
+    assert not entry_link(7, h(2), stored, *fields).intact  # linked elsewhere
