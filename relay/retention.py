@@ -40,10 +40,12 @@ class Retention:
         self.clock = clock or SystemClock()
         self.deleted = 0
 
-    def run_once(self) -> int:
-        """One round; how many rows it deleted."""
+    def run_once(self, stop: threading.Event | None = None) -> int:
+        """One round (cut short when STOP is set); how many rows it deleted."""
         deleted = 0
         for _ in range(self.rounds):  # bounded: a backlog is worked off round by round
+            if stop is not None and stop.is_set():
+                break
             n = self.store.delete_confirmed(self.older_than_seconds, self.batch)
             deleted += n
             if n < self.batch:
@@ -62,7 +64,7 @@ class Retention:
         is logged and tried again at the next one: retention never stops the relay."""
         while not stop.is_set():
             try:
-                self.run_once()
+                self.run_once(stop)
             except Exception as exc:  # noqa: BLE001 - the next round tries again
                 log.warning("retention round failed (next in %gs): %s", self.interval, exc)
             if self.clock.wait(stop, self.interval):

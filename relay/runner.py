@@ -170,6 +170,8 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
     relay, listener = build_relay(cfg)
     health = None
     retention = None
+    halt = threading.Event()  # retention's own stop: set whatever way the loop ends
+    beside: threading.Thread | None = None
     try:
         if cfg.retention_seconds:
             # Beside the loop, on a connection of its own (relay.retention says why).
@@ -204,14 +206,17 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
             finally:
                 relay.shutdown()
             if retention:
-                retention.run_once()
+                retention.run_once(stop)
         else:
-            beside = retention.start(stop) if retention else None
+            beside = retention.start(halt) if retention else None
             relay.run(stop)
-            if beside:
-                beside.join(timeout=cfg.shutdown_timeout)
     finally:
-        if retention:
+        # Whatever ended the loop ends retention too; its connection is closed only once its
+        # thread is done with it (a batch is one short statement, bounded by statement_timeout).
+        halt.set()
+        if beside is not None:
+            beside.join(timeout=cfg.shutdown_timeout)
+        if retention and not (beside is not None and beside.is_alive()):
             retention.store.close()
         relay.sink.close(cfg.shutdown_timeout)
         if relay.dead_letter_sink is not relay.sink:

@@ -73,3 +73,12 @@ def test_start_runs_it_on_a_thread_that_the_stop_event_ends():
     stop.set()
     thread.join(timeout=10)
     assert retention.deleted == 2 and not thread.is_alive()
+
+
+def test_a_round_stops_between_batches_once_told_to():
+    store = InMemoryStore(time.monotonic)
+    old_confirmed(store, 10)
+    stop = threading.Event()
+    stop.set()
+    assert Retention(store, 86400.0, batch=2).run_once(stop) == 0
+    assert Retention(store, 86400.0, batch=2).run_once(threading.Event()) == 10
