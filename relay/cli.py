@@ -493,8 +493,10 @@ def _topics_wanted(dsn, schema, bootstrap_servers, kafka_settings, named, no_tab
 
 
 def _topic_line(r) -> str:
+    from .topics import NO_LEADER
+
     shape = ""
-    if r.state in ("present", "created", "would create"):
+    if r.state in ("present", "created", "would create", NO_LEADER):
         shape = (
             f", {r.partitions} partitions" if r.partitions else ", the cluster's default partitions"
         ) + (
@@ -524,6 +526,10 @@ def topics_check(dsn, schema, bootstrap_servers, kafka_settings, named, no_table
     cfg, wanted = _topics_wanted(dsn, schema, bootstrap_servers, kafka_settings, named, no_table)
     try:
         reports = check(cfg.producer_config(), wanted) if wanted else []
+    except ConfigError as exc:  # a -X value librdkafka refuses
+        raise Failure(
+            redact_text(f"invalid configuration: {first_line(exc)}", *secrets_of(cfg)), EXIT_USAGE
+        ) from None
     except OutboxError as exc:
         raise Failure(redact_text(first_line(exc), *secrets_of(cfg))) from None
     missing = [r.name for r in reports if r.state == "missing"]
@@ -574,7 +580,8 @@ def topics_create(
     replication_factor,
     dry_run,
 ):
-    """Create the missing topics; report the ones there are (idempotent).
+    """Create the missing topics; report the ones there are (idempotent). Exit 1 if a topic
+    could not be created, or has a partition without a leader once the wait ends.
 
     A topic that exists is reported and left as it is, even with fewer partitions than
     asked: more partitions would move keys to other partitions, and their messages could be
@@ -586,7 +593,7 @@ def topics_create(
       outbox topics create -b kafka:9092 --partitions 6 --replication-factor 3
       outbox topics create -b kafka:9092 --topic payments --topic ledger --no-table
     """
-    from .topics import create
+    from .topics import NO_LEADER, create
 
     for name, value in (("--partitions", partitions), ("--replication-factor", replication_factor)):
         if value is not None and value < 1:
@@ -599,6 +606,10 @@ def topics_create(
         reports = create(
             cfg.producer_config(), wanted, partitions, replication_factor, dry_run=dry_run
         )
+    except ConfigError as exc:  # a -X value librdkafka refuses
+        raise Failure(
+            redact_text(f"invalid configuration: {first_line(exc)}", *secrets_of(cfg)), EXIT_USAGE
+        ) from None
     except OutboxError as exc:
         raise Failure(redact_text(first_line(exc), *secrets_of(cfg))) from None
     for r in reports:
@@ -606,17 +617,25 @@ def topics_create(
     failed = [r for r in reports if r.state == "not created"]
     if dry_run:
         click.echo("dry run: nothing created")
-    if failed:
+    # A topic without a leader fails its rows' delivery: a script must not start a relay yet.
+    leaderless = [r.name for r in reports if r.state == NO_LEADER]
+    if failed or leaderless:
         by_reason: dict[str, list[str]] = {}
         for r in failed:
             by_reason.setdefault(r.note, []).append(r.name)
-        raise Failure(
-            redact_text(
+        parts = []
+        if failed:
+            parts.append(
                 f"{len(failed)} of {len(reports)} topics not created: "
-                + "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items()),
-                *secrets_of(cfg),
+                + "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
             )
-        )
+        if leaderless:
+            parts.append(
+                f"{len(leaderless)} of {len(reports)} topics created without a leader for "
+                f"every partition yet: {', '.join(leaderless)} (a relay would fail their rows; "
+                "see that the brokers are up, then run outbox topics create again)"
+            )
+        raise Failure(redact_text("; ".join(parts), *secrets_of(cfg)))
 
 
 @main.command()
@@ -1090,9 +1109,11 @@ def reconcile(
     For every CONFIRMED row delivered in the window, read the record at its topic, partition
     and offset (read_committed) and compare its message_id header, key and payload (SHA-256).
     Each row is ok, or one of: mismatched (another message_id, key or payload: the fields are
-    named), missing (no such topic or partition, or beyond the partition's end), expired
-    (deleted by retention: below the partition's first offset), unreadable (no recorded
-    offset, no committed record there, or the broker did not answer within --timeout).
+    named), missing (no such topic or partition, beyond the partition's end, or no committed
+    record there on a topic that is not compacted), expired (deleted by retention: below the
+    partition's first offset), unreadable (no recorded offset, no committed record there on a
+    compacted topic or one whose cleanup.policy cannot be read, or the broker did not answer
+    within --timeout).
     Reads each partition forward; --json lists every problem row.
 
     \b
@@ -1132,7 +1153,12 @@ def reconcile(
         kafka=_kafka_settings(kafka_settings),
     )
     secrets = secrets_of(cfg)
-    source = KafkaRecordSource(cfg.producer_config(), timeout=timeout)
+    try:
+        source = KafkaRecordSource(cfg.producer_config(), timeout=timeout)
+    except ConfigError as exc:  # a -X value librdkafka refuses: the configuration's fault
+        raise Failure(
+            redact_text(f"invalid configuration: {first_line(exc)}", *secrets), EXIT_USAGE
+        ) from None
     try:
         problem = source.check(min(timeout, 10.0))
         if problem:

@@ -37,11 +37,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from hashlib import sha256
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
@@ -49,6 +49,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 from outbox.errors import OutboxError
 from outbox.message import DEFAULT_MAX_MESSAGE_BYTES, RECORD_BATCH_OVERHEAD, record_size
 
+from .config import ConfigError
 from .model import (
     SEND_MARGIN,
     TOPIC_ERROR_TTL,
@@ -179,6 +180,28 @@ def client_settings(config: Mapping[str, str]) -> dict[str, str | int | float | 
     """The settings of CONFIG that any client needs (connection and security): what an
     AdminClient, a consumer or a throwaway producer shares with the relay's producer."""
     return {k: v for k, v in config.items() if k.startswith(_CLIENT_PREFIXES)}
+
+
+_Client = TypeVar("_Client")
+
+
+class KafkaSettingsError(ConfigError):
+    """librdkafka refused a client's settings (an unknown property, a value out of range, a
+    file it cannot load): the configuration's fault, so exit 2 and one line, not a traceback."""
+
+
+def new_client(kind: Callable[..., _Client], settings: Mapping[str, object], **kwargs) -> _Client:
+    """KIND (Consumer, AdminClient, Producer) built from SETTINGS; a setting librdkafka
+    refuses raises KafkaSettingsError, saying which one. Nothing is connected yet here, so
+    any failure is the settings'."""
+    try:
+        return kind(settings, **kwargs)
+    except KafkaException as exc:
+        err = exc.args[0]
+        why = err.str() if isinstance(err, KafkaError) else str(err)
+    except (ValueError, TypeError) as exc:  # confluent-kafka's own checks of a value's type
+        why = str(exc)
+    raise KafkaSettingsError(f"Kafka settings refused: {why}") from None
 
 
 def report_client_error(outage_log: OutageLog, err: KafkaError) -> None:
@@ -1216,15 +1239,17 @@ class KafkaRecordSource:
         seek_gap: int = SEEK_GAP,
     ):
         self._errors: list[str] = []
+        self._settings = client_settings(config)
         common = {
-            **client_settings(config),
+            **self._settings,
             # Never joined (assign() only) and nothing committed: a name of its own.
             "group.id": f"outbox-reconcile-{uuid.uuid4().hex[:12]}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "error_cb": self._on_error,
         }
-        self._consumer = Consumer(
+        self._consumer = new_client(
+            Consumer,
             {
                 **common,
                 "isolation.level": "read_committed",
@@ -1242,7 +1267,14 @@ class KafkaRecordSource:
         # Watermarks. read_uncommitted: its end of a partition is the high
         # watermark, where a read_committed client's is the last stable offset, short of an
         # open transaction's records, which are there but not decided yet (not missing).
-        self._meta = Consumer({**common, "isolation.level": "read_uncommitted"}, logger=_reader_log)
+        try:
+            self._meta = new_client(
+                Consumer, {**common, "isolation.level": "read_uncommitted"}, logger=_reader_log
+            )
+        except KafkaSettingsError:
+            self._consumer.close()
+            raise
+        self._admin: AdminClient | None = None
         self._timeout = timeout
         self._batch = batch
         self._seek_gap = seek_gap
@@ -1267,6 +1299,35 @@ class KafkaRecordSource:
     def close(self) -> None:
         self._consumer.close()
         self._meta.close()
+
+    def cleanup_policy(self, topic: str) -> str:
+        """TOPIC's cleanup.policy, from DescribeConfigs (the checker asks once a topic, at its
+        first offset without a committed record). Raises Unavailable, saying why, when it
+        cannot be read."""
+        from .reconcile import Unavailable
+
+        try:
+            if self._admin is None:
+                self._admin = new_client(AdminClient, self._settings, logger=_reader_log)
+            resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+            future = self._admin.describe_configs([resource], request_timeout=self._timeout)
+            entries = future[resource].result(timeout=self._timeout + SEND_MARGIN)
+            return str(entries["cleanup.policy"].value)
+        except KafkaException as exc:
+            err = exc.args[0]
+            why = describe(err) if isinstance(err, KafkaError) else str(err)
+            if isinstance(err, KafkaError) and err.code() in (
+                KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+            ):
+                why = f"DescribeConfigs on the topic is not allowed ({why})"
+        except FutureTimeout:
+            why = f"no answer to DescribeConfigs within {self._timeout:g} s"
+        except KafkaSettingsError as exc:
+            why = str(exc)
+        except KeyError:
+            why = "DescribeConfigs gave no cleanup.policy"
+        raise Unavailable(why)
 
     def _partitions(self, topic: str) -> frozenset[int]:
         from .reconcile import Absent, Unavailable
@@ -1411,6 +1472,9 @@ class KafkaRecordSource:
                     except KafkaException:
                         continue  # not fetching yet (assign() is asynchronous): read on
                     r.next = offsets[i]
+            # Silence counts from here: while the checker held this generator (it may have
+            # asked for a topic's cleanup.policy meanwhile), no partition was waited for.
+            heard = time.monotonic()
 
 
 class _Reading:
@@ -1428,6 +1492,8 @@ class TopicShape(NamedTuple):
 
     partitions: int
     replication_factor: int
+    #: Every partition has a leader: a producer can write to each of them.
+    leaders: bool = True
 
 
 class TopicCreation(NamedTuple):
@@ -1446,7 +1512,12 @@ def _shape(md) -> TopicShape | None:
     """A topic's shape from its metadata (None when absent or in error)."""
     if md is None or md.error is not None or not md.partitions:
         return None
-    return TopicShape(len(md.partitions), min(len(p.replicas) for p in md.partitions.values()))
+    parts = md.partitions.values()
+    return TopicShape(
+        len(md.partitions),
+        min(len(p.replicas) for p in parts),
+        all(p.leader >= 0 for p in parts),
+    )
 
 
 def describe_topics(
@@ -1455,7 +1526,7 @@ def describe_topics(
     """The partitions and replication factor of each of NAMES (None: the cluster has no such
     topic), from one metadata request. A cluster that does not answer within TIMEOUT raises
     OutboxError, so that a wrong bootstrap address ends in seconds with one line."""
-    admin = AdminClient(client_settings(config), logger=log)
+    admin = new_client(AdminClient, client_settings(config), logger=log)
     try:
         metadata = admin.list_topics(timeout=timeout).topics
     except KafkaException as exc:
@@ -1481,7 +1552,7 @@ def create_topics(
     nothing. Each topic's outcome; a cluster that does not answer raises OutboxError."""
     if not names:
         return {}
-    admin = AdminClient(client_settings(config), logger=log)
+    admin = new_client(AdminClient, client_settings(config), logger=log)
     new = [
         NewTopic(
             name,
@@ -1517,8 +1588,8 @@ def wait_for_leaders(
     config: Mapping[str, str], names: Sequence[str], timeout: float = 10.0
 ) -> dict[str, TopicShape | None]:
     """The shapes of NAMES once every partition of each has a leader (a producer can write to
-    them), or as they are when TIMEOUT passes."""
-    admin = AdminClient(client_settings(config), logger=log)
+    them), or as they are when TIMEOUT passes (None, or leaders False: not ready then)."""
+    admin = new_client(AdminClient, client_settings(config), logger=log)
     end = time.monotonic() + timeout
     wanted = set(names)
     while True:
@@ -1526,14 +1597,7 @@ def wait_for_leaders(
             metadata = admin.list_topics(timeout=max(0.1, end - time.monotonic())).topics
         except KafkaException:
             metadata = {}
-        ready = {
-            t
-            for t in wanted
-            if (md := metadata.get(t)) is not None
-            and md.error is None
-            and md.partitions
-            and all(p.leader >= 0 for p in md.partitions.values())
-        }
+        ready = {t for t in wanted if (shape := _shape(metadata.get(t))) and shape.leaders}
         if ready == wanted or time.monotonic() >= end:
             break
         time.sleep(0.1)

@@ -6,13 +6,16 @@ header, its key and its payload (compared by SHA-256). Every row ends in one cat
 - ``ok``;
 - ``mismatched``: a record is there but another message_id, key or payload (``fields`` says
   which);
-- ``missing``: no such topic or partition, or the offset is at or beyond the partition's end;
+- ``missing``: no such topic or partition, the offset is at or beyond the partition's end, or
+  no committed record is at the offset on a topic that is not compacted (an aborted
+  transaction's record or a transaction marker: no consumer reads the row's message there);
 - ``expired``: the offset is below the partition's first offset: deleted by retention, so it
   cannot be checked;
 - ``unreadable``: it could not be checked: no recorded place (rows confirmed from exactly-once
-  progress records have none), no committed record at the offset (an aborted transaction's
-  record, a transaction marker, a record removed by compaction), an offset beyond the last
-  stable offset (a transaction still open), or the broker did not answer in time.
+  progress records have none), no committed record at the offset of a compacted topic (the
+  record may have been removed by compaction, as compaction may) or of a topic whose
+  cleanup.policy cannot be read, an offset beyond the last stable offset (a transaction still
+  open), or the broker did not answer in time.
 
 The rows come in any order (``relay.reconcile_rows`` pages them in id order); the checker
 takes them a chunk at a time, groups a chunk by partition and sorts each group by offset, so
@@ -95,6 +98,11 @@ class RecordSource(Protocol):
     def watermarks(self, topic: str, partition: int) -> tuple[int, int]:
         """The partition's first offset and its end (the offset the next record will get).
         Raises Absent or Unavailable."""
+        ...
+
+    def cleanup_policy(self, topic: str) -> str:
+        """The topic's cleanup.policy (``delete``, ``compact`` or ``compact,delete``). Raises
+        Unavailable (saying why) when it cannot be read, e.g. DescribeConfigs not allowed."""
         ...
 
     def read(
@@ -223,6 +231,9 @@ class Reconciler:
         # reaches the database after Kafka acknowledged its offset, so an offset at or beyond
         # an end read after the row is not a record still on its way.
         self._marks: dict[tuple[str, int], tuple[int, int] | Problem] = {}
+        # Per topic: the category and detail of a row whose offset holds no committed record,
+        # from the topic's cleanup.policy, asked at the first such row.
+        self._no_record: dict[str, tuple[str, str]] = {}
 
     def check(self, rows: Iterable[Row]) -> Report:
         it = iter(rows)
@@ -319,7 +330,7 @@ class Reconciler:
                     row = rows[k]
                     k += 1
                     if record is None:
-                        add(Problem(row, UNREADABLE, _NO_RECORD))
+                        add(Problem(row, *self._skipped(topic)))
                     elif (  # a Record here: an Unavailable comes with offset -1 (above)
                         record[2] == row[6]  # type: ignore[index]
                         and record[1] == row[5]  # type: ignore[index]
@@ -342,6 +353,26 @@ class Reconciler:
         finally:
             self.report.add_ok(ok)
 
+    def _skipped(self, topic: str) -> tuple[str, str]:
+        """What a row of TOPIC is when its offset holds no committed record. Compaction
+        removes records on a compacted topic only: on any other, the offset holds an aborted
+        transaction's record or a transaction marker, and the row's message was never
+        committed there: missing, not merely unread."""
+        found = self._no_record.get(topic)
+        if found is None:
+            try:
+                policy = self.source.cleanup_policy(topic)
+            except Unavailable as exc:
+                why = f"the topic's cleanup.policy could not be read: {exc}"
+                found = (UNREADABLE, f"{_NO_RECORD_ANY}; {why}")
+            else:
+                if "compact" in policy.replace(" ", "").split(","):
+                    found = (UNREADABLE, f"{_NO_RECORD_ANY}; the topic is compacted")
+                else:
+                    found = (MISSING, _NO_RECORD)
+            self._no_record[topic] = found
+        return found
+
     def _watermarks(
         self, topic: str, partition: int, row: Row, *, fresh: bool = False
     ) -> tuple[int, int] | Problem:
@@ -357,7 +388,8 @@ class Reconciler:
 
 
 _NO_PLACE = "no recorded partition and offset (confirmed from exactly-once progress records)"
-_NO_RECORD = (
+_NO_RECORD = "no committed record at this offset (an aborted transaction or a control record)"
+_NO_RECORD_ANY = (
     "no committed record at this offset (a record of an aborted transaction, a transaction "
     "marker, or removed by compaction)"
 )

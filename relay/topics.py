@@ -20,12 +20,17 @@ from outbox.sql import query
 #: in about this long, with one line, instead of librdkafka's minute of retries.
 KAFKA_TIMEOUT = 10.0
 
+#: A topic created whose partitions did not all have a leader within KAFKA_TIMEOUT: a relay
+#: started now would fail the rows of a partition without one.
+NO_LEADER = "created, no partition leader yet"
+
 
 @dataclass(frozen=True)
 class TopicReport:
     """One topic: whether the cluster has it and in what shape, and what was done about it.
 
-    state is one of: present, missing, created, would create (--dry-run), not created."""
+    state is one of: present, missing, created, would create (--dry-run), not created, and
+    NO_LEADER (created, but a partition had no leader when the wait ended)."""
 
     name: str
     state: str
@@ -122,14 +127,21 @@ def create(
             )
         else:
             shape = shapes.get(r.name)
+            note = "created by another client meanwhile" if outcome.existed else ""
+            state = "present" if outcome.existed else "created"
+            if shape is None or not shape.leaders:
+                state = NO_LEADER
+                note = (
+                    f"{note}; " if note else ""
+                ) + f"a partition had no leader after {KAFKA_TIMEOUT:g}s: check the brokers"
             reports.append(
                 TopicReport(
                     r.name,
-                    "present" if outcome.existed else "created",
+                    state,
                     r.rows,
                     shape.partitions if shape else partitions,
                     shape.replication_factor if shape else replication_factor,
-                    "created by another client meanwhile" if outcome.existed else "",
+                    note,
                 )
             )
     return reports

@@ -1,7 +1,7 @@
 """`outbox reconcile` against the real pair: rows delivered by the relay are found intact; rows
 edited in the table afterwards, records deleted by retention, aborted records, transaction
-markers and open transactions are each reported as what they are, with the exit code a cron
-job reads."""
+markers (missing, unless the topic is compacted) and open transactions are each reported as
+what they are, with the exit code a cron job reads."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import time
 import uuid
 
 import psycopg
+import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -191,10 +192,14 @@ def produce_one(producer: Producer, topic: str, key: bytes, value: bytes, messag
     return msg.offset()
 
 
-def test_aborted_records_markers_and_open_transactions_are_unreadable_quickly(dsn, bootstrap):
-    """Rows pointed at each kind of offset a read_committed reader skips or cannot reach yet."""
+@pytest.mark.parametrize("policy", ["delete", "compact"])
+def test_aborted_records_markers_and_open_transactions_quickly(dsn, bootstrap, policy):
+    """Rows pointed at each kind of offset a read_committed reader skips or cannot reach yet.
+    On a topic that is not compacted, an offset without a committed record means the row's
+    message is not there for consumers: missing. On a compacted one, compaction may have
+    removed it: unreadable."""
     name = f"t.{uuid.uuid4().hex[:12]}"
-    create_topic(bootstrap, name, partitions=1)
+    create_topic(bootstrap, name, partitions=1, config={"cleanup.policy": policy})
     txn = Producer({"bootstrap.servers": bootstrap, "transactional.id": f"test-{name}"})
     try:
         txn.init_transactions(30)
@@ -221,13 +226,18 @@ def test_aborted_records_markers_and_open_transactions_are_unreadable_quickly(ds
         row("open", still_open)
 
         result = reconcile(dsn, bootstrap, "--json", "--topic", name, "--timeout", "30")
-        assert result.returncode == 3, result.stdout
+        compacted = policy == "compact"
+        assert result.returncode == (3 if compacted else 1), result.stdout
         assert result.seconds < 25  # none of them waited for the partition's timeout
         found = {p["id"]: p for p in as_json(result)["problems"]}
         assert rows["committed"] not in found
         for label in ("marker", "aborted"):
-            assert found[rows[label]]["problem"] == "unreadable"
-            assert "no committed record" in found[rows[label]]["detail"]
+            assert found[rows[label]]["problem"] == ("unreadable" if compacted else "missing")
+            assert found[rows[label]]["detail"].startswith("no committed record at this offset")
+            if compacted:
+                assert "compacted" in found[rows[label]]["detail"]
+            else:
+                assert "an aborted transaction or a control record" in found[rows[label]]["detail"]
         assert found[rows["open"]]["problem"] == "unreadable"
         assert "not committed yet" in found[rows["open"]]["detail"]
         txn.abort_transaction(30)
@@ -279,6 +289,17 @@ def test_bad_input_gives_one_line_and_the_right_exit(dsn, bootstrap, topic):
         result = reconcile(dsn, bootstrap, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1
+    # A setting librdkafka refuses: the configuration's fault (exit 2), one line, no secret.
+    for args in (
+        ("-X", "security.protocol=bogus"),
+        ("-X", "security.protocol=ssl", "-X", "ssl.ca.location=/nonexistent"),
+        ("-X", "sasl.password=s3cret-kafka-pw", "-X", "security.protocol=s3cret-kafka-pw"),
+    ):
+        result = reconcile(dsn, bootstrap, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: invalid configuration: Kafka settings refused")
+        assert "s3cret-kafka-pw" not in result.stdout + result.stderr
     nothing = reconcile(dsn, bootstrap, "--topic", "no.such.topic")
     assert nothing.returncode == 0 and "reconcile: 0 CONFIRMED rows" in nothing.stdout
 

@@ -222,6 +222,20 @@ def test_bad_input_is_one_line_without_a_password(empty_dsn, bootstrap):
         assert "wr0ngpass" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("command", ["check", "create"])
+def test_a_kafka_setting_librdkafka_refuses_is_a_configuration_error(bootstrap, command):
+    for args in (
+        ["-X", "security.protocol=bogus"],
+        ["-X", "security.protocol=ssl", "-X", "ssl.ca.location=/nonexistent"],
+        ["-X", "sasl.password=s3cret-kafka-pw", "-X", "security.protocol=s3cret-kafka-pw"],
+    ):
+        result = run("topics", command, "--no-table", "--topic", "payments", "-b", bootstrap, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        line = one_error_line(result)
+        assert line.startswith("error: invalid configuration: Kafka settings refused"), line
+        assert "s3cret-kafka-pw" not in result.stdout + result.stderr
+
+
 def test_kafka_credentials_come_from_outbox_kafka_variables_and_are_never_printed(
     bootstrap, new_topics
 ):

@@ -30,10 +30,13 @@ def digest(payload: bytes) -> bytes:
 
 class FakeSource:
     """Partitions as {(topic, partition): (first offset, end, {offset: Record})}; a partition
-    may also be absent (Absent) or broken (Unavailable), or fail after some records."""
+    may also be absent (Absent) or broken (Unavailable), or fail after some records. A topic's
+    cleanup.policy is "delete" unless POLICIES gives another, or an Unavailable."""
 
-    def __init__(self, partitions, *, absent=(), unavailable=(), fail_after=None):
+    def __init__(self, partitions, *, absent=(), unavailable=(), fail_after=None, policies=None):
         self.partitions = partitions
+        self.policies = policies or {}
+        self.policy_asked: list[str] = []
         self.absent = set(absent)
         self.unavailable = set(unavailable)
         self.fail_after = fail_after  # {(topic, partition): records handed out before failing}
@@ -46,6 +49,13 @@ class FakeSource:
             raise Unavailable("broker down")
         low, end, _ = self.partitions[(topic, partition)]
         return low, end
+
+    def cleanup_policy(self, topic: str) -> str:
+        self.policy_asked.append(topic)
+        policy = self.policies.get(topic, "delete")
+        if isinstance(policy, Unavailable):
+            raise policy
+        return policy
 
     def read(self, topic: str, wanted: Mapping[int, Sequence[int]]):
         """One partition after the other (the protocol allows them interleaved)."""
@@ -143,13 +153,46 @@ def test_expired_or_unreadable_alone_exits_3_could_not_check():
     assert report.counts["expired"] == 1 and report.exit_code() == EXIT_UNCHECKED
 
 
-def test_no_committed_record_at_the_offset_is_unreadable():
+def test_no_committed_record_at_the_offset_of_a_topic_not_compacted_is_missing():
+    """Only compaction removes a committed record from below the end: on a topic without it,
+    the offset holds an aborted transaction's record or a marker, and no consumer reads the
+    row's message there."""
+    rows = [row(1, 4), row(2, 5), row(3, 6), row(4, 2, partition=1)]
+    source = FakeSource(
+        {("t", 0): (0, 10, {5: record_of(rows[1])}), ("t", 1): (0, 10, {})}
+    )  # 4, 6 and 1's 2: a marker, an aborted record...
+    report = check(rows, source)
+    problems = by_id(report)
+    assert report.counts["missing"] == 3 and report.counts["unreadable"] == 0
+    assert problems[1].problem == "missing"
+    assert problems[1].detail == (
+        "no committed record at this offset (an aborted transaction or a control record)"
+    )
+    assert report.exit_code() == EXIT_PROBLEMS
+    assert source.policy_asked == ["t"]  # once for the topic, not once a row or a partition
+
+
+@pytest.mark.parametrize("policy", ["compact", "compact,delete", "delete, compact"])
+def test_no_committed_record_at_the_offset_of_a_compacted_topic_is_unreadable(policy):
     rows = [row(1, 4), row(2, 5)]
-    source = FakeSource({("t", 0): (0, 10, {5: record_of(rows[1])})})  # 4: a marker, aborted...
+    source = FakeSource({("t", 0): (0, 10, {5: record_of(rows[1])})}, policies={"t": policy})
     report = check(rows, source)
     problem = by_id(report)[1]
     assert problem.problem == "unreadable" and "no committed record" in problem.detail
+    assert "compacted" in problem.detail
     assert report.exit_code() == EXIT_UNCHECKED
+
+
+def test_no_committed_record_where_the_policy_cannot_be_read_is_unreadable_saying_why():
+    rows = [row(1, 4), row(2, 4, topic="u"), row(3, 5, topic="u")]
+    denied = Unavailable("DescribeConfigs on the topic is not allowed")
+    source = FakeSource({("t", 0): (0, 10, {}), ("u", 0): (0, 10, {})}, policies={"t": denied})
+    report = check(rows, source)
+    problems = by_id(report)
+    assert problems[1].problem == "unreadable"
+    assert "cleanup.policy could not be read: DescribeConfigs" in problems[1].detail
+    assert problems[2].problem == problems[3].problem == "missing"  # each topic its own policy
+    assert sorted(source.policy_asked) == ["t", "u"]
 
 
 def test_a_row_without_a_recorded_place_is_unreadable():
@@ -221,7 +264,7 @@ def test_json_shape():
     source = FakeSource({("t", 0): (0, 10, {2: record_of(rows[1], digest=b"x")})})
     out = check(rows, source).as_dict()
     assert out["checked"] == 2 and out["exit_code"] == EXIT_PROBLEMS
-    assert out["counts"] == {"ok": 0, "missing": 0, "mismatched": 1, "expired": 0, "unreadable": 1}
+    assert out["counts"] == {"ok": 0, "missing": 1, "mismatched": 1, "expired": 0, "unreadable": 0}
     first = out["problems"][0]
     assert set(first) == {
         "id",
