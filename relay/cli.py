@@ -8,6 +8,7 @@ and never a password.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import decimal
 import functools
@@ -20,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -80,6 +82,22 @@ def expected_failures(func):
         sys.exit(code)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _kafka_failures(cfg: RelayConfig, unreachable: int = EXIT_CONDITION) -> Iterator[None]:
+    """A Kafka setting librdkafka refuses: a usage error (exit 2); a cluster that cannot be
+    reached or refuses: one line, exit UNREACHABLE. Either way with the -X secrets masked
+    (expected_failures knows only the DSN's)."""
+    try:
+        yield
+    except ConfigError as exc:
+        message, code = f"invalid configuration: {first_line(exc)}", EXIT_USAGE
+    except OutboxError as exc:
+        message, code = first_line(exc), unreachable
+    else:
+        return
+    raise Failure(redact_text(message, *secrets_of(cfg)), code) from None
 
 
 def _connect(dsn: str) -> psycopg.Connection:
@@ -524,14 +542,8 @@ def topics_check(dsn, schema, bootstrap_servers, kafka_settings, named, no_table
     from .topics import check
 
     cfg, wanted = _topics_wanted(dsn, schema, bootstrap_servers, kafka_settings, named, no_table)
-    try:
+    with _kafka_failures(cfg):
         reports = check(cfg.producer_config(), wanted) if wanted else []
-    except ConfigError as exc:  # a -X value librdkafka refuses
-        raise Failure(
-            redact_text(f"invalid configuration: {first_line(exc)}", *secrets_of(cfg)), EXIT_USAGE
-        ) from None
-    except OutboxError as exc:
-        raise Failure(redact_text(first_line(exc), *secrets_of(cfg))) from None
     missing = [r.name for r in reports if r.state == "missing"]
     if as_json:
         click.echo(json.dumps({"topics": [r.as_dict() for r in reports], "missing": missing}))
@@ -602,16 +614,10 @@ def topics_create(
     if not wanted:
         click.echo("no topics: no row to deliver names one, and no --topic was given")
         return
-    try:
+    with _kafka_failures(cfg):
         reports = create(
             cfg.producer_config(), wanted, partitions, replication_factor, dry_run=dry_run
         )
-    except ConfigError as exc:  # a -X value librdkafka refuses
-        raise Failure(
-            redact_text(f"invalid configuration: {first_line(exc)}", *secrets_of(cfg)), EXIT_USAGE
-        ) from None
-    except OutboxError as exc:
-        raise Failure(redact_text(first_line(exc), *secrets_of(cfg))) from None
     for r in reports:
         click.echo(redact_text(_topic_line(r), *secrets_of(cfg)))
     failed = [r for r in reports if r.state == "not created"]
@@ -1153,12 +1159,8 @@ def reconcile(
         kafka=_kafka_settings(kafka_settings),
     )
     secrets = secrets_of(cfg)
-    try:
+    with _kafka_failures(cfg, unreachable=EXIT_UNCHECKED):
         source = KafkaRecordSource(cfg.producer_config(), timeout=timeout)
-    except ConfigError as exc:  # a -X value librdkafka refuses: the configuration's fault
-        raise Failure(
-            redact_text(f"invalid configuration: {first_line(exc)}", *secrets), EXIT_USAGE
-        ) from None
     try:
         problem = source.check(min(timeout, 10.0))
         if problem:

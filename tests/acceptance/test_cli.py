@@ -2,9 +2,6 @@
 PostgreSQL (and Kafka where it matters)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import psycopg
 from click.testing import CliRunner
@@ -16,21 +13,11 @@ from relay.store import PostgresStore
 from relay.testing import RecordingSink
 from tests.integration.test_relay_kafka import drain
 from tests.kafka_helpers import create_topic, delete_topic, read_all
+from tests.outbox_command import run
 
 
 def cli(*args, env=None, input=None):
     return CliRunner().invoke(main, list(args), env=env or {}, input=input, catch_exceptions=False)
-
-
-def run(*args, env=None, timeout=60):
-    """The installed command, as an operator types it."""
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def set_status(dsn, status, where="true", **cols):

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
 import threading
 import uuid
 
@@ -22,23 +19,13 @@ from relay import audit, operations
 from relay.cli import main
 from relay.selection import Selection
 from tests.conftest import with_dbname
+from tests.outbox_command import run
 
 HASH_ARGS = "prev_hash, id, at, actor, db_user, action, selection, affected, ids, reason"
 
 
 def cli(*args, dsn):
     return CliRunner().invoke(main, list(args), env={"OUTBOX_DSN": dsn}, catch_exceptions=False)
-
-
-def run(*args, env=None, timeout=60):
-    """The installed command, as an operator types it."""
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def verify(dsn, *args):

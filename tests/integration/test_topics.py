@@ -2,9 +2,6 @@
 PostgreSQL and Kafka."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 
@@ -16,20 +13,10 @@ import outbox
 from relay.kafka import check_kafka
 from tests.conftest import SERVICES, unavailable
 from tests.kafka_helpers import delete_topic
+from tests.outbox_command import run
 
 #: The command must give up on an unreachable broker within this (it asks for 10 s).
 UNREACHABLE_DEADLINE = 15.0
-
-
-def run(*args, env=None, timeout=60):
-    """The installed command, as an operator types it."""
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def one_error_line(result) -> str:
