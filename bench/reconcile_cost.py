@@ -33,13 +33,13 @@ import uuid
 from pathlib import Path
 
 import psycopg
-from confluent_kafka.admin import AdminClient, NewTopic
 from psycopg import sql
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import outbox  # noqa: E402
+from bench.topics import create_topic, delete_topic  # noqa: E402
 
 PY = sys.executable
 PARTITIONS = 6
@@ -64,25 +64,8 @@ def fresh_db(admin_dsn: str, name: str) -> str:
 
 def fresh_topic(bootstrap: str) -> str:
     name = f"bench.reconcile.{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.create_topics([NewTopic(name, PARTITIONS, 1)]).values():
-        future.result(30)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # leaders elected before the relay produces
-        md = admin.list_topics(name, timeout=5).topics.get(name)
-        if md and md.error is None and all(p.leader >= 0 for p in md.partitions.values()):
-            return name
-        time.sleep(0.1)
-    raise TimeoutError(f"topic {name} has no leaders after 30 s")
-
-
-def delete_topic(bootstrap: str, name: str) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.delete_topics([name], operation_timeout=30).values():
-        try:
-            future.result(30)
-        except Exception as exc:  # noqa: BLE001 - a leftover topic is no reason to fail
-            log(f"could not delete {name}: {exc}")
+    create_topic(bootstrap, name, PARTITIONS)  # leaders elected before the relay produces
+    return name
 
 
 def fill(dsn: str, topic: str, n: int) -> None:
