@@ -1,5 +1,5 @@
 """What the operator commands do to the table: list, show, replay, skip, purge, inbox purge,
-audit.
+audit; and the GRANTs each role needs (`outbox grants`).
 
 Every change is made in small batches, each in its own short transaction together with its
 audit entry, so a large replay never holds long locks and the audit trail matches what
@@ -16,12 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg import sql as pgsql
 from psycopg.rows import dict_row
 
 import outbox.sql
 from outbox.inbox import purge_inbox
 from outbox.message import headers_from_json
-from outbox.sql import compose, named_blocks, one_row, read_blocks
+from outbox.sql import compose, named_blocks, one_row, read_blocks, validate_identifier
 
 from .audit import Report, check_chain, entry_link
 from .model import BUCKETS
@@ -31,6 +32,12 @@ from .store import int_array
 BATCH = 1000
 ALL_BUCKETS = int_array(range(BUCKETS))
 Progress = Callable[[int], None]
+
+#: What the audit trail records (the CHECK on its action column).
+AUDIT_ACTIONS = ("replay", "skip", "purge", "inbox-purge")
+
+#: The roles grants.sql has a block of least privileges for.
+GRANT_ROLES = ("relay", "writer", "operator", "consumer")
 
 
 def _q(name: str, schema: str, selection: Selection | None = None):
@@ -63,8 +70,10 @@ def count_rows(conn: psycopg.Connection, schema: str, selection: Selection) -> d
 
 
 def check_change(action: str, selection: Selection) -> None:
-    """Refuse, before anything is read, a change that cannot mean anything: skip takes FAILED
-    rows only."""
+    """Refuse, before anything is read, a change that cannot mean anything: a change of no
+    selection at all (every row), and a skip of other rows than FAILED ones."""
+    if selection.is_empty():
+        raise SelectionError(f"say what to {action}: ids, --status, --topic, --key, --since ...")
     if action == "skip" and selection.statuses and selection.statuses != ["FAILED"]:
         raise SelectionError("skip changes FAILED rows only")
 
@@ -295,3 +304,20 @@ def blocked_keys(conn: psycopg.Connection, schema: str, limit: int = 20) -> list
 def blocked_key_count(conn: psycopg.Connection, schema: str) -> int:
     query, _ = _q("blocked_key_count", schema)
     return one_row(conn.execute(query))[0]
+
+
+def grant_statements(schema: str, role: str, kind: str, retention: bool = False) -> list[str]:
+    """The least GRANTs ROLE needs to work as KIND (one of GRANT_ROLES) on SCHEMA's tables,
+    one text per block of grants.sql; a relay that deletes old rows (retention) needs DELETE
+    too. Invalid names are refused (OutboxError) before any text is made."""
+    names = [kind] + (["relay_retention"] if retention and kind == "relay" else [])
+    blocks = read_blocks("relay", "grants.sql")
+    return [
+        pgsql.SQL(blocks[name])
+        .format(
+            schema=pgsql.Identifier(validate_identifier(schema)),
+            role=pgsql.Identifier(validate_identifier(role, "role")),
+        )
+        .as_string(None)
+        for name in names
+    ]
