@@ -1,4 +1,4 @@
-"""Topics for the benchmarks, made with the relay's own admin calls (relay.kafka), so that
+"""Topics for the benchmarks, made with the relay's own admin calls (relay.kafka.admin), so that
 bench/ needs nothing from tests/."""
 
 from __future__ import annotations

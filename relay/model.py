@@ -230,7 +230,7 @@ class Sink(Protocol):
     ) -> list[Outcome]:
         """One outcome per message, in batch order. A key's message is not sent after an
         earlier message of the key failed in the batch. Messages whose id is in ALONE are sent
-        alone (relay.kafka's docstring says why). UNCONFIRMED: rows delivered earlier whose
+        alone (relay.kafka.sink's docstring says why). UNCONFIRMED: rows delivered earlier whose
         CONFIRMED status may not be written yet; the exactly-once sink records them again
         in Kafka with this batch, so that a crash before that write sends none of them again."""
 

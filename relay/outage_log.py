@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 _NUMBERS = re.compile(r"\d+")
 
-#: librdkafka warns about settings the relay chose on purpose (see relay.kafka).
+#: librdkafka warns about settings the relay chose on purpose (see relay.kafka.sink).
 _EXPECTED = ("enable.gapless.guarantee is experimental",)
 
 

@@ -160,7 +160,7 @@ class Relay:
         now = self.clock.monotonic()
         s = self.settings
         # Produce only while the lease outlives every message this batch could leave in flight:
-        # a batch's Kafka part ends by flush_timeout + SEND_MARGIN (relay.kafka).
+        # a batch's Kafka part ends by flush_timeout + SEND_MARGIN (relay.kafka.sink).
         if (
             now < self._next_heartbeat
             and now + s.flush_timeout + SEND_MARGIN < self._lease_valid_until
@@ -489,7 +489,7 @@ class Relay:
 
     def _track_isolation(self, outcomes: Sequence[Outcome], any_failed: bool) -> None:
         """Rows rejected together with others are sent alone until they have an outcome of
-        their own (see relay.kafka)."""
+        their own (see relay.kafka.sink)."""
         if not any_failed and not self._alone:
             return
         for outcome in outcomes:

@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from relay.config import ConfigError, RelayConfig
 from relay.kafka import check_progress_topic
-from relay.model import Failed, FailureKind, PendingMessage
+from relay.model import Delivered, Failed, FailureKind, PendingMessage
 from relay.runner import build_relay, check_exactly_once, run_relay
 from relay.shards import buckets_of, decode_progress
 from tests.kafka_helpers import create_topic, delete_topic, read_all
@@ -95,11 +95,14 @@ class LostWrite(psycopg.OperationalError):
     pass
 
 
-def dying_before_its_update(cfg: RelayConfig):
-    """A relay whose every UPDATE to CONFIRMED fails: as if it died after each commit."""
+def dying_before_its_update(cfg: RelayConfig, lost_rows: list[Delivered] | None = None):
+    """A relay whose every UPDATE to CONFIRMED fails: as if it died after each commit.
+    LOST_ROWS, if given, collects the rows those UPDATEs would have confirmed."""
     relay, _ = build_relay(cfg)
 
-    def lost(*_args, **_kwargs):
+    def lost(_relay_id, delivered, *_args, **_kwargs):
+        if lost_rows is not None:
+            lost_rows.extend(delivered)
         raise LostWrite("the relay died before its UPDATE (test)")
 
     relay.store.mark_confirmed = lost  # type: ignore[method-assign]
@@ -113,12 +116,12 @@ def test_rows_committed_but_not_confirmed_are_confirmed_from_kafka_not_sent_agai
     the progress records, confirms those rows and sends only the rest."""
     write(dsn, topic, 1200, keys=30)
     cfg = eos_config(dsn, bootstrap, progress_topic, batch_size=400)
-    zombie = dying_before_its_update(cfg)
+    sent: list[Delivered] = []  # what Kafka holds of it
+    zombie = dying_before_its_update(cfg, sent)
     assert zombie.step() == 400  # one batch committed in Kafka
     with pytest.raises(LostWrite):
         zombie.settle()  # and its write fails
     assert counts(dsn) == {"PENDING": 1200}
-    sent = zombie._unwritten[0].delivered  # what Kafka holds of it
     assert len(sent) == 400
     # Its leases expire (it is paused, or dead).
     with psycopg.connect(dsn) as conn:

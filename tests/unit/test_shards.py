@@ -97,14 +97,14 @@ def test_a_progress_record_of_another_shard_count_or_format_is_refused():
 
 
 def aborted_transaction(rows: int, alone: frozenset[int] = frozenset()):
-    from relay.kafka import _Transaction
+    from relay.kafka.transactional import Transaction
     from relay.model import PendingMessage
 
     batch = [
         PendingMessage(i, uuid.uuid4(), "t", b"k%d" % i, b"x", [], 0, dt.datetime.now(), 0)
         for i in range(1, rows + 1)
     ]
-    return _Transaction(batch, {}, {}, set(alone), [(m.id, bytes(8)) for m in batch])
+    return Transaction(batch, {}, {}, set(alone), [(m.id, bytes(8)) for m in batch])
 
 
 def test_a_permanent_abort_no_message_carries_isolates_then_charges_the_lone_message():
@@ -112,23 +112,18 @@ def test_a_permanent_abort_no_message_carries_isolates_then_charges_the_lone_mes
     all: the topic not writable, found when the partition is added to the transaction)
     must not stall its shard: the rows go alone next time, and one that fails alone is
     counted, so that it ends FAILED as it would at least once."""
-    from relay.kafka import ShardProducer, _End
+    from relay.kafka.transactional import TransactionEnd, transaction_outcomes
     from relay.model import FailureKind
 
-    producer = ShardProducer(
-        {"bootstrap.servers": "127.0.0.1:1"},
-        0,
-        shards=4,
-        transactional_id="unit-0",
-        transaction_timeout=10.0,
-        progress_topic="p",
+    def kinds(txn, end):
+        outcomes, _broken = transaction_outcomes(txn, end)
+        return [o.kind for o in outcomes]
+
+    cause = TransactionEnd(
+        "aborted", "TOPIC_AUTHORIZATION_FAILED: not authorised", FailureKind.PERMANENT
     )
-    cause = _End("aborted", "TOPIC_AUTHORIZATION_FAILED: not authorised", FailureKind.PERMANENT)
-    shared = producer._transaction_outcomes(aborted_transaction(3), cause)
-    assert [o.kind for o in shared] == [FailureKind.ISOLATE] * 3
-    lone = producer._transaction_outcomes(aborted_transaction(1, frozenset({1})), cause)
-    assert [o.kind for o in lone] == [FailureKind.PERMANENT]
-    outage = _End("aborted", "REQUEST_TIMED_OUT", FailureKind.OUTAGE)
-    assert [o.kind for o in producer._transaction_outcomes(aborted_transaction(2), outage)] == [
-        FailureKind.OUTAGE
-    ] * 2
+    assert kinds(aborted_transaction(3), cause) == [FailureKind.ISOLATE] * 3
+    lone = aborted_transaction(1, frozenset({1}))
+    assert kinds(lone, cause) == [FailureKind.PERMANENT]
+    outage = TransactionEnd("aborted", "REQUEST_TIMED_OUT", FailureKind.OUTAGE)
+    assert kinds(aborted_transaction(2), outage) == [FailureKind.OUTAGE] * 2
