@@ -1,4 +1,4 @@
--- outbox-relay schema, version 5: the one DDL source.
+-- outbox-relay schema, version 6: the one DDL source.
 --
 -- Applying it twice changes nothing. It creates its objects in the first schema of the
 -- search_path, so a DBA can install it in a non-public schema with:
@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS local_message (
     -- Optional idempotency key from the application: a second event with the same key is
     -- not written (publish() returns the first one's ids).
     dedup_key       text,
+    -- Whose event this is, when one outbox serves many tenants; '' for none. The relay's
+    -- read is fair across tenants (and, within one, across topics), and per-key order is kept
+    -- within each tenant: rows of one key and one tenant are one sequence.
+    tenant          text        NOT NULL DEFAULT '',
     CONSTRAINT local_message_status_check
         CHECK (status IN ('PENDING', 'SENT', 'CONFIRMED', 'FAILED', 'SKIPPED')),
     -- Kafka's topic name rules, so that a bad topic is refused at write time by any client.
@@ -61,7 +65,10 @@ CREATE TABLE IF NOT EXISTS local_message (
     CONSTRAINT local_message_topic_check
         CHECK (octet_length(topic) BETWEEN 1 AND 249 AND topic !~ '[^a-zA-Z0-9._-]'
                AND topic NOT IN ('.', '..')),
-    CONSTRAINT local_message_attempts_check CHECK (attempts >= 0)
+    CONSTRAINT local_message_attempts_check CHECK (attempts >= 0),
+    -- Up to 64 of [a-zA-Z0-9._-] (a length test and a character class: see the topic's).
+    CONSTRAINT local_message_tenant_check
+        CHECK (octet_length(tenant) <= 64 AND tenant !~ '[^a-zA-Z0-9._-]')
 );
 
 CREATE UNIQUE INDEX IF NOT EXISTS local_message_message_id_key
@@ -70,10 +77,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS local_message_message_id_key
 CREATE UNIQUE INDEX IF NOT EXISTS local_message_dedup_key_key
     ON local_message (dedup_key) WHERE dedup_key IS NOT NULL;
 
--- The relay's read of pending rows walks this in id order (and filters on its buckets); it holds only
--- undelivered rows, so it stays small however large the table grows.
-CREATE INDEX IF NOT EXISTS local_message_pending_idx
-    ON local_message (id) INCLUDE (bucket) WHERE status = 'PENDING';
+-- The relay's read of pending rows: which (tenant, topic) groups have rows waiting, and each
+-- group's rows in id order (filtered on the relay's buckets). It holds only undelivered rows,
+-- so it stays small however large the table grows.
+CREATE INDEX IF NOT EXISTS local_message_pending_group_idx
+    ON local_message (tenant, topic, id) INCLUDE (bucket) WHERE status = 'PENDING';
 
 -- Rows that block their key (FAILED, SENT) or wait for a retry: all small.
 CREATE INDEX IF NOT EXISTS local_message_blocking_idx
@@ -257,5 +265,5 @@ CREATE INDEX IF NOT EXISTS inbox_message_processed_at_idx
 
 -- Every version up to this one, so that the table reads the same after a fresh install and
 -- after upgrades (outbox/migrations/).
-INSERT INTO local_message_schema (version) SELECT generate_series(1, 5)
+INSERT INTO local_message_schema (version) SELECT generate_series(1, 6)
     ON CONFLICT (version) DO NOTHING;

@@ -44,7 +44,7 @@ V2_CHECK = "CHECK (topic ~ '^[a-zA-Z0-9._-]{1,249}$' AND topic NOT IN ('.', '..'
 #: a dedup_key, none here.)
 EXTRA_INDEXES = (
     "local_message_message_id_key",
-    "local_message_pending_idx",
+    "local_message_pending_group_idx",
     "local_message_blocking_idx",
     "local_message_created_at_brin",
 )

@@ -34,6 +34,7 @@ RECORD_BATCH_OVERHEAD = 61
 MESSAGE_ID_HEADER = "message_id"
 
 _TOPIC_RE = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+_TENANT_RE = re.compile(r"[a-zA-Z0-9._-]{1,64}")
 
 Payload: TypeAlias = Mapping[str, Any] | list | str | bytes | bytearray | memoryview
 HeaderValue: TypeAlias = str | bytes | None
@@ -53,6 +54,8 @@ class OutboxMessage:
     payload: bytes
     headers: list[tuple[str, bytes | None]]
     dedup_key: str | None = None
+    #: '' when the event has no tenant (schema.sql).
+    tenant: str = ""
 
     def headers_json(self) -> str | None:
         """The headers column: a JSON array of [name, value] pairs (see schema.sql)."""
@@ -84,6 +87,22 @@ def validate_topic(topic: object) -> str:
             "[a-zA-Z0-9._-], and not '.' or '..'"
         )
     return topic
+
+
+def validate_tenant(tenant: object) -> str:
+    """A tenant name as stored: None is no tenant (''); else 1 to 64 of [a-zA-Z0-9._-], the
+    characters of a topic name, so that a tenant can name its own topics and metric labels."""
+    if tenant is None:
+        return ""
+    if not isinstance(tenant, str):
+        raise TypeError(f"tenant must be a str or None, not {type(tenant).__name__}")
+    if not _TENANT_RE.fullmatch(tenant):
+        shown = tenant if len(tenant) <= 70 else tenant[:67] + "..."
+        raise InvalidMessage(
+            f"invalid tenant {shown!r}: use 1 to 64 characters of [a-zA-Z0-9._-], or None "
+            "for no tenant"
+        )
+    return tenant
 
 
 def encode_payload(payload: object) -> bytes:
@@ -152,11 +171,13 @@ def build_message(
     key: str | bytes | int | None = None,
     headers: Headers | None = None,
     dedup_key: str | None = None,
+    tenant: str | None = None,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     message_id: uuid.UUID | None = None,
 ) -> OutboxMessage:
     """Validate and encode one event; raise before anything is written."""
     topic = validate_topic(topic)
+    tenant_name = validate_tenant(tenant)
     body = encode_payload(payload)
     key_bytes = encode_key(key)
     header_list = encode_headers(headers)
@@ -172,7 +193,7 @@ def build_message(
             f"message to topic {topic!r} is {size} bytes as a Kafka record (payload, key, "
             f"headers and framing), above the maximum of {max_bytes} bytes"
         )
-    return OutboxMessage(mid, topic, key_bytes, body, header_list, dedup_key)
+    return OutboxMessage(mid, topic, key_bytes, body, header_list, dedup_key, tenant_name)
 
 
 def _varint_size(n: int) -> int:

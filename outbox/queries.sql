@@ -11,11 +11,12 @@ SELECT count(pg_advisory_xact_lock(%(namespace)s, k))
 -- Every row in one statement: publish_many() costs one round trip whatever the count. The
 -- arrays go in binary format: as text, psycopg quoted and escaped every element in Python, a
 -- third of the writer's CPU per event (bench/writer_cost.py).
-INSERT INTO {table} (message_id, topic, key, payload, headers, dedup_key)
-SELECT m, t, k, p, h::jsonb, d
+INSERT INTO {table} (message_id, topic, key, payload, headers, dedup_key, tenant)
+SELECT m, t, k, p, h::jsonb, d, n
   FROM unnest(%(message_ids)b::uuid[], %(topics)b::text[], %(keys)b::bytea[],
-              %(payloads)b::bytea[], %(headers)b::text[], %(dedup_keys)b::text[])
-       AS u(m, t, k, p, h, d)
+              %(payloads)b::bytea[], %(headers)b::text[], %(dedup_keys)b::text[],
+              %(tenants)b::text[])
+       AS u(m, t, k, p, h, d, n)
     ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
 RETURNING id, message_id
 

@@ -83,6 +83,7 @@ def local_message_table(metadata: MetaData, schema: str | None = None) -> Table:
         Column("kafka_partition", Integer),
         Column("kafka_offset", BigInteger),
         Column("dedup_key", Text),
+        Column("tenant", Text, nullable=False),
         schema=schema,
         info={"outbox": True},
     )
@@ -164,7 +165,7 @@ def publish(
     **event: Any,
 ) -> _writer.Published:
     """outbox.publish() in the Session's (or Core Connection's) current transaction. EVENT is
-    topic=, payload=, and optionally key=, headers=, dedup_key=."""
+    topic=, payload=, and optionally key=, headers=, dedup_key=, tenant=."""
     built = _writer.build_all([event], max_bytes)
     conn = _connection(session_or_connection)
     return _run(conn, _writer.publish_flow(built, lock_key), schema)[0]
@@ -211,12 +212,11 @@ class HasEvents:
         key: str | bytes | int | None = None,
         headers: Any = None,
         dedup_key: str | None = None,
+        tenant: str | None = None,
     ) -> None:
         # Validate now, where the caller's code is, not at flush time.
-        message = _writer.build_all(
-            [dict(topic=topic, payload=payload, key=key, headers=headers, dedup_key=dedup_key)],
-            _max_bytes(self),
-        )[0]
+        event = dict(topic=topic, payload=payload, key=key, headers=headers, dedup_key=dedup_key)
+        message = _writer.build_all([dict(event, tenant=tenant)], _max_bytes(self))[0]
         self.__dict__.setdefault(_EVENTS_ATTR, []).append((next(_RECORDED), message))
         from sqlalchemy.orm import object_session
         from sqlalchemy.orm.attributes import flag_dirty

@@ -56,11 +56,15 @@ def publish(
     key: str | bytes | int | None = None,
     headers: Headers | None = None,
     dedup_key: str | None = None,
+    tenant: str | None = None,
     lock_key: bool = False,
     schema: str | None = None,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> Published:
     """Write one event in CONN's current transaction and return its ids. Never commits.
+
+    ``tenant``: whose event this is, when one outbox serves many tenants (None: no tenant).
+    The relay delivers fairly across tenants, and keeps each key's order within its tenant.
 
     ``lock_key=True`` takes a transaction-level advisory lock on the key first, so that
     writers of one key are serialised and their events are delivered in commit order.
@@ -71,6 +75,7 @@ def publish(
         key=key,
         headers=with_trace(headers),
         dedup_key=dedup_key,
+        tenant=tenant,
         max_bytes=max_bytes,
     )
     return _run_sync(conn, publish_flow([message], lock_key), schema)[0]
@@ -85,7 +90,7 @@ def publish_many(
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> list[Published]:
     """Write many events in one round trip, in the given order. Each item is a mapping with the
-    keyword arguments of publish() (topic, payload, key, headers, dedup_key). Nothing is written
+    keyword arguments of publish() (topic, payload, key, headers, dedup_key, tenant). Nothing is written
     if any of them is invalid."""
     built = build_all(messages, max_bytes)
     return _run_sync(conn, publish_flow(built, lock_key), schema)
@@ -99,6 +104,7 @@ async def apublish(
     key: str | bytes | int | None = None,
     headers: Headers | None = None,
     dedup_key: str | None = None,
+    tenant: str | None = None,
     lock_key: bool = False,
     schema: str | None = None,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -110,6 +116,7 @@ async def apublish(
         key=key,
         headers=with_trace(headers),
         dedup_key=dedup_key,
+        tenant=tenant,
         max_bytes=max_bytes,
     )
     return (await _run_async(conn, publish_flow([message], lock_key), schema))[0]
@@ -184,6 +191,7 @@ def publish_flow(
             "payloads": [m.payload for m in messages],
             "headers": [m.headers_json() for m in messages],
             "dedup_keys": [m.dedup_key for m in messages],
+            "tenants": [m.tenant for m in messages],
         },
     )
     ids = {message_id: row_id for row_id, message_id in rows}

@@ -17,7 +17,7 @@ EXPECTED_INDEXES = (
     "local_message_pkey",
     "local_message_message_id_key",
     "local_message_dedup_key_key",
-    "local_message_pending_idx",
+    "local_message_pending_group_idx",
     "local_message_blocking_idx",
     "local_message_created_at_brin",
 )

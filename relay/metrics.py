@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .model import Delivered, FailureUpdate, Outcome, PendingMessage, PendingStats
+from .model import Backlog, Delivered, FailureUpdate, Outcome, PendingMessage
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
@@ -104,6 +104,28 @@ class RelayMetrics:
             "in backoff and rows held behind a blocked key not counted): the lag to alert on.",
             registry=r,
         )
+        # One series per tenant with rows waiting in this relay's buckets; a tenant's series
+        # is removed when it has none, so the label set stays as large as the live tenants.
+        self.tenant_pending = Gauge(
+            "outbox_tenant_pending_messages",
+            "PENDING rows of a tenant in this relay's buckets (rows with a tenant only).",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_held = Gauge(
+            "outbox_tenant_held_messages",
+            "Of those, rows held behind a blocked key of the tenant.",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_lag = Gauge(
+            "outbox_tenant_lag_seconds",
+            "Age of the tenant's oldest PENDING row in this relay's buckets that may be sent "
+            "now: the tenant's lag.",
+            ["tenant"],
+            registry=r,
+        )
+        self._tenants: set[str] = set()
         self.buckets_owned = Gauge(
             "outbox_buckets_owned", "Buckets this relay holds a lease on (of 256).", registry=r
         )
@@ -128,12 +150,22 @@ class RelayMetrics:
 
     # -- what the loop reports; the bookkeeping is here, not in the loop
 
-    def observe_renewal(self, buckets_owned: int, stats: PendingStats) -> None:
+    def observe_renewal(self, buckets_owned: int, backlog: Backlog) -> None:
         """After a lease renewal: the gauges of what the relay's buckets hold."""
+        stats = backlog.total()
         self.buckets_owned.set(buckets_owned)
         self.pending.set(stats.pending)
         self.held.set(stats.held)
         self.oldest_claimable_age.set(stats.lag_seconds or 0.0)
+        tenants = {name: s for name, s in backlog.by_tenant().items() if name}
+        for gone in self._tenants - tenants.keys():
+            for gauge in (self.tenant_pending, self.tenant_held, self.tenant_lag):
+                gauge.remove(gone)
+        for name, s in tenants.items():
+            self.tenant_pending.labels(name).set(s.pending)
+            self.tenant_held.labels(name).set(s.held)
+            self.tenant_lag.labels(name).set(s.lag_seconds or 0.0)
+        self._tenants = set(tenants)
 
     def observe_batch(
         self,

@@ -30,6 +30,8 @@ class PendingMessage(NamedTuple):
     created_at: dt.datetime
     #: The row's bucket (schema.sql): exactly-once delivery groups rows by the shard it is in.
     bucket: int = 0
+    #: '' for no tenant.
+    tenant: str = ""
 
 
 class FailureKind(Enum):
@@ -89,6 +91,31 @@ class PendingStats(NamedTuple):
         return cls(
             sum(p.pending for p in parts), sum(p.held for p in parts), max(lags, default=None)
         )
+
+
+class Backlog(dict[tuple[str, str], PendingStats]):
+    """What waits in a set of buckets, by (tenant, topic); tenant '' is no tenant."""
+
+    def total(self) -> PendingStats:
+        return PendingStats.total(self.values())
+
+    def by_tenant(self) -> dict[str, PendingStats]:
+        return self._by(0)
+
+    def by_topic(self) -> dict[str, PendingStats]:
+        return self._by(1)
+
+    def _by(self, part: int) -> dict[str, PendingStats]:
+        grouped: dict[str, list[PendingStats]] = {}
+        for group, stats in self.items():
+            grouped.setdefault(group[part], []).append(stats)
+        return {name: PendingStats.total(parts) for name, parts in sorted(grouped.items())}
+
+
+def group_share(limit: int, groups: int) -> int:
+    """How many rows of each (tenant, topic) group the fair read looks at: the batch split
+    over the groups four times over, at most the batch (queries.sql, fetch_pending)."""
+    return min(limit, -(-4 * limit // max(groups, 1)))
 
 
 class FailureUpdate(NamedTuple):
@@ -199,8 +226,9 @@ class Store(Protocol):
     def release(self, relay_id: uuid.UUID) -> None:
         """Give back every bucket of RELAY_ID and forget it."""
 
-    def pending_stats(self, buckets: frozenset[int]) -> PendingStats:
-        """What waits in BUCKETS: PENDING rows, those held behind a blocked key, the lag."""
+    def pending_stats(self, buckets: frozenset[int]) -> Backlog:
+        """What waits in BUCKETS, by tenant and topic: PENDING rows, those held behind a
+        blocked key, the lag."""
 
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
         """Delete up to LIMIT CONFIRMED rows created over OLDER_THAN_SECONDS ago."""

@@ -108,7 +108,9 @@ def get_row(conn: psycopg.Connection, schema: str, ref: int | uuid.UUID) -> dict
     row["held_behind"] = 0
     if row["key"] is not None and row["status"] in ("FAILED", "PENDING"):
         held, _ = _q("rows_held_behind", schema)
-        row["held_behind"] = one_row(conn.execute(held, {"key": row["key"], "id": row["id"]}))[0]
+        row["held_behind"] = one_row(
+            conn.execute(held, {"key": row["key"], "tenant": row["tenant"], "id": row["id"]})
+        )[0]
     return row
 
 
@@ -170,10 +172,16 @@ def skip(
 
 
 def purge_count(
-    conn: psycopg.Connection, schema: str, statuses: list[str], cutoff: dt.datetime
+    conn: psycopg.Connection,
+    schema: str,
+    statuses: list[str],
+    cutoff: dt.datetime,
+    tenant: str | None = None,
 ) -> int:
+    """How many rows purge() would delete; TENANT: only that tenant's ('' for none)."""
     query, _ = _q("purge_count", schema)
-    return one_row(conn.execute(query, {"statuses": statuses, "cutoff": cutoff}))[0]
+    params = {"statuses": statuses, "cutoff": cutoff, "tenant": tenant}
+    return one_row(conn.execute(query, params))[0]
 
 
 def purge(
@@ -184,9 +192,10 @@ def purge(
     actor: str,
     reason: str | None = None,
     progress: Progress | None = None,
+    tenant: str | None = None,
 ) -> int:
-    """Delete CONFIRMED (and SKIPPED, if in STATUSES) rows created before CUTOFF, each batch
-    with its audit entry."""
+    """Delete CONFIRMED (and SKIPPED, if in STATUSES) rows created before CUTOFF (of TENANT
+    only, if given), each batch with its audit entry."""
     if set(statuses) - {"CONFIRMED", "SKIPPED"}:
         raise ValueError("purge deletes CONFIRMED and SKIPPED rows only")
     turn, _ = _q("audit_turn", schema)
@@ -197,7 +206,11 @@ def purge(
         "limit": BATCH,
         "actor": actor,
         "reason": reason,
-        "selection": json.dumps({"statuses": statuses, "created_before": cutoff.isoformat()}),
+        "tenant": tenant,
+        "selection": json.dumps(
+            {"statuses": statuses, "created_before": cutoff.isoformat()}
+            | ({} if tenant is None else {"tenant": tenant})
+        ),
     }
     deleted = 0
     while True:  # bounded: each round deletes up to BATCH rows or ends the loop

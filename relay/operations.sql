@@ -6,12 +6,14 @@
 WITH blockers AS MATERIALIZED ({blocking_keys})
 SELECT m.*, b.first_id AS held_by
   FROM (SELECT id, message_id, topic, key, status, attempts, next_attempt_at, last_error,
-               created_at, delivered_at, kafka_partition, kafka_offset, bucket, dedup_key
+               created_at, delivered_at, kafka_partition, kafka_offset, bucket, dedup_key,
+               tenant
           FROM {table}
          WHERE ({where}) AND id > %(after_id)s
          ORDER BY id
          LIMIT %(limit)s) m
-  LEFT JOIN blockers b ON m.status = 'PENDING' AND b.key = m.key AND b.first_id < m.id
+  LEFT JOIN blockers b
+    ON m.status = 'PENDING' AND b.key = m.key AND b.tenant = m.tenant AND b.first_id < m.id
  ORDER BY m.id
 
 -- name: count_rows
@@ -20,14 +22,14 @@ SELECT status, count(*) FROM {table} WHERE {where} GROUP BY status ORDER BY stat
 -- name: get_row
 SELECT id, message_id, topic, key, payload, headers, status, attempts, next_attempt_at,
        last_error, created_at, delivered_at, kafka_partition, kafka_offset, bucket, dedup_key,
-       claim_token, claim_expires_at
+       tenant, claim_token, claim_expires_at
   FROM {table}
  WHERE id = %(id)s OR message_id = %(message_id)s
 
 -- name: rows_held_behind
--- Later rows of the same key that wait for this one (head-of-key blocking).
+-- Later rows of the same key and tenant that wait for this one (head-of-key blocking).
 SELECT count(*) FROM {table}
- WHERE key = %(key)s AND id > %(id)s AND status = 'PENDING'
+ WHERE key = %(key)s AND tenant = %(tenant)s AND id > %(id)s AND status = 'PENDING'
 
 -- name: replayable
 -- The rows a replay puts back to PENDING: FAILED, SKIPPED and CONFIRMED rows, PENDING rows
@@ -99,6 +101,7 @@ SELECT coalesce((SELECT ids FROM audit), ARRAY[]::bigint[])
 -- name: purge_count
 SELECT count(*) FROM {table}
  WHERE status = ANY(%(statuses)s::text[]) AND created_at < %(cutoff)s
+   AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s::text)
 
 -- name: purge_batch
 -- One batch of a purge, with its audit entry in the same transaction. Never PENDING or SENT:
@@ -107,6 +110,7 @@ WITH gone AS (
     DELETE FROM {table}
      WHERE id IN (SELECT id FROM {table}
                    WHERE status = ANY(%(statuses)s::text[]) AND created_at < %(cutoff)s
+                     AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s::text)
                      AND status NOT IN ('PENDING', 'SENT')
                    ORDER BY id
                    LIMIT %(limit)s
@@ -170,14 +174,18 @@ SELECT hash, id FROM {audit_table} WHERE hash = ANY(%(hashes)s::bytea[]) ORDER B
 -- name: blocked_keys
 -- Keys held back by a FAILED row (or a SENT one: the original design's claim, which only
 -- `outbox replay --expired-claims` frees), with how many later rows wait behind it. Their
--- held rows are not lag, so these keys are what shows a stall.
-SELECT f.key, f.first_failed, f.failed,
+-- held rows are not lag, so these keys are what shows a stall. A key is blocked within its
+-- tenant (blocking_keys).
+SELECT f.tenant, f.key, f.first_failed, f.failed,
        (SELECT count(*) FROM {table} p
-         WHERE p.key = f.key AND p.status = 'PENDING' AND p.id > f.first_failed) AS held
-  FROM (SELECT key, min(id) AS first_failed, count(*) AS failed
-          FROM {table} WHERE status IN ('FAILED', 'SENT') AND key IS NOT NULL GROUP BY key) f
+         WHERE p.key = f.key AND p.tenant = f.tenant AND p.status = 'PENDING'
+           AND p.id > f.first_failed) AS held
+  FROM (SELECT tenant, key, min(id) AS first_failed, count(*) AS failed
+          FROM {table} WHERE status IN ('FAILED', 'SENT') AND key IS NOT NULL
+         GROUP BY tenant, key) f
  ORDER BY f.first_failed
  LIMIT %(limit)s
 
 -- name: blocked_key_count
-SELECT count(DISTINCT key) FROM {table} WHERE status IN ('FAILED', 'SENT') AND key IS NOT NULL
+SELECT count(*) FROM (SELECT DISTINCT tenant, key FROM {table}
+                        WHERE status IN ('FAILED', 'SENT') AND key IS NOT NULL) AS blocked

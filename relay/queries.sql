@@ -52,43 +52,87 @@ DELETE FROM {relay_table} WHERE relay_id = %(relay_id)s
 -- bulk-loaded and not yet analysed) the planner takes them for a handful: it fetched every
 -- PENDING row and sorted them to return the first 2,000 (200 ms per batch with 200,000 rows,
 -- growing with the backlog it should drain, bench/run.py --no-analyze). With sorts priced out,
--- the read walks the PENDING index in id order and stops at its LIMIT whatever the statistics
--- say (tests/integration/test_store_plans.py). For this transaction only: the relay's other
--- statements (retention's ORDER BY id, say) keep every plan open to them.
-SET LOCAL enable_sort = off
+-- the read walks each group's part of the PENDING index in id order and stops at its LIMIT
+-- whatever the statistics say (tests/integration/test_store_plans.py); the sorts left are of
+-- the few rows picked. For this transaction only: the relay's other statements (retention's
+-- ORDER BY id, say) keep every plan open to them. Sorts priced out make every plan with a sort
+-- look costly enough for JIT compilation, which spent 0.8 s compiling a read that runs in
+-- milliseconds: JIT is off for this transaction too.
+SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)
 
 -- name: blocking_keys
 -- Head-of-key blocking: the keys of the buckets that hold their later rows back, each with its
--- first blocking row (FAILED, SENT, or PENDING and waiting for its retry). fetch_pending and
--- pending_stats name this block (outbox.sql.query puts it in): what the relay skips and what
--- the lag leaves out are one rule.
-SELECT key, min(id) AS first_id
+-- first blocking row (FAILED, SENT, or PENDING and waiting for its retry). A key's rows are
+-- one sequence per tenant: tenants that use the same key do not hold each other back.
+-- fetch_pending and pending_stats name this block (outbox.sql.query puts it in): what the
+-- relay skips and what the lag leaves out are one rule.
+SELECT tenant, key, min(id) AS first_id
   FROM {table}
  WHERE bucket = ANY(%(buckets)s::smallint[]) AND key IS NOT NULL
    AND (status IN ('FAILED', 'SENT')
         OR (status = 'PENDING' AND next_attempt_at IS NOT NULL AND next_attempt_at > now()))
- GROUP BY key
+ GROUP BY tenant, key
 
 -- name: fetch_pending
--- The next deliverable rows of the relay's buckets, in id order. A key whose oldest
--- unfinished row waits for a retry or is FAILED is held back entirely (blocking_keys).
--- `exclude`: the rows of the batch in flight while this one is read ahead (relay.relay). As
--- NOT IN (subquery) it is one hashed lookup per row, in a generic plan too; `<> ALL(array)`
--- compared each row with every id of the array (72 ms instead of 13 for 2,000 ids).
-WITH blockers AS ({blocking_keys})
-SELECT m.id, m.message_id::text, m.topic, m.key, m.payload, m.headers, m.attempts, m.created_at,
-       m.bucket
-  FROM {table} m
- WHERE m.status = 'PENDING' AND m.bucket = ANY(%(buckets)s::smallint[])
-   AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
-   AND NOT EXISTS (SELECT 1 FROM blockers b WHERE b.key = m.key AND b.first_id < m.id)
-   AND m.id NOT IN (SELECT unnest(%(exclude)s::bigint[]))
- ORDER BY m.id
- LIMIT %(limit)s
+-- The next deliverable rows of the relay's buckets, fair across (tenant, topic) groups: each
+-- group with rows waiting takes turns, its rows in id order, so a tenant (or a topic) with a
+-- backlog of a million rows delays another's new rows by one batch, not by the backlog.
+--   groups: the (tenant, topic) pairs with PENDING rows, found by skipping along the PENDING
+--     index (one descent per group, however many rows each holds);
+--   share: how far each group's rows are read: the batch, split over the groups, four times
+--     over (a group with fewer rows than its share leaves room that the others fill), and
+--     never more than the batch: at most four batches' worth of rows are read in all;
+--   picked: each group's first deliverable rows in id order, numbered (turn 1, 2, ...);
+--   the batch: the first LIMIT rows by turn, then in id order. A group's rows are a prefix of
+--     its deliverable rows, so a key's rows (one tenant's) go in id order within a topic.
+-- A key whose oldest unfinished row waits for a retry or is FAILED is held back entirely
+-- (blocking_keys). `exclude`: the rows of the batch in flight while this one is read ahead
+-- (relay.relay). As NOT IN (subquery) it is one hashed lookup per row, in a generic plan too;
+-- `<> ALL(array)` compared each row with every id of the array (72 ms instead of 13 for 2,000
+-- ids).
+WITH RECURSIVE blockers AS MATERIALIZED ({blocking_keys}),
+groups AS (
+    (SELECT tenant, topic FROM {table} WHERE status = 'PENDING'
+      ORDER BY tenant, topic LIMIT 1)
+    UNION ALL
+    SELECT later.tenant, later.topic
+      FROM groups g
+     CROSS JOIN LATERAL (SELECT tenant, topic FROM {table}
+                          WHERE status = 'PENDING' AND (tenant, topic) > (g.tenant, g.topic)
+                          ORDER BY tenant, topic LIMIT 1) AS later
+),
+share AS (
+    SELECT least(%(limit)s, ceil(4.0 * %(limit)s / count(*)))::integer AS rows FROM groups
+),
+picked AS (
+    SELECT r.*
+      FROM groups g
+     CROSS JOIN LATERAL (
+        SELECT row_number() OVER (ORDER BY m.id) AS turn, m.id, m.message_id::text, m.topic,
+               m.key, m.payload, m.headers, m.attempts, m.created_at, m.bucket, m.tenant
+          FROM {table} m
+         WHERE m.status = 'PENDING' AND m.tenant = g.tenant AND m.topic = g.topic
+           AND m.bucket = ANY(%(buckets)s::smallint[])
+           AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
+           AND NOT EXISTS (SELECT 1 FROM blockers b
+                            WHERE b.key = m.key AND b.tenant = m.tenant AND b.first_id < m.id)
+           AND m.id NOT IN (SELECT unnest(%(exclude)s::bigint[]))
+         ORDER BY m.id
+         LIMIT (SELECT rows FROM share)) AS r
+)
+SELECT id, message_id, topic, key, payload, headers, attempts, created_at, bucket, tenant
+  FROM (SELECT * FROM picked ORDER BY turn, id LIMIT %(limit)s) AS batch
+ ORDER BY id
 
 -- name: mark_confirmed
 -- last_error says why a row is not delivered yet: a delivered row has none (attempts still
 -- counts what it took).
+-- `status COLLATE "C" = 'PENDING'` is `status = 'PENDING'` (equality of text is the same in
+-- every deterministic collation), spelt so that it does not match the PENDING index's
+-- predicate: with statistics taken before a backlog built up, the planner took that index
+-- for empty and scanned all of it, with `id = ANY(ids)` as a filter, at every write (the
+-- index leads with tenant and topic, so ids cannot be its condition). The same in
+-- confirm_from_kafka and record_failures; tests/integration/test_store_plans.py holds it.
 -- Only rows of buckets this relay still owns: a relay that lost its lease cannot overwrite
 -- the new owner's work (the owned buckets are read once, as an InitPlan).
 -- The rows are found by `id = ANY(ids)` (an index condition on the primary key and on the
@@ -101,7 +145,7 @@ UPDATE {table} m
    SET status = 'CONFIRMED', delivered_at = now(), next_attempt_at = NULL, last_error = NULL,
        kafka_partition = (%(places)s::jsonb -> m.id::text ->> 0)::integer,
        kafka_offset = (%(places)s::jsonb -> m.id::text ->> 1)::bigint
- WHERE m.id = ANY(%(ids)s::bigint[]) AND m.status = 'PENDING'
+ WHERE m.id = ANY(%(ids)s::bigint[]) AND m.status COLLATE "C" = 'PENDING'
    AND m.bucket = ANY(ARRAY(SELECT b.bucket FROM {bucket_table} b
                              WHERE b.owner = %(relay_id)s))
 
@@ -112,7 +156,7 @@ UPDATE {table} m
 -- The same ownership rule and lookup by id as mark_confirmed; no partition or offset is known.
 UPDATE {table} m
    SET status = 'CONFIRMED', delivered_at = now(), next_attempt_at = NULL, last_error = NULL
- WHERE m.id = ANY(%(ids)s::bigint[]) AND m.status = 'PENDING'
+ WHERE m.id = ANY(%(ids)s::bigint[]) AND m.status COLLATE "C" = 'PENDING'
    AND encode(substring(uuid_send(m.message_id) FROM 9), 'hex') = %(tags)s::jsonb ->> m.id::text
    AND m.bucket = ANY(ARRAY(SELECT b.bucket FROM {bucket_table} b
                              WHERE b.owner = %(relay_id)s))
@@ -130,12 +174,12 @@ UPDATE {table} m
                               ELSE now() + make_interval(
                                   secs => (%(outcomes)s::jsonb -> m.id::text ->> 3)::float8)
                          END
- WHERE m.id = ANY(%(ids)s::bigint[]) AND m.status = 'PENDING'
+ WHERE m.id = ANY(%(ids)s::bigint[]) AND m.status COLLATE "C" = 'PENDING'
    AND m.bucket = ANY(ARRAY(SELECT b.bucket FROM {bucket_table} b
                              WHERE b.owner = %(relay_id)s))
 
 -- name: pending_stats
--- For the gauges and `outbox status` (over all buckets), per topic: rows waiting in the
+-- For the gauges and `outbox status` (over all buckets), per tenant and topic: rows waiting in the
 -- buckets, how many of them are held behind a blocked key, and the age of the oldest one that
 -- may be sent now: the lag. Rows in backoff and the rows they or a FAILED row hold back wait
 -- on purpose, and are not lag: a poisoned key shows as a blocked key, not as a lagging relay.
@@ -143,14 +187,14 @@ UPDATE {table} m
 -- once: MATERIALIZED). As a correlated EXISTS the blocking query ran once per PENDING row:
 -- 7 s a renewal with 30,000 rows waiting, longer than a lease allows.
 WITH blockers AS MATERIALIZED ({blocking_keys})
-SELECT m.topic, count(*), count(*) FILTER (WHERE b.first_id < m.id),
+SELECT m.tenant, m.topic, count(*), count(*) FILTER (WHERE b.first_id < m.id),
        extract(epoch FROM now() - min(m.created_at) FILTER (
            WHERE (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
              AND (b.first_id IS NULL OR b.first_id >= m.id)))::double precision
   FROM {table} m
-  LEFT JOIN blockers b ON b.key = m.key
+  LEFT JOIN blockers b ON b.key = m.key AND b.tenant = m.tenant
  WHERE m.status = 'PENDING' AND m.bucket = ANY(%(buckets)s::smallint[])
- GROUP BY m.topic
+ GROUP BY m.tenant, m.topic
 
 -- name: delete_confirmed
 -- Retention, one small batch at a time: short locks, and rows another relay is deleting are

@@ -207,9 +207,9 @@ class Relay:
                 n,
                 len(recovered),
             )
-        stats = self.store.pending_stats(buckets)
-        self._pending = stats.pending
-        self.metrics.observe_renewal(len(buckets), stats)
+        backlog = self.store.pending_stats(buckets)
+        self._pending = backlog.total().pending
+        self.metrics.observe_renewal(len(buckets), backlog)
         now = self.clock.monotonic()
         if now >= self._lease_valid_until:
             self._lease_valid_until = float("-inf")  # lapsed: trust nothing got ready

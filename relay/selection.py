@@ -10,6 +10,9 @@ from typing import Any
 
 from psycopg import sql
 
+from outbox.errors import InvalidMessage
+from outbox.message import validate_tenant
+
 from .model import STATUSES
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|w)")
@@ -64,6 +67,18 @@ def key_text(key: bytes | None) -> str:
     return "0x" + key.hex()
 
 
+def parse_tenant(text: str | None) -> str | None:
+    """--tenant NAME as a selection: '' (or '-') means the rows without a tenant."""
+    if text is None:
+        return None
+    if text in ("", "-"):
+        return ""
+    try:
+        return validate_tenant(text)
+    except InvalidMessage as exc:
+        raise SelectionError(str(exc)) from None
+
+
 def parse_ref(text: str) -> int | uuid.UUID:
     """A row id or a message_id."""
     text = text.strip()
@@ -82,6 +97,8 @@ class Selection:
     statuses: list[str] = field(default_factory=list)
     topic: str | None = None
     key: bytes | None = None
+    #: '' selects the rows without a tenant.
+    tenant: str | None = None
     since: dt.datetime | None = None
     until: dt.datetime | None = None
     error: str | None = None
@@ -101,8 +118,14 @@ class Selection:
         until=None,
         error=None,
         expired_claims=False,
+        tenant=None,
     ) -> Selection:
-        sel = cls(topic=topic or None, error=error or None, expired_claims=expired_claims)
+        sel = cls(
+            topic=topic or None,
+            error=error or None,
+            expired_claims=expired_claims,
+            tenant=parse_tenant(tenant),
+        )
         for ref in refs:
             value = parse_ref(ref)
             if isinstance(value, int):
@@ -133,6 +156,7 @@ class Selection:
             or self.statuses
             or self.topic
             or self.key
+            or self.tenant is not None
             or self.since
             or self.until
             or self.error
@@ -158,6 +182,7 @@ class Selection:
         for name, clause in (
             ("topic", "topic = %(sel_topic)s"),
             ("key", "key = %(sel_key)s"),
+            ("tenant", "tenant = %(sel_tenant)s"),
             ("since", "created_at >= %(sel_since)s"),
             ("until", "created_at < %(sel_until)s"),
         ):

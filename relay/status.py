@@ -10,7 +10,7 @@ from outbox.schema import require_schema
 from outbox.sql import one_row, query
 
 from . import operations
-from .model import BUCKETS, STATUSES, PendingStats
+from .model import BUCKETS, STATUSES, Backlog, PendingStats
 from .selection import key_text
 from .store import int_array
 
@@ -25,20 +25,29 @@ def read_status(conn: psycopg.Connection, schema: str, rate_window: float = 60.0
     with conn.transaction():
         counts = {s: 0 for s in STATUSES}
         by_topic: dict[str, dict[str, int]] = {}
+        by_tenant: dict[str, dict[str, int]] = {}
         delivered: dict[str, int] = {}
-        for topic, st, n, recent in conn.execute(q("counts_by_topic"), {"window": rate_window}):
+        tenant_delivered: dict[str, int] = {}
+        for tenant, topic, st, n, recent in conn.execute(
+            q("counts_by_topic"), {"window": rate_window}
+        ):
             counts[st] = counts.get(st, 0) + n
-            by_topic.setdefault(topic, {})[st] = n
+            for name, table in ((topic, by_topic), (tenant, by_tenant)):
+                table.setdefault(name, {})
+                table[name][st] = table[name].get(st, 0) + n
             delivered[topic] = delivered.get(topic, 0) + recent
+            tenant_delivered[tenant] = tenant_delivered.get(tenant, 0) + recent
         # The relay's gauges' own query over every bucket: they and this report agree.
-        waiting = {
-            topic: PendingStats(*rest)
-            for topic, *rest in conn.execute(
+        backlog = Backlog(
+            ((tenant, topic), PendingStats(*rest))
+            for tenant, topic, *rest in conn.execute(
                 query("relay", "queries.sql", "pending_stats", schema),
                 {"buckets": int_array(range(BUCKETS))},
             )
-        }
-        total = PendingStats.total(waiting.values())
+        )
+        waiting = backlog.by_topic()
+        waiting_tenants = backlog.by_tenant()
+        total = backlog.total()
         relays = [
             {"relay_id": str(rid), "name": name, "heartbeat_at": hb, "buckets": buckets}
             for rid, name, hb, buckets in conn.execute(q("relays"))
@@ -64,10 +73,24 @@ def read_status(conn: psycopg.Connection, schema: str, rate_window: float = 60.0
             }
             for topic, counts in by_topic.items()
         },
+        # Only when some row has a tenant: '' stands for the rows without one.
+        "tenants": {
+            tenant: {
+                "counts": counts,
+                "pending": waiting_tenants.get(tenant, PendingStats(0, 0, None)).pending,
+                "lag_seconds": waiting_tenants.get(tenant, PendingStats(0, 0, None)).lag_seconds,
+                "held": waiting_tenants.get(tenant, PendingStats(0, 0, None)).held,
+                "delivered_per_second": tenant_delivered.get(tenant, 0) / rate_window,
+            }
+            for tenant, counts in by_tenant.items()
+        }
+        if set(by_tenant) - {""}
+        else {},
         "in_backoff": in_backoff,
         "blocked_key_count": blocked_count,
         "blocked_keys": [
             {
+                "tenant": b["tenant"],
                 "key": key_text(b["key"]),
                 "first_failed": b["first_failed"],
                 "failed": b["failed"],

@@ -1,12 +1,13 @@
 -- Named SQL blocks of `outbox status`.
 
 -- name: counts_by_topic
--- With the rows delivered in the last `window` seconds: the delivery rate, from the same scan.
-SELECT topic, status, count(*),
+-- By tenant, topic and status, with the rows delivered in the last `window` seconds: the
+-- delivery rate, from the same scan.
+SELECT tenant, topic, status, count(*),
        count(*) FILTER (WHERE delivered_at > now() - make_interval(secs => %(window)s))
   FROM {table}
- GROUP BY topic, status
- ORDER BY topic, status
+ GROUP BY tenant, topic, status
+ ORDER BY tenant, topic, status
 
 -- name: relays
 SELECT r.relay_id, r.name, r.heartbeat_at,

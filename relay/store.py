@@ -13,7 +13,7 @@ from outbox.message import headers_from_json
 from outbox.schema import require_schema
 from outbox.sql import one_row, query
 
-from .model import BUCKETS, Delivered, FailureUpdate, PendingMessage, PendingStats
+from .model import BUCKETS, Backlog, Delivered, FailureUpdate, PendingMessage, PendingStats
 from .shards import plan_lease, validate_shards
 
 
@@ -193,6 +193,7 @@ class PostgresStore:
                 row[6],
                 row[7],
                 row[8],
+                row[9],
             )
             for row in rows
         ]
@@ -219,11 +220,11 @@ class PostgresStore:
 
     # -- gauges and retention
 
-    def pending_stats(self, buckets: frozenset[int]) -> PendingStats:
+    def pending_stats(self, buckets: frozenset[int]) -> Backlog:
         if not buckets:
-            return PendingStats(0, 0, None)
-        by_topic = self._execute("pending_stats", {"buckets": self._bucket_array(buckets)})
-        return PendingStats.total(PendingStats(*row[1:]) for row in by_topic)
+            return Backlog()
+        groups = self._execute("pending_stats", {"buckets": self._bucket_array(buckets)})
+        return Backlog(((row[0], row[1]), PendingStats(*row[2:])) for row in groups)
 
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
         cur = self._execute(

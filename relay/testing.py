@@ -19,12 +19,14 @@ from outbox.message import uuid7
 
 from .model import (
     BUCKETS,
+    Backlog,
     Delivered,
     Failed,
     FailureUpdate,
     Outcome,
     PendingMessage,
     PendingStats,
+    group_share,
     send_in_key_order,
 )
 from .shards import buckets_of, message_tag, plan_lease
@@ -41,8 +43,8 @@ def _backing_off(row: Row, now: float) -> bool:
     return row.status == "PENDING" and row.next_attempt_at is not None and row.next_attempt_at > now
 
 
-def _held(row: Row, blockers: dict[bytes, int]) -> bool:
-    return row.key is not None and blockers.get(row.key, row.id) < row.id
+def _held(row: Row, blockers: dict[tuple[str, bytes], int]) -> bool:
+    return row.key is not None and blockers.get((row.tenant, row.key), row.id) < row.id
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Row:
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
     kafka_partition: int | None = None
     kafka_offset: int | None = None
+    tenant: str = ""
 
     @property
     def bucket(self) -> int:
@@ -76,9 +79,11 @@ class InMemoryStore:
         self.relays: dict[uuid.UUID, float] = {}  # relay_id -> lease_until
         self.owners: dict[int, tuple[uuid.UUID, float]] = {}  # bucket -> (owner, lease_until)
 
-    def insert(self, topic: str, key: bytes | None, payload: bytes, headers=()) -> Row:
+    def insert(
+        self, topic: str, key: bytes | None, payload: bytes, headers=(), tenant: str = ""
+    ) -> Row:
         with self._lock:
-            row = Row(next(self._ids), topic, key, payload, list(headers))
+            row = Row(next(self._ids), topic, key, payload, list(headers), tenant=tenant)
             self.rows[row.id] = row
             return row
 
@@ -114,43 +119,55 @@ class InMemoryStore:
     def fetch_pending(
         self, buckets: frozenset[int], limit: int, exclude: Sequence[int] = ()
     ) -> list[PendingMessage]:
+        """queries.sql's fetch_pending: (tenant, topic) groups take turns, each group's
+        deliverable rows in id order, at most group_share() of each looked at."""
         excluded = set(exclude)
         with self._lock:
             now = self._now()
             blockers = self._blocking_keys(buckets, now)
-            out: list[PendingMessage] = []
+            groups: dict[tuple[str, str], list[Row]] = {}
             for row in sorted(self.rows.values(), key=lambda r: r.id):
-                if len(out) >= limit:
-                    break
-                if row.status != "PENDING" or row.bucket not in buckets or row.id in excluded:
-                    continue
-                if row.next_attempt_at is not None and row.next_attempt_at > now:
-                    continue
-                if _held(row, blockers):
-                    continue
-                out.append(
-                    PendingMessage(
-                        row.id,
-                        row.message_id,
-                        row.topic,
-                        row.key,
-                        row.payload,
-                        list(row.headers),
-                        row.attempts,
-                        row.created_at,
-                        row.bucket,
-                    )
+                if row.status == "PENDING":
+                    groups.setdefault((row.tenant, row.topic), [])
+                    if (
+                        row.bucket in buckets
+                        and row.id not in excluded
+                        and not _backing_off(row, now)
+                        and not _held(row, blockers)
+                    ):
+                        groups[(row.tenant, row.topic)].append(row)
+            share = group_share(limit, len(groups))
+            turns = [
+                (turn, row.id, row)
+                for rows in groups.values()
+                for turn, row in enumerate(rows[:share])
+            ]
+            picked = sorted(turns, key=lambda t: t[:2])[:limit]
+            return [
+                PendingMessage(
+                    row.id,
+                    row.message_id,
+                    row.topic,
+                    row.key,
+                    row.payload,
+                    list(row.headers),
+                    row.attempts,
+                    row.created_at,
+                    row.bucket,
+                    row.tenant,
                 )
-            return out
+                for _, _, row in sorted(picked, key=lambda t: t[1])
+            ]
 
-    def _blocking_keys(self, buckets: frozenset[int], now: float) -> dict[bytes, int]:
-        """queries.sql's blocking_keys: each key's first FAILED, SENT or backing-off row."""
-        blockers: dict[bytes, int] = {}
+    def _blocking_keys(self, buckets: frozenset[int], now: float) -> dict[tuple[str, bytes], int]:
+        """queries.sql's blocking_keys: each (tenant, key)'s first FAILED, SENT or backing-off
+        row."""
+        blockers: dict[tuple[str, bytes], int] = {}
         for row in sorted(self.rows.values(), key=lambda r: r.id):
             if row.bucket not in buckets or row.key is None:
                 continue
             if row.status in ("FAILED", "SENT") or _backing_off(row, now):
-                blockers.setdefault(row.key, row.id)
+                blockers.setdefault((row.tenant, row.key), row.id)
         return blockers
 
     def _owned_by(self, row: Row, relay_id: uuid.UUID) -> bool:
@@ -204,19 +221,23 @@ class InMemoryStore:
                 n += 1
             return n
 
-    def pending_stats(self, buckets: frozenset[int]) -> PendingStats:
+    def pending_stats(self, buckets: frozenset[int]) -> Backlog:
         with self._lock:
             now_wall = dt.datetime.now(dt.timezone.utc)
             now = self._now()
             blockers = self._blocking_keys(buckets, now)
-            pending = [
-                r for r in self.rows.values() if r.status == "PENDING" and r.bucket in buckets
-            ]
-            held = [r for r in pending if _held(r, blockers)]
-            due = [r for r in pending if not _backing_off(r, now) and not _held(r, blockers)]
-            oldest = min((r.created_at for r in due), default=None)
-            lag = (now_wall - oldest).total_seconds() if oldest else None
-            return PendingStats(len(pending), len(held), lag)
+            groups: dict[tuple[str, str], list[Row]] = {}
+            for r in self.rows.values():
+                if r.status == "PENDING" and r.bucket in buckets:
+                    groups.setdefault((r.tenant, r.topic), []).append(r)
+            backlog = Backlog()
+            for group, pending in sorted(groups.items()):
+                held = [r for r in pending if _held(r, blockers)]
+                due = [r for r in pending if not _backing_off(r, now) and not _held(r, blockers)]
+                oldest = min((r.created_at for r in due), default=None)
+                lag = (now_wall - oldest).total_seconds() if oldest else None
+                backlog[group] = PendingStats(len(pending), len(held), lag)
+            return backlog
 
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
         with self._lock:

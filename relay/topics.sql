@@ -3,8 +3,9 @@
 -- name: undelivered_topics
 -- The topics of every row the relay may still deliver, with how many rows name each: PENDING
 -- (sent when its turn comes), FAILED (sent again by `outbox replay`) and SENT (freed by
--- `outbox replay --expired-claims`). Two branches, one per partial index (local_message_pending_idx,
--- local_message_blocking_idx), so that neither walks the delivered rows, however many there are.
+-- `outbox replay --expired-claims`). Two branches, one per partial index
+-- (local_message_pending_group_idx, local_message_blocking_idx), so that neither walks the
+-- delivered rows, however many there are.
 SELECT topic, sum(n)::bigint AS rows
   FROM (SELECT topic, count(*) AS n FROM {table} WHERE status = 'PENDING' GROUP BY topic
         UNION ALL

@@ -9,7 +9,7 @@ import click
 
 from outbox.schema import require_schema
 
-from ..selection import Selection, key_text, parse_duration
+from ..selection import Selection, key_text, parse_duration, parse_tenant
 from . import render
 from .failures import Failure, confirm, connect, expected_failures
 from .options import default_actor, dsn_option, schema_option, selection_options
@@ -26,6 +26,7 @@ def _change_command(action: str):
         topic,
         key,
         key_hex,
+        tenant,
         since,
         until,
         error,
@@ -38,7 +39,7 @@ def _change_command(action: str):
         from .. import operations
 
         selection = Selection.from_cli(
-            refs, statuses, topic, key, key_hex, since, until, error, expired_claims
+            refs, statuses, topic, key, key_hex, since, until, error, expired_claims, tenant
         )
         operations.check_change(action, selection)
         with connect(dsn) as conn:
@@ -153,12 +154,18 @@ def skip(**kwargs) -> None:
     help="Delete rows created more than AGE ago (30m, 12h, 7d ...).",
 )
 @click.option("--include-skipped", is_flag=True, help="Delete SKIPPED rows too.")
+@click.option(
+    "--tenant",
+    default=None,
+    metavar="NAME",
+    help="Only this tenant's rows ('' or - for the rows without a tenant).",
+)
 @click.option("--dry-run", is_flag=True, help="Count only.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--actor", default=None, help="Who does it, for the audit trail [user@host].")
 @click.option("--reason", default=None, help="Why, for the audit trail.")
 @expected_failures
-def purge(dsn, schema, older_than, include_skipped, dry_run, yes, actor, reason) -> None:
+def purge(dsn, schema, older_than, include_skipped, tenant, dry_run, yes, actor, reason) -> None:
     """Delete old CONFIRMED (and, if asked, SKIPPED) rows in small batches.
 
     Never PENDING, SENT or FAILED rows. Each batch of 1,000 is its own short transaction,
@@ -168,16 +175,19 @@ def purge(dsn, schema, older_than, include_skipped, dry_run, yes, actor, reason)
     Examples:
       outbox purge --older-than 7d --dry-run
       outbox purge --older-than 30d --include-skipped --yes --reason "retention: 30 days"
+      outbox purge --older-than 90d --tenant acme --yes
     """
     from .. import operations
 
     cutoff = dt.datetime.now(dt.timezone.utc) - parse_duration(older_than)
     statuses = operations.purge_statuses(include_skipped)
+    tenant = parse_tenant(tenant)
     with connect(dsn) as conn:
         require_schema(conn, schema)
-        total = operations.purge_count(conn, schema, statuses, cutoff)
+        total = operations.purge_count(conn, schema, statuses, cutoff, tenant)
+        whose = "" if tenant is None else f" of tenant {tenant!r}"
         click.echo(
-            f"purge: {total} {' and '.join(statuses)} rows created before "
+            f"purge: {total} {' and '.join(statuses)} rows{whose} created before "
             f"{cutoff.isoformat(timespec='seconds')}"
         )
         if dry_run or total == 0:
@@ -192,5 +202,6 @@ def purge(dsn, schema, older_than, include_skipped, dry_run, yes, actor, reason)
                 actor or default_actor(),
                 reason,
                 progress=bar.update,
+                tenant=tenant,
             )
     click.echo(f"purge: {deleted} rows deleted")

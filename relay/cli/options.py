@@ -85,6 +85,12 @@ def selection_options(func):
         click.option("--key", default=None, help="Only this key (text)."),
         click.option("--key-hex", default=None, help="Only this key (hex, for binary keys)."),
         click.option(
+            "--tenant",
+            default=None,
+            metavar="NAME",
+            help="Only this tenant's rows ('' or - for the rows without a tenant).",
+        ),
+        click.option(
             "--since",
             default=None,
             metavar="TIME",

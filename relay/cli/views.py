@@ -113,11 +113,19 @@ def _print_status(report: dict[str, Any]) -> None:
             + f"; lag {render.seconds(t['lag_seconds'])}, {t['delivered_per_second']:.1f}/s"
             + (f", {t['held']} held" if t["held"] else "")
         )
+    for tenant, t in report["tenants"].items():
+        click.echo(
+            f"  tenant {tenant or '(none)'}: "
+            + ", ".join(f"{k} {v}" for k, v in t["counts"].items())
+            + f"; lag {render.seconds(t['lag_seconds'])}, {t['delivered_per_second']:.1f}/s"
+            + (f", {t['held']} held" if t["held"] else "")
+        )
     blocked = report["blocked_keys"]
     click.echo(f"keys blocked by a FAILED (or SENT) row: {report['blocked_key_count']}")
     for b in blocked:
+        whose = f" (tenant {b['tenant']})" if b["tenant"] else ""
         click.echo(
-            f"  key {b['key']}: FAILED row {b['first_failed']}, {b['held']} rows held "
+            f"  key {b['key']}{whose}: FAILED row {b['first_failed']}, {b['held']} rows held "
             f"behind it  (outbox show {b['first_failed']})"
         )
     click.echo(f"relays alive: {len(report['relays'])}")
@@ -145,6 +153,7 @@ def list_command(
     topic,
     key,
     key_hex,
+    tenant,
     since,
     until,
     error,
@@ -166,7 +175,7 @@ def list_command(
     from ..operations import list_rows
 
     selection = Selection.from_cli(
-        refs, statuses, topic, key, key_hex, since, until, error, expired_claims
+        refs, statuses, topic, key, key_hex, since, until, error, expired_claims, tenant
     )
     with connect(dsn) as conn:
         require_schema(conn, schema)
@@ -225,6 +234,7 @@ def show(dsn, schema, ref, as_json) -> None:
         ("status", row["status"]),
         ("topic", row["topic"]),
         ("key", key_text(row["key"])),
+        ("tenant", row["tenant"] or "-"),
         ("bucket", row["bucket"]),
         ("attempts", row["attempts"]),
         ("next attempt", row["next_attempt_at"] or "-"),

@@ -120,7 +120,7 @@ def test_a_failed_or_waiting_row_holds_back_its_key_and_no_other(under_test):
         == 2
     )
     assert ids(store.fetch_pending(ALL, 10)) == [c1, c2]
-    stats = store.pending_stats(ALL)
+    stats = store.pending_stats(ALL).total()
     # a2 and b2 are held back but still PENDING; the FAILED a1 is not pending any more.
     assert (stats.pending, stats.held) == (5, 2)
     assert stats.lag_seconds is not None and stats.lag_seconds >= 0
@@ -137,13 +137,13 @@ def test_rows_held_behind_a_blocked_key_are_not_lag(under_test):
     store.heartbeat(relay, "a", 60)
     first, *_held = (insert(b"poisoned") for _ in range(3))
     store.record_failures(relay, [FailureUpdate(first, 1, "rejected", True, 0.0)])
-    assert store.pending_stats(ALL) == PendingStats(2, 2, None)
+    assert store.pending_stats(ALL).total() == PendingStats(2, 2, None)
     waits = insert(b"retrying")
     store.record_failures(relay, [FailureUpdate(waits, 1, "try again", False, 300.0)])
     insert(b"retrying")
-    assert store.pending_stats(ALL) == PendingStats(4, 3, None)
+    assert store.pending_stats(ALL).total() == PendingStats(4, 3, None)
     insert(b"fresh")
-    stats = store.pending_stats(ALL)
+    stats = store.pending_stats(ALL).total()
     assert (stats.pending, stats.held) == (5, 3) and stats.lag_seconds is not None
 
 
@@ -157,7 +157,7 @@ def test_only_the_owner_writes_outcomes_and_only_once(under_test):
     assert store.record_failures(other, [FailureUpdate(rows[0], 1, "x", True, 0.0)]) == 0
     assert store.mark_confirmed(owner, done) == 3
     assert store.mark_confirmed(owner, done) == 0  # no longer PENDING
-    assert store.fetch_pending(ALL, 10) == [] and store.pending_stats(ALL)[0] == 0
+    assert store.fetch_pending(ALL, 10) == [] and store.pending_stats(ALL).total()[0] == 0
 
 
 def test_a_delivered_row_keeps_no_error(under_test):
