@@ -501,3 +501,93 @@ def test_metrics_port_in_use_is_one_line_and_exit_2(dsn, bootstrap):
         "(Address already in use)"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_operators_see_and_select_each_tenants_rows(dsn):
+    """status and the relay's gauges show each tenant's backlog; list, replay, skip and purge
+    take --tenant ('' or - for the rows without one); a bad tenant name is a usage error."""
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        for tenant in ("acme", "globex", None):
+            for n in range(3):
+                outbox.publish(conn, topic="t", key=f"k{n}", payload={"n": n}, tenant=tenant)
+    with psycopg.connect(dsn) as c:
+        c.execute("UPDATE local_message SET status = 'FAILED' WHERE key = 'k0'")
+        c.execute(
+            "UPDATE local_message SET status = 'CONFIRMED', created_at = now() - interval '2d' "
+            "WHERE key = 'k2'"
+        )
+    env = {"OUTBOX_DSN": dsn}
+
+    report = json.loads(run("status", "--json", env=env).stdout)
+    assert set(report["tenants"]) == {"acme", "globex", ""}
+    acme = report["tenants"]["acme"]
+    assert acme["counts"] == {"CONFIRMED": 1, "FAILED": 1, "PENDING": 1}
+    assert acme["pending"] == 1 and acme["held"] == 0 and acme["lag_seconds"] is not None
+    assert {(b["tenant"], b["key"]) for b in report["blocked_keys"]} == {
+        ("acme", "k0"),
+        ("globex", "k0"),
+        ("", "k0"),
+    }
+    text = run("status", env=env).stdout
+    assert "tenant acme: CONFIRMED 1, FAILED 1, PENDING 1" in text
+    assert "tenant (none):" in text and "key k0 (tenant acme): FAILED row" in text
+
+    listed = json.loads(run("list", "--tenant", "acme", "--json", env=env).stdout)
+    assert [r["tenant"] for r in listed] == ["acme"] * 3
+    none = json.loads(run("list", "--tenant", "-", "--json", env=env).stdout)
+    assert [r["tenant"] for r in none] == [""] * 3
+    assert run("list", "--tenant", "initech", env=env).returncode == 1
+    bad = run("list", "--tenant", "no spaces", env=env)
+    assert bad.returncode == 2 and "invalid tenant" in bad.stderr
+
+    replayed = run("replay", "--tenant", "globex", "--status", "FAILED", "--yes", env=env)
+    assert replayed.returncode == 0, replayed.stderr
+    skipped = run("skip", "--tenant", "", "--status", "FAILED", "--yes", env=env)
+    assert skipped.returncode == 0, skipped.stderr
+    purged = run("purge", "--older-than", "1d", "--tenant", "acme", "--yes", env=env)
+    assert purged.returncode == 0 and "purge: 1 rows deleted" in purged.stdout
+    with psycopg.connect(dsn) as c:
+        rows = c.execute(
+            "SELECT tenant, key, status FROM local_message WHERE key IN ('k0', 'k2') "
+            "ORDER BY tenant, key"
+        ).fetchall()
+        audit = c.execute(
+            "SELECT action, selection FROM local_message_audit ORDER BY id"
+        ).fetchall()
+    assert rows == [
+        ("", "k0".encode(), "SKIPPED"),
+        ("", "k2".encode(), "CONFIRMED"),
+        ("acme", "k0".encode(), "FAILED"),
+        ("globex", "k0".encode(), "PENDING"),
+        ("globex", "k2".encode(), "CONFIRMED"),
+    ]
+    assert [(a, s.get("tenant")) for a, s in audit] == [
+        ("replay", "globex"),
+        ("skip", ""),
+        ("purge", "acme"),
+    ]
+
+
+def test_the_relays_gauges_show_each_tenants_backlog(dsn):
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        outbox.publish_many(
+            conn, [dict(topic="t", key=f"k{n}", payload={}, tenant="acme") for n in range(4)]
+        )
+        outbox.publish(conn, topic="t", payload={})
+    store, reader = PostgresStore(dsn), PostgresStore(dsn)
+    relay = Relay(store, RecordingSink(), reader=reader, name="gauges")
+    try:
+        relay.heartbeat_if_due()
+        samples = {
+            (s.name, s.labels.get("tenant")): s.value
+            for metric in relay.metrics.registry.collect()
+            for s in metric.samples
+        }
+    finally:
+        store.close()
+        reader.close()
+    assert samples[("outbox_tenant_pending_messages", "acme")] == 4
+    assert samples[("outbox_tenant_held_messages", "acme")] == 0
+    assert samples[("outbox_tenant_lag_seconds", "acme")] > 0
+    assert ("outbox_tenant_pending_messages", "") not in samples  # rows without a tenant
+    assert samples[("outbox_pending_messages", None)] == 5

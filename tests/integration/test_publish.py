@@ -84,6 +84,10 @@ def test_failed_transaction_is_refused_with_a_clear_error(conn):
         (dict(topic="t", payload={"x": {1, 2}}), InvalidMessage),
         (dict(topic="t", payload=b"x" * 2_000_000), MessageTooLarge),
         (dict(topic="t", payload={}, headers={"h": 1}), TypeError),
+        (dict(topic="t", payload={}, tenant="a b"), InvalidMessage),
+        (dict(topic="t", payload={}, tenant=""), InvalidMessage),
+        (dict(topic="t", payload={}, tenant="x" * 65), InvalidMessage),
+        (dict(topic="t", payload={}, tenant=7), TypeError),
     ],
 )
 def test_bad_input_raises_before_anything_is_written_and_the_caller_can_go_on(
@@ -100,6 +104,23 @@ def test_bad_input_raises_before_anything_is_written_and_the_caller_can_go_on(
 def test_database_refuses_bad_topics_from_any_client(conn):
     with pytest.raises(psycopg.errors.CheckViolation):
         conn.execute("INSERT INTO local_message (topic, payload) VALUES ('a b', 'x')")
+
+
+def test_database_refuses_bad_tenants_from_any_client(conn):
+    with pytest.raises(psycopg.errors.CheckViolation, match="local_message_tenant_check"):
+        conn.execute("INSERT INTO local_message (topic, payload, tenant) VALUES ('t', 'x', 'a b')")
+
+
+def test_the_tenant_is_stored_and_none_is_no_tenant(conn, dsn):
+    with conn.transaction():
+        outbox.publish(conn, topic="t", payload={}, tenant="acme-eu.1")
+        outbox.publish(conn, topic="t", payload={})
+        outbox.publish_many(
+            conn, [dict(topic="t", payload={}, tenant="globex"), {"topic": "t", "payload": {}}]
+        )
+    with psycopg.connect(dsn) as c:
+        stored = c.execute("SELECT tenant FROM local_message ORDER BY id").fetchall()
+    assert [t for (t,) in stored] == ["acme-eu.1", "", "globex", ""]
 
 
 def test_publish_many_is_one_statement_and_keeps_order(conn, dsn):

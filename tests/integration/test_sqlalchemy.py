@@ -9,7 +9,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 import outbox
 import outbox.sqlalchemy as osa
-from outbox import InvalidTopic, NotInTransaction
+from outbox import InvalidMessage, InvalidTopic, NotInTransaction
 
 
 class Base(DeclarativeBase):
@@ -187,3 +187,14 @@ def test_schema_ddl_in_a_users_own_migration(empty_dsn):
             assert version.scalar() == outbox.SCHEMA_VERSION
     finally:
         eng.dispose()
+
+
+def test_recorded_events_carry_their_tenant(engine, dsn):
+    with HookedSession(engine) as s, s.begin():
+        order = Order(id=1, state="placed")
+        order.record_event("orders", {"type": "OrderPlaced"}, key="order-1", tenant="acme")
+        s.add(order)
+    with pytest.raises(InvalidMessage, match="invalid tenant"):
+        Order(id=2, state="x").record_event("orders", {}, tenant="no spaces")
+    with psycopg.connect(dsn) as c:
+        assert c.execute("SELECT tenant FROM local_message").fetchall() == [("acme",)]

@@ -23,8 +23,8 @@ ALL = frozenset(range(BUCKETS))
 @dataclass
 class StoreUnderTest:
     store: Store
-    #: Commit one event; returns its row id.
-    insert: Callable[[bytes | None], int]
+    #: Commit one event (key, and optionally topic= and tenant=); returns its row id.
+    insert: Callable[..., int]
     #: A row's (status, last_error).
     row: Callable[[int], tuple[str, str | None]]
 
@@ -34,9 +34,9 @@ def _postgres(dsn: str, shards: int = BUCKETS) -> Iterator[StoreUnderTest]:
 
     store = PostgresStore(dsn, shards=shards)
 
-    def insert(key: bytes | None) -> int:
+    def insert(key: bytes | None, topic: str = "t", tenant: str | None = None) -> int:
         with psycopg.connect(dsn) as conn, conn.transaction():
-            return outbox.publish(conn, topic="t", key=key, payload={}).id
+            return outbox.publish(conn, topic=topic, key=key, payload={}, tenant=tenant).id
 
     def row(row_id: int) -> tuple[str, str | None]:
         with psycopg.connect(dsn) as conn:
@@ -54,7 +54,7 @@ def _in_memory(shards: int = BUCKETS) -> Iterator[StoreUnderTest]:
     store = InMemoryStore(time.monotonic, shards=shards)
     yield StoreUnderTest(
         store,
-        lambda key: store.insert("t", key, b"{}").id,
+        lambda key, topic="t", tenant=None: store.insert(topic, key, b"{}", tenant=tenant or "").id,
         lambda row_id: (store.rows[row_id].status, store.rows[row_id].last_error),
     )
 
@@ -213,3 +213,36 @@ def test_rows_are_confirmed_from_kafka_only_by_id_and_message_id(under_test):
     assert ids(store.fetch_pending(ALL, 10)) == [named[0][0], named[2][0]]
     assert store.confirm_from_kafka(owner, named) == 2
     assert store.confirm_from_kafka(owner, named) == 0  # no longer PENDING
+
+
+def test_the_read_takes_turns_across_tenants_and_topics(under_test):
+    """A tenant's backlog delays another tenant's rows by no more than one read: each
+    (tenant, topic) group with rows waiting takes turns, its rows in id order."""
+    store, insert = under_test.store, under_test.insert
+    store.heartbeat(uuid.uuid4(), "a", 60)
+    big = [insert(b"b%d" % (i % 7), tenant="big") for i in range(40)]
+    small = [insert(b"s%d" % i, tenant="small") for i in range(3)]
+    # Two groups, a read of 10: turns 1-3 of both, then the backlog's turns 4-7.
+    assert ids(store.fetch_pending(ALL, 10)) == big[:7] + small
+    # Within one tenant, topics take turns too; rows without a tenant are a group of their own.
+    other_topic = [insert(b"o%d" % i, topic="u", tenant="big") for i in range(2)]
+    untenanted = [insert(b"n0")]
+    batch = ids(store.fetch_pending(ALL, 9))
+    assert batch == sorted(big[:3] + small + other_topic + untenanted)
+    # A single group reads as before: id order up to the limit.
+    assert ids(store.fetch_pending(ALL, 100, exclude=small + other_topic + untenanted)) == big
+
+
+def test_a_key_is_held_back_within_its_tenant_only(under_test):
+    """Tenants that use the same key are separate sequences: a FAILED row holds its tenant's
+    later rows of the key, not another tenant's."""
+    store, insert = under_test.store, under_test.insert
+    relay = uuid.uuid4()
+    store.heartbeat(relay, "a", 60)
+    a1, b1, a2, b2 = (insert(b"K", tenant=t) for t in ("a", "b", "a", "b"))
+    assert store.record_failures(relay, [FailureUpdate(a1, 1, "rejected", True, 0.0)]) == 1
+    assert ids(store.fetch_pending(ALL, 10)) == [b1, b2]
+    stats = store.pending_stats(ALL)
+    assert stats[("a", "t")] == PendingStats(1, 1, None)
+    assert stats[("b", "t")].pending == 2 and stats[("b", "t")].held == 0
+    assert stats.by_tenant().keys() == {"a", "b"} and stats.total().pending == 3

@@ -530,3 +530,29 @@ def test_a_permanent_failure_is_retried_after_the_topic_cache_expires_then_faile
     busy = Failed(1, FailureKind.TRANSIENT, "NOT_ENOUGH_REPLICAS")
     assert policy.updates([busy], {1: row._replace(attempts=2)})[0].delay_seconds == 2.0
     assert not policy.updates([busy], {1: row._replace(attempts=10)})[0].give_up
+
+
+def test_a_tenants_gauges_go_when_its_rows_are_gone():
+    from relay.metrics import RelayMetrics
+    from relay.model import Backlog, PendingStats
+
+    metrics = RelayMetrics()
+    gauge = metrics.registry.get_sample_value
+    metrics.observe_renewal(
+        256,
+        Backlog(
+            {
+                ("acme", "t"): PendingStats(3, 1, 2.5),
+                ("acme", "u"): PendingStats(2, 0, 4.0),
+                ("", "t"): PendingStats(7, 0, 1.0),
+            }
+        ),
+    )
+    assert gauge("outbox_tenant_pending_messages", {"tenant": "acme"}) == 5
+    assert gauge("outbox_tenant_held_messages", {"tenant": "acme"}) == 1
+    assert gauge("outbox_tenant_lag_seconds", {"tenant": "acme"}) == 4.0
+    assert gauge("outbox_tenant_pending_messages", {"tenant": ""}) is None
+    assert gauge("outbox_pending_messages") == 12
+    metrics.observe_renewal(256, Backlog({("globex", "t"): PendingStats(1, 0, None)}))
+    assert gauge("outbox_tenant_pending_messages", {"tenant": "acme"}) is None
+    assert gauge("outbox_tenant_lag_seconds", {"tenant": "globex"}) == 0.0
