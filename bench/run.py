@@ -19,7 +19,9 @@ Peers: `limit` (bench/limit_relay.py: the least work that still marks every row:
 produce, flush, one UPDATE; drain only, the bound ours is measured against), `naive`
 (bench/naive_relay.py: one message at a time), `debezium` (bench/debezium:
 the embedded engine with the PostgreSQL connector and the outbox EventRouter), `ours` (default
-settings) and `ours-fast` (larger batches and linger). Results go to bench/results/<time>/
+settings), `ours-fast` (larger batches and linger) and `ours-id-order` (bench/id_order_relay.py:
+ours with the read of schema version 5, in id order, not fair across tenants: the fair read's
+cost). Results go to bench/results/<time>/
 (results.json, report.md, *.png).
 """
 
@@ -67,6 +69,8 @@ PEERS = {
     # for each run (Env.progress_env).
     "ours-eos": {"OUTBOX_DELIVERY": "exactly-once"},
     "ours-eos-16": {"OUTBOX_DELIVERY": "exactly-once", "OUTBOX_SHARDS": "16"},
+    # The read before the fair one (schema version 5's): the fair read's cost (id_order_relay.py)
+    "ours-id-order": {},
 }
 
 
@@ -145,7 +149,9 @@ def payload_sql(i: str) -> str:
 ANALYZE_AFTER_FILL = True
 
 
-def fill(dsn: str, topic: str, n: int, status: str = "PENDING", start: int = 0) -> None:
+def fill(
+    dsn: str, topic: str, n: int, status: str = "PENDING", start: int = 0, tenant: str = ""
+) -> None:
     """N committed rows, keys spread over KEYS, in transactions of 50,000. Their message_ids
     grow with their ids, as publish()'s time-ordered UUIDs do (the column's default is a
     random UUID: with millions of rows, every row's index entry on its own page)."""
@@ -153,11 +159,11 @@ def fill(dsn: str, topic: str, n: int, status: str = "PENDING", start: int = 0) 
         for lo in range(start, start + n, 50_000):
             hi = min(lo + 50_000, start + n)
             c.execute(
-                "INSERT INTO local_message (message_id, topic, key, payload, status) "
+                "INSERT INTO local_message (message_id, topic, key, payload, status, tenant) "
                 "SELECT ('01800000-0000-7000-8000-' || lpad(to_hex(i), 12, '0'))::uuid, "
-                f"%s, convert_to('key-' || (i %% {KEYS}), 'UTF8'), {payload_sql('i')}, %s "
+                f"%s, convert_to('key-' || (i %% {KEYS}), 'UTF8'), {payload_sql('i')}, %s, %s "
                 "FROM generate_series(%s::bigint, %s::bigint) AS i",
-                (topic, status, lo, hi - 1),
+                (topic, status, tenant, lo, hi - 1),
             )
         if ANALYZE_AFTER_FILL:
             c.execute("VACUUM ANALYZE local_message")
@@ -232,12 +238,35 @@ def start_ours(
         "OUTBOX_DSN": dsn,
         "OUTBOX_BOOTSTRAP_SERVERS": env.bootstrap,
     }
+    # ours-id-order: the same relay with the read before the fair one (bench/id_order_relay.py)
+    command = (
+        [PY, str(ROOT / "bench" / "id_order_relay.py")]
+        if peer == "ours-id-order"
+        else [PY, "-m", "relay"]
+    )
     return subprocess.Popen(
-        [PY, "-m", "relay", "relay", "--name", name] + ([] if listen else ["--no-listen"]),
+        command + ["relay", "--name", name] + ([] if listen else ["--no-listen"]),
         env=environ,
         stdout=subprocess.DEVNULL,
         stderr=stderr,
     )
+
+
+def use_id_order_index(dsn: str) -> None:
+    """The PENDING index of schema version 5, on (id), instead of version 6's on (tenant,
+    topic, id): for the peers that read every PENDING row in id order (limit, naive and
+    ours-id-order), so that the table holds the index their read was built for, and as many
+    indexes as ours."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(
+            "CREATE INDEX local_message_pending_idx ON local_message (id) INCLUDE (bucket) "
+            "WHERE status = 'PENDING'"
+        )
+        c.execute("DROP INDEX local_message_pending_group_idx")
+
+
+#: Peers that read in id order over schema version 5's PENDING index (use_id_order_index).
+ID_ORDER_PEERS = ("limit", "naive", "ours-id-order")
 
 
 def start_naive(env: Env, dsn: str):
@@ -278,6 +307,8 @@ def drain_ours_like(
     profile_to: Path | None = None,
 ) -> dict:
     dsn = env.fresh_db("bench_drain")
+    if peer in ID_ORDER_PEERS:
+        use_id_order_index(dsn)
     topic = env.fresh_topic("bench.drain")
     if confirmed_rows:
         log(f"  filling {confirmed_rows:,} CONFIRMED rows first")
@@ -360,7 +391,16 @@ def drain_ours_like(
 WARM_UP = "warm-up"
 
 
-def _writer(dsn: str, topic: str, rate: int, seconds: float, table: str, counter, done) -> None:
+def _writer(
+    dsn: str,
+    topic: str,
+    rate: int,
+    seconds: float,
+    table: str,
+    counter,
+    done,
+    tenant: str | None = None,
+) -> None:
     """Commit RATE messages/s for SECONDS: a transaction every 10 ms carrying rate/100 events,
     each stamped with the wall time taken before its INSERT. Sends back, per stamp, the wall
     time at which its COMMIT returned: latency is counted from there."""
@@ -378,7 +418,8 @@ def _writer(dsn: str, topic: str, rate: int, seconds: float, table: str, counter
             if delay > 0:
                 time.sleep(delay)
             stamp = f"{time.time():.6f}"
-            _insert(conn, topic, table, stamp, [f"key-{(i + j) % KEYS}" for j in range(per_tx)])
+            keys = [f"key-{(i + j) % KEYS}" for j in range(per_tx)]
+            _insert(conn, topic, table, stamp, keys, tenant)
             conn.commit()
             committed[stamp] = time.time()
             i += per_tx
@@ -387,12 +428,22 @@ def _writer(dsn: str, topic: str, rate: int, seconds: float, table: str, counter
     done.put(committed)
 
 
-def _insert(conn: psycopg.Connection, topic: str, table: str, stamp: str, keys: list[str]) -> None:
+def _insert(
+    conn: psycopg.Connection,
+    topic: str,
+    table: str,
+    stamp: str,
+    keys: list[str],
+    tenant: str | None = None,
+) -> None:
     pad = "x" * (PAYLOAD_BYTES - 40)
     if table == "local_message":
         outbox.publish_many(
             conn,
-            [{"topic": topic, "key": key, "payload": {"t": stamp, "pad": pad}} for key in keys],
+            [
+                {"topic": topic, "key": key, "payload": {"t": stamp, "pad": pad}, "tenant": tenant}
+                for key in keys
+            ],
         )
     else:  # the Debezium outbox table
         with conn.cursor() as cur:
@@ -465,6 +516,8 @@ def steady_run(
         table = "outbox_event"
     else:
         dsn = env.fresh_db("bench_steady", notify=True)
+        if peer in ID_ORDER_PEERS:
+            use_id_order_index(dsn)
         topic = env.fresh_topic("bench.steady")
         proc = (
             start_naive(env, dsn)
@@ -572,18 +625,18 @@ def report(results: dict, out: Path) -> None:
         lines += [
             "## Drain",
             "",
-            "| peer | messages | msgs/s | vs limit | vs debezium | vs naive | "
+            "| peer | messages | msgs/s | vs limit | vs debezium | vs naive | vs ours-id-order | "
             "relay CPU s / 10k | WAL B / msg | row writes / msg (relay) | peak RSS MB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for d in drains:
             vs = []
-            for other in ("limit", "debezium", "naive"):
+            for other in ("limit", "debezium", "naive", "ours-id-order"):
                 o = base.get(other)
                 vs.append(f"{d['msgs_per_s'] / o['msgs_per_s']:.2f}x" if o and o is not d else "-")
             lines.append(
                 f"| {d['peer']} | {d['messages']:,} | {d['msgs_per_s']:,.0f} | {vs[0]} | {vs[1]} "
-                f"| {vs[2]} "
+                f"| {vs[2]} | {vs[3]} "
                 f"| {d['relay_cpu_s_per_10k']:.2f} | {d['wal_bytes_per_msg']:.0f} | "
                 f"{d['row_writes_per_msg_relay']:.2f} | {d['peak_rss_mb']:.0f} |"
             )

@@ -216,3 +216,29 @@ def test_the_gauges_read_the_backlog_once_however_many_rows_wait(dsn):
         store.close()
     # 10 keys blocked by their first row: their 29 later rows each are held.
     assert (stats.pending, stats.held) == (29_990, 290) and stats.lag_seconds is not None
+
+
+def test_the_read_walks_the_pending_index_through_a_drain_the_statistics_do_not_know(dsn):
+    """Statistics taken when every row was PENDING, then most of them delivered: the primary
+    key, narrower than the PENDING index, looked the cheaper way to read in id order, and the
+    read walked every delivered row before the first PENDING one (90 ms a read with 120,000 of
+    200,000 delivered). The store's read prices random page reads as sequential ones."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE local_message SET (autovacuum_enabled = off)")
+        conn.execute(
+            "INSERT INTO local_message (topic, key, payload) "
+            "SELECT 'payments.settled', convert_to('k' || (i % 1000), 'UTF8'), "
+            "convert_to(repeat('x', 256), 'UTF8') FROM generate_series(1, 60000) AS i"
+        )
+        conn.execute("ANALYZE local_message")
+        conn.execute("UPDATE local_message SET status = 'CONFIRMED' WHERE id <= 40000")
+    store = PostgresStore(dsn)
+    try:
+        params = {"buckets": list(range(256)), "limit": 2000, "exclude": []}
+        guarded = _plan(store.connect(), "fetch_pending", params, before="read_in_id_order")
+        batch = store.fetch_pending(ALL, 2000)
+    finally:
+        store.close()
+    assert "Index Scan using local_message_pending_group_idx on local_message m" in guarded, guarded
+    assert "local_message_pkey on local_message m" not in guarded, guarded
+    assert [m.id for m in batch] == list(range(40001, 42001))
