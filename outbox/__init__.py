@@ -8,6 +8,7 @@ The relay (``outbox relay``) then delivers every committed event to Kafka. Consu
 the copies delivered again with the inbox (``outbox.inbox``, ``outbox.consumer``).
 """
 
+from .cloudevent import CloudEvent
 from .errors import (
     HandlerFailed,
     InboxError,
@@ -25,6 +26,7 @@ from .writer import Published, apublish, apublish_many, publish, publish_many
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "SCHEMA_VERSION",
+    "CloudEvent",
     "HandlerFailed",
     "InboxError",
     "InvalidMessage",

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+from .cloudevent import CloudEvent, cloudevent_headers, is_binding_header
 from .errors import InvalidMessage, InvalidTopic, MessageTooLarge
 
 #: The largest record, counted as the producer counts it (``record_size``). The relay's
@@ -174,19 +175,34 @@ def build_message(
     tenant: str | None = None,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     message_id: uuid.UUID | None = None,
+    cloudevent: CloudEvent | Mapping[str, Any] | None = None,
 ) -> OutboxMessage:
-    """Validate and encode one event; raise before anything is written."""
+    """Validate and encode one event; raise before anything is written.
+
+    ``cloudevent``: the event's CloudEvents attributes (outbox.CloudEvent, or a mapping of its
+    fields); the binding's binary-mode headers are then added to HEADERS (outbox/cloudevent.py).
+    """
     topic = validate_topic(topic)
     tenant_name = validate_tenant(tenant)
     body = encode_payload(payload)
     key_bytes = encode_key(key)
     header_list = encode_headers(headers)
+    event = None if cloudevent is None else CloudEvent.coerce(cloudevent)
+    if event is not None:
+        clash = next((name for name, _ in header_list if is_binding_header(name)), None)
+        if clash is not None:
+            raise InvalidMessage(
+                f"header {clash!r} cannot be given with cloudevent=: the CloudEvents binding "
+                "sets the ce_ headers and content-type itself"
+            )
     if dedup_key is not None:
         if not isinstance(dedup_key, str):
             raise TypeError(f"dedup_key must be a str, not {type(dedup_key).__name__}")
         if not dedup_key or "\x00" in dedup_key:
             raise InvalidMessage("dedup_key must be a non-empty str without NUL characters")
     mid = message_id or uuid7()
+    if event is not None:
+        header_list += encode_headers(cloudevent_headers(event, message_id=mid, payload=payload))
     size = record_size(key_bytes, body, header_list)
     if size > max_bytes:
         raise MessageTooLarge(

@@ -43,6 +43,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, registry
 
 from . import writer as _writer
+from .cloudevent import CloudEvent
 from .errors import OutboxError
 from .message import DEFAULT_MAX_MESSAGE_BYTES, OutboxMessage
 from .sql import schema_sql, validate_identifier
@@ -165,7 +166,7 @@ def publish(
     **event: Any,
 ) -> _writer.Published:
     """outbox.publish() in the Session's (or Core Connection's) current transaction. EVENT is
-    topic=, payload=, and optionally key=, headers=, dedup_key=, tenant=."""
+    topic=, payload=, and optionally key=, headers=, dedup_key=, tenant=, cloudevent=."""
     built = _writer.build_all([event], max_bytes)
     conn = _connection(session_or_connection)
     return _run(conn, _writer.publish_flow(built, lock_key), schema)[0]
@@ -213,10 +214,12 @@ class HasEvents:
         headers: Any = None,
         dedup_key: str | None = None,
         tenant: str | None = None,
+        cloudevent: CloudEvent | Mapping[str, Any] | None = None,
     ) -> None:
         # Validate now, where the caller's code is, not at flush time.
         event = dict(topic=topic, payload=payload, key=key, headers=headers, dedup_key=dedup_key)
-        message = _writer.build_all([dict(event, tenant=tenant)], _max_bytes(self))[0]
+        event.update(tenant=tenant, cloudevent=cloudevent)
+        message = _writer.build_all([event], _max_bytes(self))[0]
         self.__dict__.setdefault(_EVENTS_ATTR, []).append((next(_RECORDED), message))
         from sqlalchemy.orm import object_session
         from sqlalchemy.orm.attributes import flag_dirty

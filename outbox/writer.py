@@ -17,6 +17,7 @@ import psycopg
 from psycopg import pq, sql
 
 from . import sql as outbox_sql
+from .cloudevent import CloudEvent
 from .errors import NotInTransaction
 from .message import DEFAULT_MAX_MESSAGE_BYTES, Headers, OutboxMessage, Payload, build_message
 from .tracing import trace_headers
@@ -57,6 +58,7 @@ def publish(
     headers: Headers | None = None,
     dedup_key: str | None = None,
     tenant: str | None = None,
+    cloudevent: CloudEvent | Mapping[str, Any] | None = None,
     lock_key: bool = False,
     schema: str | None = None,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -65,6 +67,11 @@ def publish(
 
     ``tenant``: whose event this is, when one outbox serves many tenants (None: no tenant).
     The relay delivers fairly across tenants, and keeps each key's order within its tenant.
+
+    ``cloudevent``: an outbox.CloudEvent (or a mapping of its fields) makes the Kafka record a
+    CloudEvent in the Kafka binding's binary mode: ce_ headers and content-type are added at
+    write time, ce_id being the message_id and ce_time this process's clock at this call
+    (docs/writing-events.md).
 
     ``lock_key=True`` takes a transaction-level advisory lock on the key first, so that
     writers of one key are serialised and their events are delivered in commit order.
@@ -77,6 +84,7 @@ def publish(
         dedup_key=dedup_key,
         tenant=tenant,
         max_bytes=max_bytes,
+        cloudevent=cloudevent,
     )
     return _run_sync(conn, publish_flow([message], lock_key), schema)[0]
 
@@ -90,8 +98,8 @@ def publish_many(
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> list[Published]:
     """Write many events in one round trip, in the given order. Each item is a mapping with the
-    keyword arguments of publish() (topic, payload, key, headers, dedup_key, tenant). Nothing is written
-    if any of them is invalid."""
+    keyword arguments of publish() (topic, payload, key, headers, dedup_key, tenant,
+    cloudevent). Nothing is written if any of them is invalid."""
     built = build_all(messages, max_bytes)
     return _run_sync(conn, publish_flow(built, lock_key), schema)
 
@@ -105,6 +113,7 @@ async def apublish(
     headers: Headers | None = None,
     dedup_key: str | None = None,
     tenant: str | None = None,
+    cloudevent: CloudEvent | Mapping[str, Any] | None = None,
     lock_key: bool = False,
     schema: str | None = None,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -118,6 +127,7 @@ async def apublish(
         dedup_key=dedup_key,
         tenant=tenant,
         max_bytes=max_bytes,
+        cloudevent=cloudevent,
     )
     return (await _run_async(conn, publish_flow([message], lock_key), schema))[0]
 

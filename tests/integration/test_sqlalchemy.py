@@ -117,6 +117,52 @@ def test_explicit_publish_on_session_and_core_connection(engine, dsn):
     assert len(outbox_rows(dsn)) == 3
 
 
+def stored_headers(dsn):
+    with psycopg.connect(dsn) as c:
+        return [
+            (message_id, {name: value for name, value in headers or []})
+            for message_id, headers in c.execute(
+                "SELECT message_id, headers FROM local_message ORDER BY id"
+            )
+        ]
+
+
+def test_cloudevent_on_publish_and_record_event(engine, dsn):
+    with HookedSession(engine) as s, s.begin():
+        order = Order(id=7, state="placed")
+        s.add(order)
+        order.record_event(
+            "orders",
+            {"type": "OrderPlaced"},
+            key="order-7",
+            cloudevent=outbox.CloudEvent(type="com.example.order.placed", source="/orders"),
+        )
+        # validated where it is recorded, like the rest of the event
+        with pytest.raises(TypeError, match="cloudevent type must be a str"):
+            order.record_event("orders", {}, cloudevent={"type": 1, "source": "/orders"})
+        assert len(order.pending_events()) == 1
+        p = osa.publish(
+            s,
+            topic="orders",
+            payload="shipped",
+            cloudevent={"type": "com.example.order.shipped", "source": "/orders", "subject": "7"},
+        )
+    # publish() writes at once; the recorded event is written in the flush at commit
+    (second_id, second), (first_id, first) = stored_headers(dsn)
+    assert second_id == p.message_id
+    assert (first["ce_id"], first["ce_type"], first["content-type"]) == (
+        str(first_id),
+        "com.example.order.placed",
+        "application/json",
+    )
+    assert (second["ce_id"], second["ce_type"], second["ce_subject"], second["content-type"]) == (
+        str(p.message_id),
+        "com.example.order.shipped",
+        "7",
+        "text/plain; charset=utf-8",
+    )
+
+
 def test_autocommit_connection_is_refused(engine):
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         with pytest.raises(NotInTransaction):
