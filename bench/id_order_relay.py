@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from outbox.sql import compose  # noqa: E402
-from relay.cli import main  # noqa: E402
-from relay.store import PostgresStore  # noqa: E402
+from outbox.sql import compose
+from relay.cli import main
+from relay.store import PostgresStore
 
 #: relay/queries.sql's blocking_keys, read_in_id_order and fetch_pending as they were.
 ID_ORDER_READ = {
