@@ -555,11 +555,11 @@ def test_operators_see_and_select_each_tenants_rows(dsn):
             "SELECT action, selection FROM local_message_audit ORDER BY id"
         ).fetchall()
     assert rows == [
-        ("", "k0".encode(), "SKIPPED"),
-        ("", "k2".encode(), "CONFIRMED"),
-        ("acme", "k0".encode(), "FAILED"),
-        ("globex", "k0".encode(), "PENDING"),
-        ("globex", "k2".encode(), "CONFIRMED"),
+        ("", b"k0", "SKIPPED"),
+        ("", b"k2", "CONFIRMED"),
+        ("acme", b"k0", "FAILED"),
+        ("globex", b"k0", "PENDING"),
+        ("globex", b"k2", "CONFIRMED"),
     ]
     assert [(a, s.get("tenant")) for a, s in audit] == [
         ("replay", "globex"),
