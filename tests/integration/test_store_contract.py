@@ -239,7 +239,7 @@ def test_a_key_is_held_back_within_its_tenant_only(under_test):
     store, insert = under_test.store, under_test.insert
     relay = uuid.uuid4()
     store.heartbeat(relay, "a", 60)
-    a1, b1, a2, b2 = (insert(b"K", tenant=t) for t in ("a", "b", "a", "b"))
+    a1, b1, _, b2 = (insert(b"K", tenant=t) for t in ("a", "b", "a", "b"))
     assert store.record_failures(relay, [FailureUpdate(a1, 1, "rejected", True, 0.0)]) == 1
     assert ids(store.fetch_pending(ALL, 10)) == [b1, b2]
     stats = store.pending_stats(ALL)
