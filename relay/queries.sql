@@ -85,7 +85,10 @@ SELECT tenant, key, min(id) AS first_id
 -- group with rows waiting takes turns, its rows in id order, so a tenant (or a topic) with a
 -- backlog of a million rows delays another's new rows by one batch, not by the backlog.
 --   groups: the (tenant, topic) pairs with PENDING rows, found by skipping along the PENDING
---     index (one descent per group, however many rows each holds);
+--     index (one descent per group, however many rows each holds), from its end: each step
+--     lands on a group's newest row, which is PENDING; from the start it landed on a group's
+--     oldest entries, those of rows delivered since the last vacuum, and stepped over them
+--     all, at every read;
 --   share: how far each group's rows are read: the batch, split over the groups, four times
 --     over (a group with fewer rows than its share leaves room that the others fill), and
 --     never more than the batch: at most four batches' worth of rows are read in all;
@@ -100,13 +103,13 @@ SELECT tenant, key, min(id) AS first_id
 WITH RECURSIVE blockers AS MATERIALIZED ({blocking_keys}),
 groups AS (
     (SELECT tenant, topic FROM {table} WHERE status = 'PENDING'
-      ORDER BY tenant, topic LIMIT 1)
+      ORDER BY tenant DESC, topic DESC LIMIT 1)
     UNION ALL
-    SELECT later.tenant, later.topic
+    SELECT lower.tenant, lower.topic
       FROM groups g
      CROSS JOIN LATERAL (SELECT tenant, topic FROM {table}
-                          WHERE status = 'PENDING' AND (tenant, topic) > (g.tenant, g.topic)
-                          ORDER BY tenant, topic LIMIT 1) AS later
+                          WHERE status = 'PENDING' AND (tenant, topic) < (g.tenant, g.topic)
+                          ORDER BY tenant DESC, topic DESC LIMIT 1) AS lower
 ),
 share AS (
     SELECT least(%(limit)s, ceil(4.0 * %(limit)s / count(*)))::integer AS rows FROM groups
