@@ -66,16 +66,18 @@ CREATE TABLE IF NOT EXISTS local_message (
         CHECK (octet_length(topic) BETWEEN 1 AND 249 AND topic !~ '[^a-zA-Z0-9._-]'
                AND topic NOT IN ('.', '..')),
     CONSTRAINT local_message_attempts_check CHECK (attempts >= 0),
-    -- Up to 64 of [a-zA-Z0-9._-] (a length test and a character class: see the topic's).
+    -- Up to 64 of [a-zA-Z0-9._-], starting with a letter or digit (length tests and character
+    -- classes: see the topic's).
     CONSTRAINT local_message_tenant_check
-        CHECK (octet_length(tenant) <= 64 AND tenant !~ '[^a-zA-Z0-9._-]')
+        CHECK (octet_length(tenant) <= 64 AND tenant !~ '[^a-zA-Z0-9._-]' AND tenant !~ '^[._-]')
 );
 
 CREATE UNIQUE INDEX IF NOT EXISTS local_message_message_id_key
     ON local_message (message_id);
 
-CREATE UNIQUE INDEX IF NOT EXISTS local_message_dedup_key_key
-    ON local_message (dedup_key) WHERE dedup_key IS NOT NULL;
+-- A dedup_key is unique within its tenant: tenants do not share a namespace.
+CREATE UNIQUE INDEX IF NOT EXISTS local_message_tenant_dedup_key_key
+    ON local_message (tenant, dedup_key) WHERE dedup_key IS NOT NULL;
 
 -- The relay's read of pending rows: which (tenant, topic) groups have rows waiting, and each
 -- group's rows in id order (filtered on the relay's buckets). It holds only undelivered rows,

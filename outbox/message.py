@@ -35,14 +35,18 @@ RECORD_BATCH_OVERHEAD = 61
 MESSAGE_ID_HEADER = "message_id"
 
 _TOPIC_RE = re.compile(r"[a-zA-Z0-9._-]{1,249}")
-_TENANT_RE = re.compile(r"[a-zA-Z0-9._-]{1,64}")
+_TENANT_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}")
 
 Payload: TypeAlias = Mapping[str, Any] | list | str | bytes | bytearray | memoryview
 HeaderValue: TypeAlias = str | bytes | None
 Headers: TypeAlias = Mapping[str, HeaderValue] | Iterable[tuple[str, HeaderValue]]
 
+#: The header the relay adds to the record of a row with a tenant: its name. A key is a
+#: sequence per tenant, and two tenants may use the same key in one topic: consumers tell
+#: them apart by it.
+TENANT_HEADER = "outbox_tenant"
 #: Header names the relay sets itself; an application may not set them.
-RESERVED_HEADERS = frozenset({"message_id"})
+RESERVED_HEADERS = frozenset({"message_id", TENANT_HEADER})
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,8 @@ def validate_topic(topic: object) -> str:
 
 def validate_tenant(tenant: object) -> str:
     """A tenant name as stored: None is no tenant (''); else 1 to 64 of [a-zA-Z0-9._-], the
-    characters of a topic name, so that a tenant can name its own topics and metric labels."""
+    characters of a topic name (so that a tenant can name its own topics and metric labels),
+    starting with a letter or digit ('-' stands for "no tenant" where an operator types one)."""
     if tenant is None:
         return ""
     if not isinstance(tenant, str):
@@ -100,8 +105,8 @@ def validate_tenant(tenant: object) -> str:
     if not _TENANT_RE.fullmatch(tenant):
         shown = tenant if len(tenant) <= 70 else tenant[:67] + "..."
         raise InvalidMessage(
-            f"invalid tenant {shown!r}: use 1 to 64 characters of [a-zA-Z0-9._-], or None "
-            "for no tenant"
+            f"invalid tenant {shown!r}: use 1 to 64 characters of [a-zA-Z0-9._-] starting "
+            "with a letter or digit, or None for no tenant"
         )
     return tenant
 
@@ -203,7 +208,7 @@ def build_message(
     mid = message_id or uuid7()
     if event is not None:
         header_list += encode_headers(cloudevent_headers(event, message_id=mid, payload=payload))
-    size = record_size(key_bytes, body, header_list)
+    size = record_size(key_bytes, body, header_list, tenant_name)
     if size > max_bytes:
         raise MessageTooLarge(
             f"message to topic {topic!r} is {size} bytes as a Kafka record (payload, key, "
@@ -232,13 +237,19 @@ _MESSAGE_ID_SIZE = _header_size(MESSAGE_ID_HEADER.encode(), b"0" * 36)
 
 
 def record_size(
-    key: bytes | None, payload: bytes, headers: Iterable[tuple[str, bytes | None]] = ()
+    key: bytes | None,
+    payload: bytes,
+    headers: Iterable[tuple[str, bytes | None]] = (),
+    tenant: str = "",
 ) -> int:
     """A message's size as librdkafka checks it against ``message.max.bytes`` at produce time:
     the record framing bound, key, payload and serialised headers, the relay's message_id
-    header included. The writer refuses above its limit by this count, so the relay's producer
-    (configured with the same limit) never refuses a stored row for its size."""
+    header (and tenant header, for a row with a tenant) included. The writer refuses above its
+    limit by this count, so the relay's producer (configured with the same limit) never refuses
+    a stored row for its size."""
     size = RECORD_OVERHEAD + len(key or b"") + len(payload) + _MESSAGE_ID_SIZE
+    if tenant:
+        size += _header_size(TENANT_HEADER.encode(), tenant.encode())
     for name, value in headers:
         size += _header_size(name.encode("utf-8") if isinstance(name, str) else name, value)
     return size

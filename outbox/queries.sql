@@ -17,8 +17,12 @@ SELECT m, t, k, p, h::jsonb, d, n
               %(payloads)b::bytea[], %(headers)b::text[], %(dedup_keys)b::text[],
               %(tenants)b::text[])
        AS u(m, t, k, p, h, d, n)
-    ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
+    ON CONFLICT (tenant, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
 RETURNING id, message_id
 
 -- name: find_by_dedup_keys
-SELECT id, message_id, dedup_key FROM {table} WHERE dedup_key = ANY(%(dedup_keys)s::text[])
+-- The rows that hold these (tenant, dedup_key) pairs.
+SELECT m.id, m.message_id, m.tenant, m.dedup_key
+  FROM {table} m
+  JOIN unnest(%(tenants)s::text[], %(dedup_keys)s::text[]) AS u(tenant, dedup_key)
+    ON m.tenant = u.tenant AND m.dedup_key = u.dedup_key

@@ -205,18 +205,21 @@ def publish_flow(
         },
     )
     ids = {message_id: row_id for row_id, message_id in rows}
-    existing: dict[str, tuple[int, uuid.UUID]] = {}
-    missing = [m.dedup_key for m in messages if m.message_id not in ids and m.dedup_key]
+    existing: dict[tuple[str, str], tuple[int, uuid.UUID]] = {}
+    missing = [m for m in messages if m.message_id not in ids and m.dedup_key]
     if missing:
-        found = yield _Query("find_by_dedup_keys", {"dedup_keys": missing})
-        existing = {dedup: (row_id, mid) for row_id, mid, dedup in found}
+        found = yield _Query(
+            "find_by_dedup_keys",
+            {"tenants": [m.tenant for m in missing], "dedup_keys": [m.dedup_key for m in missing]},
+        )
+        existing = {(tenant, dedup): (row_id, mid) for row_id, mid, tenant, dedup in found}
     result = []
     for m in messages:
         if m.message_id in ids:
             result.append(Published(ids[m.message_id], m.message_id))
         else:
             # Only a dedup_key conflict makes ON CONFLICT skip a row.
-            row_id, mid = existing[m.dedup_key]  # type: ignore[index]
+            row_id, mid = existing[(m.tenant, m.dedup_key)]  # type: ignore[index]
             result.append(Published(row_id, mid, created=False))
     return result
 

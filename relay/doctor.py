@@ -16,7 +16,7 @@ from .kafka import check_kafka, check_progress_topic, missing_topics, topic_limi
 EXPECTED_INDEXES = (
     "local_message_pkey",
     "local_message_message_id_key",
-    "local_message_dedup_key_key",
+    "local_message_tenant_dedup_key_key",
     "local_message_pending_group_idx",
     "local_message_blocking_idx",
     "local_message_created_at_brin",

@@ -3,7 +3,8 @@
 -- `tenant` is added with a constant default: PostgreSQL records the default in the catalog
 -- and rewrites no row, so every existing row is the no-tenant '' at once.
 --
--- The PENDING index becomes (tenant, topic, id): the relay finds the groups with rows waiting
+-- The dedup_key's unique index becomes (tenant, dedup_key). The PENDING index becomes
+-- (tenant, topic, id): the relay finds the groups with rows waiting
 -- by skipping along it, and reads each group's rows in id order (relay/queries.sql,
 -- fetch_pending). Building it reads the whole table once, with writers and the relay waiting
 -- (`outbox migrate` runs a migration in one transaction): plan it like any index build on a
@@ -14,10 +15,16 @@ ALTER TABLE local_message ADD COLUMN IF NOT EXISTS tenant text NOT NULL DEFAULT 
 
 ALTER TABLE local_message DROP CONSTRAINT IF EXISTS local_message_tenant_check;
 ALTER TABLE local_message ADD CONSTRAINT local_message_tenant_check
-    CHECK (octet_length(tenant) <= 64 AND tenant !~ '[^a-zA-Z0-9._-]');
+    CHECK (octet_length(tenant) <= 64 AND tenant !~ '[^a-zA-Z0-9._-]' AND tenant !~ '^[._-]');
 
 CREATE INDEX IF NOT EXISTS local_message_pending_group_idx
     ON local_message (tenant, topic, id) INCLUDE (bucket) WHERE status = 'PENDING';
 DROP INDEX IF EXISTS local_message_pending_idx;
+
+-- A dedup_key is unique within its tenant (every existing row is the no-tenant '', so the
+-- rows that were unique stay unique).
+CREATE UNIQUE INDEX IF NOT EXISTS local_message_tenant_dedup_key_key
+    ON local_message (tenant, dedup_key) WHERE dedup_key IS NOT NULL;
+DROP INDEX IF EXISTS local_message_dedup_key_key;
 
 INSERT INTO local_message_schema (version) VALUES (6) ON CONFLICT (version) DO NOTHING;

@@ -130,9 +130,9 @@ def report_client_error(outage_log: OutageLog, err: KafkaError) -> None:
 
 def message_size(message: PendingMessage) -> int:
     """The bytes of a message as a record, as the writer and librdkafka count them."""
-    if not message.headers:  # the common case, without a call per message
+    if not message.headers and not message.tenant:  # the common case, without a call per message
         return _EMPTY_RECORD + len(message.payload) + (len(message.key) if message.key else 0)
-    return record_size(message.key, message.payload, message.headers)
+    return record_size(message.key, message.payload, message.headers, message.tenant)
 
 
 #: A record with no key, no payload and no headers of its own: record_size is linear in them.

@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from outbox.message import DEFAULT_MAX_MESSAGE_BYTES, RECORD_BATCH_OVERHEAD
+from outbox.message import DEFAULT_MAX_MESSAGE_BYTES, RECORD_BATCH_OVERHEAD, TENANT_HEADER
 
 from ..model import (
     TOPIC_ERROR_TTL,
@@ -382,6 +382,8 @@ class KafkaSink:
             ]
             if message.headers:
                 headers.extend(message.headers)
+            if message.tenant:
+                headers.append((TENANT_HEADER, message.tenant.encode()))
             while True:
                 if self._fatal:
                     return Failed(message.id, FailureKind.UNKNOWN, "producer fatal error")

@@ -88,6 +88,9 @@ def test_failed_transaction_is_refused_with_a_clear_error(conn):
         (dict(topic="t", payload={}, tenant=""), InvalidMessage),
         (dict(topic="t", payload={}, tenant="x" * 65), InvalidMessage),
         (dict(topic="t", payload={}, tenant=7), TypeError),
+        (dict(topic="t", payload={}, tenant="-"), InvalidMessage),
+        (dict(topic="t", payload={}, tenant=".acme"), InvalidMessage),
+        (dict(topic="t", payload={}, headers={"outbox_tenant": "x"}), InvalidMessage),
     ],
 )
 def test_bad_input_raises_before_anything_is_written_and_the_caller_can_go_on(
@@ -106,9 +109,12 @@ def test_database_refuses_bad_topics_from_any_client(conn):
         conn.execute("INSERT INTO local_message (topic, payload) VALUES ('a b', 'x')")
 
 
-def test_database_refuses_bad_tenants_from_any_client(conn):
+@pytest.mark.parametrize("tenant", ["a b", "-", "_x", "x" * 65])
+def test_database_refuses_bad_tenants_from_any_client(conn, tenant):
     with pytest.raises(psycopg.errors.CheckViolation, match="local_message_tenant_check"):
-        conn.execute("INSERT INTO local_message (topic, payload, tenant) VALUES ('t', 'x', 'a b')")
+        conn.execute(
+            "INSERT INTO local_message (topic, payload, tenant) VALUES ('t', 'x', %s)", (tenant,)
+        )
 
 
 def test_the_tenant_is_stored_and_none_is_no_tenant(conn, dsn):
@@ -241,3 +247,26 @@ def test_async_rollback_writes_nothing(dsn):
 
     asyncio.run(go())
     assert rows(dsn) == []
+
+
+def test_a_dedup_key_is_unique_within_its_tenant(conn, dsn):
+    with conn.transaction():
+        acme = outbox.publish(conn, topic="t", payload={"n": 1}, dedup_key="order-7", tenant="acme")
+        globex = outbox.publish(
+            conn, topic="t", payload={"n": 2}, dedup_key="order-7", tenant="globex"
+        )
+        again = outbox.publish_many(
+            conn,
+            [
+                dict(topic="t", payload={"n": 3}, dedup_key="order-7", tenant="acme"),
+                dict(topic="t", payload={"n": 4}, dedup_key="order-7"),
+                dict(topic="t", payload={"n": 5}, dedup_key="order-7", tenant="globex"),
+            ],
+        )
+    assert acme.created and globex.created and acme.id != globex.id
+    assert [(p.id, p.created) for p in again] == [
+        (acme.id, False),
+        (again[1].id, True),
+        (globex.id, False),
+    ]
+    assert [r[3] for r in rows(dsn)] == [b'{"n":1}', b'{"n":2}', b'{"n":4}']

@@ -175,3 +175,35 @@ def test_the_relays_shortcut_size_equals_record_size(key, payload):
     assert message_size(message) == record_size(key, payload)
     with_header = message._replace(headers=[("h", b"v")])
     assert message_size(with_header) == record_size(key, payload, [("h", b"v")])
+
+
+def test_a_tenant_counts_as_the_header_the_relay_adds_to_its_record():
+    """A row with a tenant is sent with an outbox_tenant header: the writer's limit counts
+    it, librdkafka takes a record of exactly the limit, and the relay measures it the same."""
+    import datetime as dt
+
+    from confluent_kafka import KafkaError, KafkaException, Producer
+
+    from relay.kafka import message_size
+    from relay.model import PendingMessage
+
+    limit = 3000
+    payload = b"p" * (limit - record_size(b"k", b"", tenant="acme"))
+    assert record_size(b"k", payload) < record_size(b"k", payload, tenant="acme") == limit
+    build_message(topic="t", payload=payload, key=b"k", tenant="acme", max_bytes=limit)
+    with pytest.raises(MessageTooLarge):
+        build_message(topic="t", payload=payload + b"p", key=b"k", tenant="acme", max_bytes=limit)
+    pending = PendingMessage(
+        1, "0" * 36, "t", b"k", payload, [], 0, dt.datetime.now(dt.timezone.utc), 0, "acme"
+    )
+    assert message_size(pending) == limit
+    producer = Producer(
+        {"bootstrap.servers": "127.0.0.1:1", "message.max.bytes": limit},
+        logger=logging.getLogger("unreachable"),
+    )
+    headers = [("message_id", str(uuid7()).encode()), ("outbox_tenant", b"acme")]
+    producer.produce("t", value=payload, key=b"k", headers=headers)  # accepted
+    with pytest.raises(KafkaException) as refused:
+        producer.produce("t", value=payload + b"p", key=b"k", headers=headers)
+    assert refused.value.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE
+    producer.purge()
