@@ -79,6 +79,9 @@ class Writers:
                     key=keys[(seq + j) % len(keys)],
                     payload={"w": w, "seq": seq + j},
                     dedup_key=f"w{w}-{seq + j}",
+                    # Three tenants (a writer's keys are its own): the relay's fair read takes
+                    # turns across them under the same faults.
+                    tenant=f"tenant-{w % 3}",
                 )
                 for j in range(min(batch, per_writer - seq))
             ]
