@@ -18,9 +18,10 @@ GRANT SELECT, UPDATE ON {schema}.local_message_bucket TO {role};
 GRANT DELETE ON {schema}.local_message TO {role};
 
 -- name: writer
--- The application's role: insert events, and read back the ids of a repeated dedup_key.
+-- The application's role: insert events, and read back the ids of a repeated dedup_key (which
+-- is unique within its tenant).
 GRANT USAGE ON SCHEMA {schema} TO {role};
-GRANT SELECT (id, message_id, dedup_key), INSERT ON {schema}.local_message TO {role};
+GRANT SELECT (id, message_id, dedup_key, tenant), INSERT ON {schema}.local_message TO {role};
 
 -- name: operator
 -- `outbox status`, list, show, replay, skip, purge, audit, inbox purge (not migrate, which owns

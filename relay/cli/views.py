@@ -106,16 +106,11 @@ def _print_status(report: dict[str, Any]) -> None:
         f"   waiting for a retry: {report['in_backoff']}"
         f"   held behind a blocked key: {report['held']}"
     )
-    for topic, t in report["topics"].items():
+    groups = [(f"topic {topic}", t) for topic, t in report["topics"].items()]
+    groups += [(f"tenant {tenant or '(none)'}", t) for tenant, t in report["tenants"].items()]
+    for name, t in groups:
         click.echo(
-            f"  topic {topic}: "
-            + ", ".join(f"{k} {v}" for k, v in t["counts"].items())
-            + f"; lag {render.seconds(t['lag_seconds'])}, {t['delivered_per_second']:.1f}/s"
-            + (f", {t['held']} held" if t["held"] else "")
-        )
-    for tenant, t in report["tenants"].items():
-        click.echo(
-            f"  tenant {tenant or '(none)'}: "
+            f"  {name}: "
             + ", ".join(f"{k} {v}" for k, v in t["counts"].items())
             + f"; lag {render.seconds(t['lag_seconds'])}, {t['delivered_per_second']:.1f}/s"
             + (f", {t['held']} held" if t["held"] else "")
