@@ -92,7 +92,11 @@ SELECT tenant, key, min(id) AS first_id
 --   share: how far each group's rows are read: the batch, split over the groups, four times
 --     over (a group with fewer rows than its share leaves room that the others fill), and
 --     never more than the batch: at most four batches' worth of rows are read in all;
---   picked: each group's first deliverable rows in id order, numbered (turn 1, 2, ...);
+--   first: each group's first deliverable rows in id order, numbered (turn 1, 2, ...);
+--   full_groups, top_up, more: when that falls short of the batch (groups whose rows are all
+--     held or waiting count in the split, and give nothing), the groups that filled their
+--     share read on from their last row, the shortfall split over them four times over (turns
+--     after the share). At most four batches' worth of rows more are read, and only then;
 --   the batch: the first LIMIT rows by turn, then in id order. A group's rows are a prefix of
 --     its deliverable rows, so a key's rows (one tenant's) go in id order within a topic.
 -- A key whose oldest unfinished row waits for a retry or is FAILED is held back entirely
@@ -114,7 +118,7 @@ groups AS (
 share AS (
     SELECT least(%(limit)s, ceil(4.0 * %(limit)s / count(*)))::integer AS rows FROM groups
 ),
-picked AS (
+first AS (
     SELECT r.*
       FROM groups g
      CROSS JOIN LATERAL (
@@ -122,17 +126,49 @@ picked AS (
                m.key, m.payload, m.headers, m.attempts, m.created_at, m.bucket, m.tenant
           FROM {table} m
          WHERE m.status = 'PENDING' AND m.tenant = g.tenant AND m.topic = g.topic
-           AND m.bucket = ANY(%(buckets)s::smallint[])
-           AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
-           AND NOT EXISTS (SELECT 1 FROM blockers b
-                            WHERE b.key = m.key AND b.tenant = m.tenant AND b.first_id < m.id)
-           AND m.id NOT IN (SELECT unnest(%(exclude)s::bigint[]))
+           AND {deliverable}
          ORDER BY m.id
          LIMIT (SELECT rows FROM share)) AS r
+),
+full_groups AS (
+    SELECT tenant, topic, max(id) AS last_id FROM first
+     GROUP BY tenant, topic
+    HAVING count(*) = (SELECT rows FROM share)
+),
+top_up AS (
+    SELECT least(%(limit)s, ceil(4.0 * (%(limit)s - (SELECT count(*) FROM first)) / count(*)))
+           ::integer AS rows
+      FROM full_groups
+    HAVING count(*) > 0 AND (SELECT count(*) FROM first) < %(limit)s
+),
+more AS (
+    SELECT r.*
+      FROM full_groups f
+     CROSS JOIN LATERAL (
+        SELECT (SELECT rows FROM share) + row_number() OVER (ORDER BY m.id) AS turn, m.id,
+               m.message_id::text, m.topic, m.key, m.payload, m.headers, m.attempts,
+               m.created_at, m.bucket, m.tenant
+          FROM {table} m
+         WHERE m.status = 'PENDING' AND m.tenant = f.tenant AND m.topic = f.topic
+           -- on from the group's last row, as one condition of the PENDING index: as
+           -- `m.id > f.last_id` it was a range of the primary key, and the read walked it
+           AND (m.tenant, m.topic, m.id) > (f.tenant, f.topic, f.last_id) AND {deliverable}
+         ORDER BY m.id
+         LIMIT coalesce((SELECT rows FROM top_up), 0)) AS r
 )
 SELECT id, message_id, topic, key, payload, headers, attempts, created_at, bucket, tenant
-  FROM (SELECT * FROM picked ORDER BY turn, id LIMIT %(limit)s) AS batch
+  FROM (SELECT * FROM first UNION ALL SELECT * FROM more ORDER BY turn, id LIMIT %(limit)s)
+       AS batch
  ORDER BY id
+
+-- name: deliverable
+-- A PENDING row `m` of the relay's buckets that may be sent now: not waiting for its retry, not
+-- behind its key's blocking row (blockers, fetch_pending's), not in the batch in flight.
+m.bucket = ANY(%(buckets)s::smallint[])
+AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
+AND NOT EXISTS (SELECT 1 FROM blockers b
+                 WHERE b.key = m.key AND b.tenant = m.tenant AND b.first_id < m.id)
+AND m.id NOT IN (SELECT unnest(%(exclude)s::bigint[]))
 
 -- name: mark_confirmed
 -- last_error says why a row is not delivered yet: a delivered row has none (attempts still

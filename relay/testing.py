@@ -120,7 +120,8 @@ class InMemoryStore:
         self, buckets: frozenset[int], limit: int, exclude: Sequence[int] = ()
     ) -> list[PendingMessage]:
         """queries.sql's fetch_pending: (tenant, topic) groups take turns, each group's
-        deliverable rows in id order, at most group_share() of each looked at."""
+        deliverable rows in id order, at most group_share() of each looked at, and a top-up
+        from the groups that filled their share when that falls short."""
         excluded = set(exclude)
         with self._lock:
             now = self._now()
@@ -142,6 +143,14 @@ class InMemoryStore:
                 for rows in groups.values()
                 for turn, row in enumerate(rows[:share])
             ]
+            full = [rows for rows in groups.values() if len(rows) >= share]
+            if len(turns) < limit and full:  # the top-up: full_groups, top_up and more
+                more = group_share(limit - len(turns), len(full))
+                turns += [
+                    (share + turn, row.id, row)
+                    for rows in full
+                    for turn, row in enumerate(rows[share : share + more])
+                ]
             picked = sorted(turns, key=lambda t: t[:2])[:limit]
             return [
                 PendingMessage(

@@ -246,3 +246,22 @@ def test_a_key_is_held_back_within_its_tenant_only(under_test):
     assert stats[("a", "t")] == PendingStats(1, 1, None)
     assert stats[("b", "t")].pending == 2 and stats[("b", "t")].held == 0
     assert stats.by_tenant().keys() == {"a", "b"} and stats.total().pending == 3
+
+
+def test_groups_with_nothing_to_send_do_not_shrink_the_read(under_test):
+    """Groups whose rows are all held behind a FAILED key count in the split of a read and
+    give nothing: the groups that filled their share read on, and the batch is full."""
+    store, insert = under_test.store, under_test.insert
+    relay = uuid.uuid4()
+    store.heartbeat(relay, "a", 60)
+    failed = []
+    for t in range(30):
+        failed.append(insert(b"K", tenant=f"held-{t}"))
+        insert(b"K", tenant=f"held-{t}")
+    assert store.record_failures(relay, [FailureUpdate(f, 1, "x", True, 0.0) for f in failed]) == 30
+    deep = [insert(b"d%d" % (i % 5), tenant="deep") for i in range(40)]
+    # 31 groups, a read of 10: a share of 2 each, and only the deep group has rows to send.
+    assert ids(store.fetch_pending(ALL, 10)) == deep[:10]
+    # With a second deep group, the top-up takes turns between the two.
+    other = [insert(b"o%d" % i, tenant="other") for i in range(40)]
+    assert ids(store.fetch_pending(ALL, 10)) == deep[:5] + other[:5]
