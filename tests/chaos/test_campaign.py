@@ -79,9 +79,7 @@ class Writers:
                     key=keys[(seq + j) % len(keys)],
                     payload={"w": w, "seq": seq + j},
                     dedup_key=f"w{w}-{seq + j}",
-                    # Three tenants (a writer's keys are its own): the relay's fair read takes
-                    # turns across them under the same faults.
-                    tenant=f"tenant-{w % 3}",
+                    tenant=tenant_of(keys[(seq + j) % len(keys)]),
                 )
                 for j in range(min(batch, per_writer - seq))
             ]
@@ -111,6 +109,14 @@ class Writers:
 UNSEEN_ROWS = 12  # rows on a topic no relay has seen, between two rows of one key
 
 
+def tenant_of(key: str) -> str:
+    """Three tenants, the writers' keys split among them (a key is one writer's): the relay's
+    fair read takes turns across them under the same faults. A key's order is kept per tenant,
+    so every row of a key, the faults' too, carries its key's tenant."""
+    writer = int(key.rsplit("-", 1)[1]) % WRITERS
+    return f"tenant-{writer % 3}"
+
+
 def kill_broker_and_commit_across_an_unseen_topic(
     dsn: str, topic: str, unseen: str, key: str
 ) -> None:
@@ -127,6 +133,7 @@ def kill_broker_and_commit_across_an_unseen_topic(
                     key=key,
                     payload={"unseen": unseen, "m": "a"},
                     dedup_key=f"{unseen}-a",
+                    tenant=tenant_of(key),
                     lock_key=True,
                 )
                 outbox.publish_many(
@@ -142,6 +149,7 @@ def kill_broker_and_commit_across_an_unseen_topic(
                     key=key,
                     payload={"unseen": unseen, "m": "b"},
                     dedup_key=f"{unseen}-b",
+                    tenant=tenant_of(key),
                     lock_key=True,
                 )
             return
