@@ -14,6 +14,9 @@ from .model import BUCKETS, STATUSES, Backlog, PendingStats
 from .selection import key_text
 from .store import int_array
 
+#: A topic or tenant whose rows are all delivered (or FAILED): nothing waits.
+NOTHING_WAITING = PendingStats(0, 0, None)
+
 
 def read_status(conn: psycopg.Connection, schema: str, rate_window: float = 60.0) -> dict[str, Any]:
     """The report; each topic's delivery rate is over the last RATE_WINDOW seconds."""
@@ -67,8 +70,8 @@ def read_status(conn: psycopg.Connection, schema: str, rate_window: float = 60.0
         "topics": {
             topic: {
                 "counts": counts,
-                "lag_seconds": waiting.get(topic, PendingStats(0, 0, None)).lag_seconds,
-                "held": waiting.get(topic, PendingStats(0, 0, None)).held,
+                "lag_seconds": waiting.get(topic, NOTHING_WAITING).lag_seconds,
+                "held": waiting.get(topic, NOTHING_WAITING).held,
                 "delivered_per_second": delivered.get(topic, 0) / rate_window,
             }
             for topic, counts in by_topic.items()
@@ -77,9 +80,9 @@ def read_status(conn: psycopg.Connection, schema: str, rate_window: float = 60.0
         "tenants": {
             tenant: {
                 "counts": counts,
-                "pending": waiting_tenants.get(tenant, PendingStats(0, 0, None)).pending,
-                "lag_seconds": waiting_tenants.get(tenant, PendingStats(0, 0, None)).lag_seconds,
-                "held": waiting_tenants.get(tenant, PendingStats(0, 0, None)).held,
+                "pending": waiting_tenants.get(tenant, NOTHING_WAITING).pending,
+                "lag_seconds": waiting_tenants.get(tenant, NOTHING_WAITING).lag_seconds,
+                "held": waiting_tenants.get(tenant, NOTHING_WAITING).held,
                 "delivered_per_second": tenant_delivered.get(tenant, 0) / rate_window,
             }
             for tenant, counts in by_tenant.items()
