@@ -10,7 +10,14 @@ SELECT count(pg_advisory_xact_lock(%(namespace)s, k))
 -- name: insert_messages
 -- Every row in one statement: publish_many() costs one round trip whatever the count. The
 -- arrays go in binary format: as text, psycopg quoted and escaped every element in Python, a
--- third of the writer's CPU per event (bench/writer_cost.py).
+-- third of the writer's CPU per event (bench/writer_cost.py). Each tenant is registered in
+-- the same statement (`registered`; a tenant already listed costs one index lookup): the
+-- relay checks its rate limits' tenants against that list.
+WITH registered AS (
+    INSERT INTO {tenant_table} (tenant)
+    SELECT DISTINCT n FROM unnest(%(tenants)b::text[]) AS n WHERE n <> ''
+    ON CONFLICT (tenant) DO NOTHING
+)
 INSERT INTO {table} (message_id, topic, key, payload, headers, dedup_key, tenant)
 SELECT m, t, k, p, h::jsonb, d, n
   FROM unnest(%(message_ids)b::uuid[], %(topics)b::text[], %(keys)b::bytea[],

@@ -99,5 +99,7 @@ def compose(body: str, schema: str | None, **fragments: sql.Composable) -> sql.C
         "schema_table": table_ident(schema, "local_message_schema"),
         "audit_table": table_ident(schema, "local_message_audit"),
         "inbox_table": table_ident(schema, "inbox_message"),
+        "tenant_table": table_ident(schema, "local_message_tenant"),
+        "rate_table": table_ident(schema, "local_message_rate"),
     }
     return sql.SQL(body).format(**idents, **fragments)

@@ -7,7 +7,7 @@ import math
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -15,10 +15,11 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 
 from outbox.errors import OutboxError
-from outbox.message import DEFAULT_MAX_MESSAGE_BYTES
+from outbox.message import DEFAULT_MAX_MESSAGE_BYTES, validate_tenant, validate_topic
 from outbox.sql import validate_identifier
 
 from .model import BUCKETS, SEND_MARGIN, LoopSettings
+from .rate_limits import NO_TENANT, SCOPES, RateLimit
 from .retry import RetryPolicy
 from .shards import MAX_PROGRESS_IDS, PROGRESS_BYTES_PER_ROW, validate_shards
 
@@ -94,6 +95,9 @@ class RelayConfig:
     progress_topic: str = "outbox-progress"
     #: Exactly-once: the producers' transactional.id is <prefix>-<shard>.
     transactional_id_prefix: str = "outbox-relay"
+    #: Rate limits shared by every relay: `SCOPE:NAME=RATE[:BURST]` entries separated by
+    #: commas or spaces (relay.rate_limits), e.g. "tenant:acme=100 topic:payments=500:2000".
+    rate_limits: str = ""
     #: librdkafka settings, passed through to the producer (kcat-style -X key=value).
     kafka: dict[str, str] = field(default_factory=dict)
 
@@ -137,8 +141,6 @@ class RelayConfig:
         if self.retention_seconds < 0:
             raise ConfigError("retention_seconds must not be negative")
         if self.dead_letter_topic:
-            from outbox.message import validate_topic
-
             try:
                 validate_topic(self.dead_letter_topic)
             except ValueError as exc:
@@ -189,8 +191,6 @@ class RelayConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if self.exactly_once:
-            from outbox.message import validate_topic
-
             try:
                 validate_topic(self.progress_topic)
             except ValueError as exc:
@@ -210,10 +210,19 @@ class RelayConfig:
                     f"rows and {PROGRESS_BYTES_PER_ROW} bytes a row within max_message_bytes "
                     f"({self.max_message_bytes})"
                 )
+        try:
+            parse_rate_limits(self.rate_limits)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("log_level must be DEBUG, INFO, WARNING or ERROR")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError("metrics_port must be between 0 and 65535")
+
+    @property
+    def limits(self) -> tuple[RateLimit, ...]:
+        """rate_limits, parsed (validate() has refused what does not parse)."""
+        return parse_rate_limits(self.rate_limits)
 
     @property
     def exactly_once(self) -> bool:
@@ -254,6 +263,62 @@ _OWNED_PRODUCER_SETTINGS = {
     "producers <transactional_id_prefix>-<shard>",
     "transaction.timeout.ms": "exactly-once delivery sets it from flush_timeout",
 }
+
+
+_LIMIT_RE = re.compile(r"(?P<scope>[a-z]+):(?P<name>[^=]*)=(?P<rate>[^:]*)(?::(?P<burst>.*))?")
+
+
+def parse_rate_limits(spec: str | Iterable[str]) -> tuple[RateLimit, ...]:
+    """Limits from SPEC: entries `SCOPE:NAME=RATE[:BURST]` (RATE messages a second, BURST at
+    most at once, default max(RATE, 1)), separated by commas or spaces, or given one by one.
+    Raises ValueError naming the entry at fault."""
+    entries = spec.replace(",", " ").split() if isinstance(spec, str) else list(spec)
+    limits: dict[tuple[str, str], RateLimit] = {}
+    for entry in entries:
+        limit = _parse_entry(entry.strip())
+        if (limit.scope, limit.name) in limits:
+            raise ValueError(f"rate limit {entry!r}: {limit.label} is limited twice")
+        limits[(limit.scope, limit.name)] = limit
+    return tuple(sorted(limits.values(), key=lambda limit: (limit.scope, limit.name)))
+
+
+def _parse_entry(entry: str) -> RateLimit:
+    match = _LIMIT_RE.fullmatch(entry)
+    if not match:
+        raise ValueError(
+            f"rate limit {entry!r}: write SCOPE:NAME=RATE[:BURST], e.g. tenant:acme=100 or "
+            "topic:payments=500:2000"
+        )
+    scope, name = match["scope"], match["name"]
+    if scope not in SCOPES:
+        raise ValueError(f"rate limit {entry!r}: the scope is tenant or topic, not {scope!r}")
+    try:
+        if scope == "tenant":
+            name = "" if name == NO_TENANT else validate_tenant(name)
+        else:
+            validate_topic(name)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"rate limit {entry!r}: {exc}") from None
+    rate = _number(entry, "rate", match["rate"])
+    burst = max(rate, 1.0) if match["burst"] is None else _number(entry, "burst", match["burst"])
+    if burst < 1:
+        raise ValueError(
+            f"rate limit {entry!r}: the burst must be at least 1 (a message takes one token)"
+        )
+    return RateLimit(scope, name, rate, burst)
+
+
+def _number(entry: str, what: str, raw: str) -> float:
+    try:
+        value = float(raw.removesuffix("/s"))
+    except ValueError:
+        raise ValueError(f"rate limit {entry!r}: the {what} {raw!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(
+            f"rate limit {entry!r}: the {what} must be a positive number of messages "
+            f"(a second, for the rate), not {raw!r}"
+        )
+    return value
 
 
 def _parse(name: str, kind: object, raw: str) -> object:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .model import Backlog, Delivered, FailureUpdate, Outcome, PendingMessage
+from .rate_limits import NO_TENANT, Allowance
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
@@ -126,6 +127,21 @@ class RelayMetrics:
             registry=r,
         )
         self._tenants: set[str] = set()
+        # One series per rate limit of the relay's configuration (a handful, set by operators).
+        self.throttled = Gauge(
+            "outbox_throttled",
+            "1 while a rate limit holds rows back (its tokens ran out with rows waiting), 0 "
+            "when its last read sent all it could; scope is tenant or topic, name '-' for the "
+            "rows without a tenant.",
+            ["scope", "name"],
+            registry=r,
+        )
+        self.throttled_reads = Counter(
+            "outbox_throttled_reads_total",
+            "Reads in which a rate limit held rows back.",
+            ["scope", "name"],
+            registry=r,
+        )
         self.buckets_owned = Gauge(
             "outbox_buckets_owned", "Buckets this relay holds a lease on (of 256).", registry=r
         )
@@ -166,6 +182,14 @@ class RelayMetrics:
             self.tenant_held.labels(name).set(s.held)
             self.tenant_lag.labels(name).set(s.lag_seconds or 0.0)
         self._tenants = set(tenants)
+
+    def observe_throttling(self, allowance: Allowance) -> None:
+        """After a read under rate limits: which of them held rows back."""
+        for limit, held in zip(allowance.limits, allowance.held, strict=True):
+            labels = (limit.scope, limit.name or NO_TENANT)
+            self.throttled.labels(*labels).set(1 if held else 0)
+            if held:
+                self.throttled_reads.labels(*labels).inc()
 
     def observe_batch(
         self,

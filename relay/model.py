@@ -7,7 +7,10 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple, Protocol, TypeAlias
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeAlias
+
+if TYPE_CHECKING:  # relay.rate_limits imports this module
+    from .rate_limits import Allowance, RateLimit
 
 #: Seconds a sink's send() may take beyond the flush_timeout it was given: taking back what is
 #: unreported at the deadline and replacing the producer. A batch's Kafka part takes at most
@@ -207,10 +210,17 @@ class Store(Protocol):
         """Say this relay is alive, renew and rebalance its bucket leases, return them."""
 
     def fetch_pending(
-        self, buckets: frozenset[int], limit: int, exclude: Sequence[int] = ()
+        self,
+        buckets: frozenset[int],
+        limit: int,
+        exclude: Sequence[int] = (),
+        *,
+        skip_tenants: Sequence[str] = (),
+        skip_topics: Sequence[str] = (),
     ) -> list[PendingMessage]:
-        """Up to LIMIT deliverable rows of BUCKETS in id order, none of EXCLUDE. A key whose
-        oldest unfinished row is FAILED or waits for a retry has no row deliverable."""
+        """Up to LIMIT deliverable rows of BUCKETS in id order, none of EXCLUDE, none of the
+        tenants SKIP_TENANTS or the topics SKIP_TOPICS. A key whose oldest unfinished row is
+        FAILED or waits for a retry has no row deliverable."""
 
     def mark_confirmed(self, relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> int:
         """Mark PENDING rows of buckets RELAY_ID owns CONFIRMED; return how many changed."""
@@ -232,6 +242,20 @@ class Store(Protocol):
 
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
         """Delete up to LIMIT CONFIRMED rows created over OLDER_THAN_SECONDS ago."""
+
+    # Rate limits (relay.rate_limits): called only when the relay has limits.
+
+    def set_rate_limits(self, limits: Sequence[RateLimit]) -> None:
+        """Put LIMITS in force (a new one with a full bucket); forget limits no relay uses."""
+
+    def known_tenants(self, tenants: Sequence[str]) -> set[str]:
+        """Those of TENANTS that have written events (or were registered)."""
+
+    def take_tokens(self, limits: Sequence[RateLimit], want: int) -> Allowance:
+        """Refill each limit's bucket and take up to WANT whole tokens from it."""
+
+    def return_tokens(self, allowance: Allowance) -> None:
+        """Give back what ALLOWANCE took and did not use; note which limits held rows back."""
 
     def close(self) -> None: ...
 

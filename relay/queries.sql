@@ -89,6 +89,8 @@ SELECT tenant, key, min(id) AS first_id
 --     lands on a group's newest row, which is PENDING; from the start it landed on a group's
 --     oldest entries, those of rows delivered since the last vacuum, and stepped over them
 --     all, at every read;
+--   live: the groups not left out by a rate limit that has no tokens left (skip_tenants,
+--     skip_topics: relay.rate_limits); their rows are not read at all;
 --   share: how far each group's rows are read: the batch, split over the groups, four times
 --     over (a group with fewer rows than its share leaves room that the others fill), and
 --     never more than the batch: at most four batches' worth of rows are read in all;
@@ -115,12 +117,16 @@ groups AS (
                           WHERE status = 'PENDING' AND (tenant, topic) < (g.tenant, g.topic)
                           ORDER BY tenant DESC, topic DESC LIMIT 1) AS lower
 ),
+live AS (
+    SELECT tenant, topic FROM groups
+     WHERE tenant <> ALL(%(skip_tenants)s::text[]) AND topic <> ALL(%(skip_topics)s::text[])
+),
 share AS (
-    SELECT least(%(limit)s, ceil(4.0 * %(limit)s / count(*)))::integer AS rows FROM groups
+    SELECT least(%(limit)s, ceil(4.0 * %(limit)s / count(*)))::integer AS rows FROM live
 ),
 first AS (
     SELECT r.*
-      FROM groups g
+      FROM live g
      CROSS JOIN LATERAL (
         SELECT row_number() OVER (ORDER BY m.id) AS turn, m.id, m.message_id::text, m.topic,
                m.key, m.payload, m.headers, m.attempts, m.created_at, m.bucket, m.tenant
@@ -252,3 +258,74 @@ DELETE FROM {table}
                ORDER BY id
                LIMIT %(limit)s
                  FOR UPDATE SKIP LOCKED)
+
+-- name: set_rate_limits
+-- At start: the relay's limits, each with a full bucket if new (a changed rate or burst
+-- applies at once, tokens over the new burst dropped); limits no relay has drawn on for a
+-- minute and that are not this relay's are forgotten (a limit taken out of the configuration
+-- while other relays still run with it stays until they stop).
+WITH wanted AS (
+    SELECT * FROM unnest(%(scopes)s::text[], %(names)s::text[], %(rates)s::float8[],
+                         %(bursts)s::float8[]) AS w(scope, name, rate, burst)
+), forgotten AS (
+    DELETE FROM {rate_table} r
+     WHERE r.refilled_at < now() - interval '1 minute'
+       AND NOT EXISTS (SELECT 1 FROM wanted w WHERE w.scope = r.scope AND w.name = r.name)
+)
+INSERT INTO {rate_table} AS r (scope, name, rate, burst, tokens)
+SELECT scope, name, rate, burst, burst FROM wanted ORDER BY scope, name
+    ON CONFLICT (scope, name) DO UPDATE
+   SET rate = EXCLUDED.rate, burst = EXCLUDED.burst, tokens = least(r.tokens, EXCLUDED.burst)
+
+-- name: known_tenants
+-- Which of these tenants have written events (or were listed by an operator).
+SELECT tenant FROM {tenant_table} WHERE tenant = ANY(%(tenants)s::text[])
+
+-- name: take_tokens
+-- Before a read: each limit's bucket refilled for the time since its last refill (RATE a
+-- second, up to BURST), and up to `want` whole tokens taken from it; returns what each gave
+-- and what it held. The rows are locked first, in one order, so that relays taking from
+-- several limits at once wait on each other instead of deadlocking; the refill is computed
+-- from the locked row (SET reads the latest version), never from a snapshot another relay has
+-- changed since. statement_timestamp() is the refill's clock, and refilled_at never goes
+-- back: a relay whose statement started before another's refill counts no time twice.
+WITH wanted AS (
+    SELECT * FROM unnest(%(scopes)s::text[], %(names)s::text[], %(rates)s::float8[],
+                         %(bursts)s::float8[]) AS w(scope, name, rate, burst)
+), locked AS (
+    SELECT r.scope, r.name FROM {rate_table} r JOIN wanted w USING (scope, name)
+     ORDER BY r.scope, r.name
+       FOR UPDATE OF r
+)
+UPDATE {rate_table} r
+   SET last_taken = least(%(want)s, floor({available})),
+       tokens = {available} - least(%(want)s, floor({available})),
+       refilled_at = greatest(r.refilled_at, statement_timestamp()),
+       rate = w.rate, burst = w.burst
+  FROM wanted w
+ WHERE r.scope = w.scope AND r.name = w.name
+   AND (r.scope, r.name) IN (SELECT scope, name FROM locked)
+RETURNING r.scope, r.name, r.last_taken::integer, r.tokens + r.last_taken
+
+-- name: available
+-- A limit's tokens now: what was left, refilled at its rate since, up to its burst.
+least(w.burst, r.tokens + w.rate * greatest(0.0, extract(epoch FROM statement_timestamp()
+                                                          - r.refilled_at)::float8))
+
+-- name: return_tokens
+-- After a read: the tokens taken and not used go back (up to the burst), and the limits that
+-- held rows back say when, for `outbox status`.
+WITH given AS (
+    SELECT * FROM unnest(%(scopes)s::text[], %(names)s::text[], %(unused)s::float8[],
+                         %(held)s::boolean[]) AS g(scope, name, unused, held)
+), locked AS (
+    SELECT r.scope, r.name FROM {rate_table} r JOIN given g USING (scope, name)
+     ORDER BY r.scope, r.name
+       FOR UPDATE OF r
+)
+UPDATE {rate_table} r
+   SET tokens = least(r.burst, r.tokens + g.unused),
+       held_at = CASE WHEN g.held THEN statement_timestamp() ELSE r.held_at END
+  FROM given g
+ WHERE r.scope = g.scope AND r.name = g.name
+   AND (r.scope, r.name) IN (SELECT scope, name FROM locked)

@@ -28,6 +28,7 @@ What keeps the guarantees of docs/guarantees.md with the stages overlapped:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
@@ -54,6 +55,7 @@ from .model import (
     Store,
 )
 from .outage_log import OutageLog
+from .rate_limits import RateLimit
 from .retry import NO_WRITE, CircuitBreaker, RetryPolicy
 from .shards import buckets_of, whole_shards
 
@@ -101,6 +103,7 @@ class Relay:
         outage_log: OutageLog | None = None,
         reader: Store,
         dead_letter_sink: Sink | None = None,
+        rate_limits: Sequence[RateLimit] = (),
         **overrides,
     ):
         self.store = store
@@ -143,6 +146,12 @@ class Relay:
         self._helper_spent = [0.0, 0.0]
         self._resets_seen = 0
         self._pending: int | None = None  # as of the last heartbeat
+        #: Limits on what is sent a second, shared with the other relays (relay.rate_limits).
+        self.rate_limits = tuple(rate_limits)
+        #: The (tenant, topic) groups with rows waiting, as of the last heartbeat.
+        self._waiting: frozenset[tuple[str, str]] = frozenset()
+        #: After a read a limit held rows back in: seconds until it has a token again.
+        self.throttled_for: float | None = None
         self.stats: Counter[str] = Counter()
         self.last_progress = self.clock.monotonic()
 
@@ -209,6 +218,7 @@ class Relay:
             )
         backlog = self.store.pending_stats(buckets)
         self._pending = backlog.total().pending
+        self._waiting = frozenset(group for group, stats in backlog.items() if stats.pending)
         self.metrics.observe_renewal(len(buckets), backlog)
         now = self.clock.monotonic()
         if now >= self._lease_valid_until:
@@ -246,9 +256,7 @@ class Relay:
         self.heartbeat_if_due()
         batch, self._read_ahead = self._read_ahead, None
         if batch is None:
-            batch = self._note_read(
-                self.store.fetch_pending(self._to_read(), self.settings.batch_size)
-            )
+            batch = self._note_read(self._fetch(self.store, self._to_read()))
         self.last_progress = self.clock.monotonic()
         if not batch:
             return 0
@@ -346,9 +354,37 @@ class Relay:
         """A helper's job beside _write, on the reader: the next batch."""
         begun = self.clock.monotonic()
         try:
-            return self.reader.fetch_pending(buckets, self.settings.batch_size, leave_out)
+            return self._fetch(self.reader, buckets, leave_out)
         finally:
             self._helper_spent[1] = self.clock.monotonic() - begun
+
+    def _fetch(
+        self, store: Store, buckets: frozenset[int], leave_out: Sequence[int] = ()
+    ) -> list[PendingMessage]:
+        """The next batch of BUCKETS from STORE; with rate limits, only what their tokens cover
+        (relay.rate_limits: take, read without the groups of limits out of tokens, admit,
+        give back)."""
+        size = self.settings.batch_size
+        if not self.rate_limits:
+            return store.fetch_pending(buckets, size, leave_out)
+        allowance = store.take_tokens(self.rate_limits, size)
+        try:
+            batch = store.fetch_pending(
+                buckets,
+                size,
+                leave_out,
+                skip_tenants=allowance.skip_tenants,
+                skip_topics=allowance.skip_topics,
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):  # the read's error is the one to report
+                store.return_tokens(allowance)
+            raise
+        admitted = allowance.admit(batch, self._waiting)
+        store.return_tokens(allowance)
+        self.throttled_for = allowance.wait()
+        self.metrics.observe_throttling(allowance)
+        return admitted
 
     def settle(self) -> None:
         """Write every outcome not yet written, oldest first (the loop calls it before each
@@ -593,10 +629,14 @@ class Relay:
     def _idle(self, stop: threading.Event) -> None:
         if stop.is_set():
             return
+        wait = self._idle_wait
+        if self.throttled_for is not None:
+            # Rows wait for a rate limit's next token: back then, not after a longer idle wait.
+            wait = min(wait, max(self.throttled_for, self.settings.idle_poll_min))
         if self._wait_for_work is not None:
-            self._wait_for_work(self._idle_wait, stop)
+            self._wait_for_work(wait, stop)
         else:
-            self.clock.wait(stop, self._idle_wait)
+            self.clock.wait(stop, wait)
 
     def _on_error(self) -> None:
         # A lost connection is reopened by the store on its next call; until a heartbeat

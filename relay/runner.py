@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 
 import psycopg
 from tenacity import (
@@ -28,6 +29,7 @@ from .kafka import (
 from .listener import Listener
 from .model import LoopSettings, Sink
 from .outage_log import OutageLog
+from .rate_limits import RateLimit
 from .relay import Relay
 from .retention import Retention
 from .retry import RetryPolicy
@@ -131,10 +133,31 @@ def build_sinks(cfg: RelayConfig, outage_log: OutageLog) -> tuple[Sink, Sink]:
     return transactional, plain
 
 
+def put_limits_in_force(store: PostgresStore, limits: Sequence[RateLimit]) -> None:
+    """Refuse a limit for a tenant that never wrote an event (a misspelt name would leave the
+    real tenant unlimited); put the others in force for every relay (relay.rate_limits)."""
+    tenants = [limit.name for limit in limits if limit.scope == "tenant" and limit.name]
+    unknown = sorted(set(tenants) - store.known_tenants(tenants))
+    if unknown:
+        raise ConfigError(
+            f"rate_limits: no event was ever written for tenant {', '.join(map(repr, unknown))}"
+            " (a misspelt tenant would never be limited); to limit a tenant before its first "
+            "event, register it: INSERT INTO local_message_tenant (tenant) VALUES ('...')"
+        )
+    store.set_rate_limits(limits)
+
+
 def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
     if cfg.exactly_once:
         check_exactly_once(cfg)
     store = connect_store(cfg)
+    limits = cfg.limits
+    if limits:
+        try:
+            put_limits_in_force(store, limits)
+        except BaseException:
+            store.close()
+            raise
     # A second connection: the next batch is read while the outcomes are written (relay.relay).
     reader = PostgresStore(cfg.dsn, cfg.schema)  # connects on its first read
     outage_log = OutageLog(logging.getLogger("relay.kafka"))
@@ -162,6 +185,7 @@ def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
         outage_log=outage_log,
         reader=reader,
         dead_letter_sink=dead_letter_sink,
+        rate_limits=limits,
     )
     return relay, listener
 
@@ -201,8 +225,12 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
     try:
         if until_idle:
             try:
-                while not stop.is_set() and relay.run_once() > 0:
-                    pass
+                while not stop.is_set():
+                    if relay.run_once() > 0:
+                        continue
+                    if relay.throttled_for is None:
+                        break  # nothing left, nothing held back by a rate limit
+                    relay.clock.wait(stop, max(relay.throttled_for, 0.01))
             finally:
                 relay.shutdown()
             if retention:

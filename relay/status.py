@@ -59,6 +59,16 @@ def read_status(conn: psycopg.Connection, schema: str, rate_window: float = 60.0
         (in_backoff,) = one_row(conn.execute(q("in_backoff")))
         blocked = operations.blocked_keys(conn, schema, limit=10)
         blocked_count = operations.blocked_key_count(conn, schema)
+        limits = [
+            dict(
+                zip(
+                    ("scope", "name", "rate", "burst", "tokens", "held_at", "throttled"),
+                    row,
+                    strict=True,
+                )
+            )
+            for row in conn.execute(q("rate_limits"))
+        ]
     return {
         "schema": schema,
         "schema_version": version,
@@ -101,6 +111,7 @@ def read_status(conn: psycopg.Connection, schema: str, rate_window: float = 60.0
             }
             for b in blocked
         ],
+        "rate_limits": limits,
         "relays": relays,
     }
 

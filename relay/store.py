@@ -14,6 +14,7 @@ from outbox.schema import require_schema
 from outbox.sql import one_row, query
 
 from .model import BUCKETS, Backlog, Delivered, FailureUpdate, PendingMessage, PendingStats
+from .rate_limits import Allowance, RateLimit
 from .shards import plan_lease, validate_shards
 
 
@@ -50,6 +51,16 @@ def failure_params(relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> di
         "relay_id": relay_id,
         "ids": int_array([f.id for f in failures]),
         "outcomes": json.dumps(outcomes, ensure_ascii=False, allow_nan=False),
+    }
+
+
+def limit_params(limits: Sequence[RateLimit]) -> dict:
+    """The limits as the parallel arrays of queries.sql's rate-limit blocks."""
+    return {
+        "scopes": [limit.scope for limit in limits],
+        "names": [limit.name for limit in limits],
+        "rates": [limit.rate for limit in limits],
+        "bursts": [limit.burst for limit in limits],
     }
 
 
@@ -164,7 +175,13 @@ class PostgresStore:
     # -- messages
 
     def fetch_pending(
-        self, buckets: frozenset[int], limit: int, exclude: Sequence[int] = ()
+        self,
+        buckets: frozenset[int],
+        limit: int,
+        exclude: Sequence[int] = (),
+        *,
+        skip_tenants: Sequence[str] = (),
+        skip_topics: Sequence[str] = (),
     ) -> list[PendingMessage]:
         if not buckets:
             return []
@@ -178,6 +195,8 @@ class PostgresStore:
                     "buckets": self._bucket_array(buckets),
                     "limit": limit,
                     "exclude": int_array(exclude),
+                    "skip_tenants": list(skip_tenants),
+                    "skip_topics": list(skip_topics),
                 },
                 prepare=True,
                 binary=True,
@@ -217,6 +236,42 @@ class PostgresStore:
         if not failures:
             return 0
         return self._execute("record_failures", failure_params(relay_id, failures)).rowcount
+
+    # -- rate limits (relay.rate_limits)
+
+    def set_rate_limits(self, limits: Sequence[RateLimit]) -> None:
+        self._execute("set_rate_limits", limit_params(limits))
+
+    def known_tenants(self, tenants: Sequence[str]) -> set[str]:
+        cur = self._execute("known_tenants", {"tenants": list(tenants)})
+        return {row[0] for row in cur}
+
+    def take_tokens(self, limits: Sequence[RateLimit], want: int) -> Allowance:
+        rows = self._execute("take_tokens", {**limit_params(limits), "want": want}).fetchall()
+        got = {(scope, name): (granted, available) for scope, name, granted, available in rows}
+        if len(got) < len(limits):
+            # Forgotten meanwhile (set_rate_limits of a relay without it): back, empty.
+            self.set_rate_limits(limits)
+        return Allowance(
+            limits,
+            [got.get((limit.scope, limit.name), (0, 0.0))[0] for limit in limits],
+            [got.get((limit.scope, limit.name), (0, 0.0))[1] for limit in limits],
+        )
+
+    def return_tokens(self, allowance: Allowance) -> None:
+        unused = allowance.unused()
+        if not any(unused) and not any(allowance.held):
+            return
+        limits = allowance.limits
+        self._execute(
+            "return_tokens",
+            {
+                "scopes": [limit.scope for limit in limits],
+                "names": [limit.name for limit in limits],
+                "unused": unused,
+                "held": list(allowance.held),
+            },
+        )
 
     # -- gauges and retention
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import itertools
+import math
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from .model import (
     group_share,
     send_in_key_order,
 )
+from .rate_limits import Allowance, RateLimit
 from .shards import buckets_of, message_tag, plan_lease
 
 
@@ -69,6 +71,16 @@ class Row:
         return bucket_of(self.key, self.id)
 
 
+@dataclass
+class TokenBucket:
+    """A row of local_message_rate."""
+
+    limit: RateLimit
+    tokens: float
+    refilled_at: float
+    held_at: float | None = None
+
+
 class InMemoryStore:
     def __init__(self, now: Callable[[], float], shards: int = BUCKETS):
         self._now = now
@@ -78,6 +90,8 @@ class InMemoryStore:
         self.rows: dict[int, Row] = {}
         self.relays: dict[uuid.UUID, float] = {}  # relay_id -> lease_until
         self.owners: dict[int, tuple[uuid.UUID, float]] = {}  # bucket -> (owner, lease_until)
+        self.tenants: set[str] = set()  # queries.sql's local_message_tenant
+        self.rate_buckets: dict[tuple[str, str], TokenBucket] = {}  # local_message_rate
 
     def insert(
         self, topic: str, key: bytes | None, payload: bytes, headers=(), tenant: str = ""
@@ -85,6 +99,8 @@ class InMemoryStore:
         with self._lock:
             row = Row(next(self._ids), topic, key, payload, list(headers), tenant=tenant)
             self.rows[row.id] = row
+            if tenant:
+                self.tenants.add(tenant)
             return row
 
     def heartbeat(self, relay_id: uuid.UUID, name: str, lease_seconds: float) -> frozenset[int]:
@@ -117,18 +133,29 @@ class InMemoryStore:
             self.relays.pop(relay_id, None)
 
     def fetch_pending(
-        self, buckets: frozenset[int], limit: int, exclude: Sequence[int] = ()
+        self,
+        buckets: frozenset[int],
+        limit: int,
+        exclude: Sequence[int] = (),
+        *,
+        skip_tenants: Sequence[str] = (),
+        skip_topics: Sequence[str] = (),
     ) -> list[PendingMessage]:
         """queries.sql's fetch_pending: (tenant, topic) groups take turns, each group's
         deliverable rows in id order, at most group_share() of each looked at, and a top-up
-        from the groups that filled their share when that falls short."""
+        from the groups that filled their share when that falls short. The groups of
+        SKIP_TENANTS and SKIP_TOPICS are left out."""
         excluded = set(exclude)
         with self._lock:
             now = self._now()
             blockers = self._blocking_keys(buckets, now)
             groups: dict[tuple[str, str], list[Row]] = {}
             for row in sorted(self.rows.values(), key=lambda r: r.id):
-                if row.status == "PENDING":
+                if (
+                    row.status == "PENDING"
+                    and row.tenant not in skip_tenants
+                    and row.topic not in skip_topics
+                ):
                     groups.setdefault((row.tenant, row.topic), [])
                     if (
                         row.bucket in buckets
@@ -247,6 +274,57 @@ class InMemoryStore:
                 lag = (now_wall - oldest).total_seconds() if oldest else None
                 backlog[group] = PendingStats(len(pending), len(held), lag)
             return backlog
+
+    # -- rate limits: queries.sql's set_rate_limits, known_tenants, take_tokens, return_tokens
+
+    def set_rate_limits(self, limits: Sequence[RateLimit]) -> None:
+        with self._lock:
+            now = self._now()
+            wanted = {(limit.scope, limit.name): limit for limit in limits}
+            for scope_name, bucket in list(self.rate_buckets.items()):
+                if scope_name not in wanted and bucket.refilled_at < now - 60:
+                    del self.rate_buckets[scope_name]
+            for scope_name, limit in wanted.items():
+                bucket = self.rate_buckets.setdefault(
+                    scope_name, TokenBucket(limit, limit.burst, now)
+                )
+                bucket.limit = limit
+                bucket.tokens = min(bucket.tokens, limit.burst)
+
+    def known_tenants(self, tenants: Sequence[str]) -> set[str]:
+        with self._lock:
+            return set(tenants) & self.tenants
+
+    def take_tokens(self, limits: Sequence[RateLimit], want: int) -> Allowance:
+        granted, available = [], []
+        with self._lock:
+            now = self._now()
+            for limit in limits:
+                bucket = self.rate_buckets.get((limit.scope, limit.name))
+                if bucket is None:
+                    granted.append(0)
+                    available.append(0.0)
+                    continue
+                have = min(
+                    limit.burst, bucket.tokens + limit.rate * max(0.0, now - bucket.refilled_at)
+                )
+                took = min(want, math.floor(have))
+                bucket.limit, bucket.tokens = limit, have - took
+                bucket.refilled_at = max(bucket.refilled_at, now)
+                granted.append(took)
+                available.append(have)
+        return Allowance(limits, granted, available)
+
+    def return_tokens(self, allowance: Allowance) -> None:
+        with self._lock:
+            for limit, unused, held in zip(
+                allowance.limits, allowance.unused(), allowance.held, strict=True
+            ):
+                bucket = self.rate_buckets.get((limit.scope, limit.name))
+                if bucket is not None:
+                    bucket.tokens = min(bucket.limit.burst, bucket.tokens + unused)
+                    if held:
+                        bucket.held_at = self._now()
 
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
         with self._lock:

@@ -57,6 +57,15 @@ from .options import (
 @click.option(
     "--progress-topic", default=None, help="Exactly-once: the progress topic [outbox-progress]."
 )
+@click.option(
+    "--rate-limit",
+    "rate_limits",
+    multiple=True,
+    metavar="SCOPE:NAME=RATE[:BURST]",
+    help="Send at most RATE messages a second (BURST at once) of a tenant or a topic, across "
+    "all relays; repeatable: tenant:acme=100, topic:payments=500:2000, tenant:-=50 (rows "
+    "without a tenant).",
+)
 @click.option("--once", is_flag=True, help="Deliver until nothing is pending, then exit.")
 @click.option("--log-json", is_flag=True, default=None, help="One JSON object per log line.")
 @expected_failures
@@ -74,6 +83,7 @@ def relay(
     delivery,
     shards,
     progress_topic,
+    rate_limits,
     once,
     log_json,
 ) -> None:
@@ -87,6 +97,7 @@ def relay(
     Examples:
       outbox relay -b kafka:9092 --metrics-port 9108
       outbox relay -b kafka:9092 --delivery exactly-once   (after outbox migrate --kafka)
+      outbox relay -b kafka:9092 --rate-limit tenant:acme=100 --rate-limit topic:sms=20:100
       outbox relay -X security.protocol=SASL_SSL -X sasl.mechanisms=PLAIN \\
                    -X sasl.username=relay -X sasl.password=...
     """
@@ -106,6 +117,7 @@ def relay(
         delivery=delivery,
         shards=shards,
         progress_topic=progress_topic,
+        rate_limits=" ".join(rate_limits) or None,
         log_json=log_json,
         kafka=parse_kafka_settings(kafka_settings),
     )

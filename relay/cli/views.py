@@ -123,6 +123,18 @@ def _print_status(report: dict[str, Any]) -> None:
             f"  key {b['key']}{whose}: FAILED row {b['first_failed']}, {b['held']} rows held "
             f"behind it  (outbox show {b['first_failed']})"
         )
+    if report["rate_limits"]:
+        click.echo("rate limits (shared by every relay):")
+    for limit in report["rate_limits"]:
+        click.echo(
+            f"  {limit['scope']} {limit['name']}: {limit['rate']:g}/s, burst "
+            f"{limit['burst']:g}, {limit['tokens']:.1f} tokens"
+            + (
+                f"; THROTTLED (held rows back {render.age(limit['held_at'])} ago)"
+                if limit["throttled"]
+                else ""
+            )
+        )
     click.echo(f"relays alive: {len(report['relays'])}")
     for r in report["relays"]:
         click.echo(

@@ -1,0 +1,170 @@
+"""Rate limits: their configuration, what one read's tokens admit, and the loop under limits
+against the in-memory store on a fake clock (the shared buckets against the real server:
+tests/integration/test_rate_limits.py)."""
+
+import pytest
+
+from relay.config import ConfigError, RelayConfig, parse_rate_limits
+from relay.model import PendingMessage
+from relay.rate_limits import Allowance, RateLimit
+from relay.relay import Relay
+from relay.retry import RetryPolicy
+from relay.testing import FakeClock, InMemoryStore, RecordingSink
+
+BASE = {"OUTBOX_DSN": "postgresql://u@h/db", "OUTBOX_BOOTSTRAP_SERVERS": "k:9092"}
+
+
+def test_entries_parse_with_default_burst_and_the_no_tenant_name():
+    limits = parse_rate_limits("tenant:acme=100, topic:sms=0.5/s:20  tenant:-=7")
+    assert limits == (
+        RateLimit("tenant", "", 7.0, 7.0),
+        RateLimit("tenant", "acme", 100.0, 100.0),
+        RateLimit("topic", "sms", 0.5, 20.0),
+    )
+    assert [limit.label for limit in limits] == ["tenant:-", "tenant:acme", "topic:sms"]
+    # A rate under one a second still lets one message through at a time.
+    assert parse_rate_limits("topic:x=0.2") == (RateLimit("topic", "x", 0.2, 1.0),)
+    assert parse_rate_limits("") == ()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tenant:acme=-5", "the rate must be a positive number"),
+        ("tenant:acme=0", "the rate must be a positive number"),
+        ("tenant:acme=nan", "the rate must be a positive number"),
+        ("tenant:acme=inf", "the rate must be a positive number"),
+        ("tenant:acme=fast", "the rate 'fast' is not a number"),
+        ("tenant:acme=10:0.5", "the burst must be at least 1"),
+        ("tenant:acme=10:-3", "the burst must be a positive number"),
+        ("tenants:acme=10", "the scope is tenant or topic, not 'tenants'"),
+        ("tenant:.acme=10", "invalid tenant '.acme'"),
+        ("topic:a b=10", "write SCOPE:NAME=RATE"),
+        ("topic:..=10", "invalid topic name '..'"),
+        ("acme=10", "write SCOPE:NAME=RATE"),
+        ("tenant:acme=10 tenant:acme=20", "tenant:acme is limited twice"),
+    ],
+)
+def test_a_bad_entry_is_refused_at_start_with_one_line_naming_it(spec, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        RelayConfig.from_env({**BASE, "OUTBOX_RATE_LIMITS": spec})
+    assert "\n" not in str(info.value)
+
+
+def message(row_id, tenant, topic, key=b"k"):
+    return PendingMessage(row_id, "m", topic, key, b"", [], 0, None, 0, tenant)
+
+
+def test_admit_cuts_each_group_to_a_prefix_and_counts_every_limit_a_row_falls_under():
+    limits = [RateLimit("tenant", "a", 1, 10), RateLimit("topic", "t", 1, 10)]
+    allowance = Allowance(limits, granted=[3, 10], available=[3.5, 10.0])
+    batch = [
+        message(1, "a", "t"),
+        message(2, "a", "u"),
+        message(3, "b", "t"),
+        message(4, "a", "t"),
+        message(5, "a", "t"),  # tenant a's tokens are gone: cut, and a's later t rows too
+        message(6, "b", "t"),
+        message(7, "a", "u"),  # tenant a, group (a, u): cut
+        message(8, "c", "v"),  # no limit applies
+    ]
+    admitted = allowance.admit(batch)
+    assert [m.id for m in admitted] == [1, 2, 3, 4, 6, 8]
+    assert allowance.used == [3, 4]
+    assert allowance.held == [True, False]
+    assert allowance.unused() == [0, 6]
+    # Tenant a had 0.5 token left after its three: the next is due in half a second.
+    assert allowance.wait() == pytest.approx(0.5)
+
+
+def test_a_group_once_cut_stays_cut_even_when_a_later_row_would_fit():
+    # Topic t's tokens run out at row 2 (group (a, t)); row 3 of the same group is not sent
+    # either, though tenant a alone could afford it: the group's rows stay a prefix.
+    limits = [RateLimit("topic", "t", 1, 5)]
+    allowance = Allowance(limits, granted=[1], available=[1.0])
+    batch = [message(1, "b", "t"), message(2, "a", "t"), message(3, "a", "t")]
+    assert [m.id for m in allowance.admit(batch)] == [1]
+
+
+def test_a_limit_out_of_tokens_is_skipped_by_the_read_and_holds_only_if_its_rows_wait():
+    limits = [RateLimit("tenant", "a", 2, 2), RateLimit("topic", "t", 1, 1)]
+    allowance = Allowance(limits, granted=[0, 0], available=[0.5, 0.0])
+    assert allowance.skip_tenants == ["a"] and allowance.skip_topics == ["t"]
+    assert allowance.admit([message(1, "b", "u")], waiting={("a", "u")}) == [message(1, "b", "u")]
+    assert allowance.held == [True, False]
+    assert allowance.wait() == pytest.approx(0.25)
+
+
+def make_relay(limits, batch_size=50):
+    clock = FakeClock()
+    store = InMemoryStore(clock.monotonic)
+    sink = RecordingSink()
+    relay = Relay(
+        store,
+        sink,
+        reader=store,
+        clock=clock,
+        retry=RetryPolicy(random=lambda: 0.0),
+        batch_size=batch_size,
+        rate_limits=limits,
+    )
+    store.set_rate_limits(limits)
+    return clock, store, sink, relay
+
+
+def test_the_loop_holds_a_limited_tenant_to_its_rate_and_lets_the_others_through():
+    limits = parse_rate_limits("tenant:bulk=10:10")
+    clock, store, sink, relay = make_relay(limits)
+    bulk = [store.insert("t", b"k%d" % (i % 3), b"%d" % i, tenant="bulk") for i in range(45)]
+    other = [store.insert("t", b"k%d" % (i % 3), b"%d" % i, tenant="other") for i in range(30)]
+    relay.run_once()
+    relay.run_once()
+    sent = [m.id for m in sink.sent]
+    # The burst of 10 at once, every row of the other tenant, nothing more of bulk's.
+    assert {r.id for r in other} <= set(sent)
+    assert [i for i in sent if i <= bulk[-1].id] == [r.id for r in bulk[:10]]
+    assert relay.throttled_for == pytest.approx(0.1)
+    assert store.rate_buckets[("tenant", "bulk")].held_at is not None
+    # A second later, ten more; never a row dropped: all of them in the end, in id order.
+    clock.advance(1.0)
+    relay.run_once()
+    assert len([m for m in sink.sent if m.tenant == "bulk"]) == 20
+    for _ in range(10):
+        clock.advance(1.0)
+        relay.run_once()
+    assert [m.id for m in sink.sent if m.tenant == "bulk"] == [r.id for r in bulk]
+    assert all(r.status == "CONFIRMED" for r in bulk + other)
+    assert relay.run_once() == 0 and relay.throttled_for is None
+
+
+def test_a_topic_limit_applies_to_every_tenants_rows_of_the_topic():
+    limits = parse_rate_limits("topic:sms=5")
+    clock, store, sink, relay = make_relay(limits)
+    for tenant in ("a", "b"):
+        for i in range(10):
+            store.insert("sms", b"k", b"%d" % i, tenant=tenant)
+    email = [store.insert("email", b"k", b"x", tenant="a") for _ in range(10)]
+    relay.run_once()
+    relay.run_once()
+    assert len([m for m in sink.sent if m.topic == "sms"]) == 5
+    assert {r.id for r in email} <= {m.id for m in sink.sent}
+
+
+def test_replicas_draw_on_one_bucket():
+    """Two relays on one store: between them, the burst and the rate, not twice over."""
+    limits = parse_rate_limits("tenant:bulk=10:10")
+    clock, store, sink, first = make_relay(limits, batch_size=4)
+    second = Relay(
+        store, sink, reader=store, clock=clock, batch_size=4, rate_limits=limits, name="second"
+    )
+    for i in range(100):
+        store.insert("t", b"k%d" % i, b"x", tenant="bulk")
+    for _ in range(3):
+        first.run_once()
+        second.run_once()
+    for _ in range(20):
+        clock.advance(0.1)
+        first.run_once()
+        second.run_once()
+    # 10 at once, then 10 a second for 2 seconds.
+    assert len(sink.sent) == 30
