@@ -61,6 +61,8 @@ class Received:
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
+    #: The record's timestamp (the producer's clock when it was produced), in milliseconds.
+    timestamp_ms: int = 0
 
     def header(self, name: str) -> bytes | None:
         return next((v for k, v in self.headers if k == name), None)
@@ -100,6 +102,7 @@ def read_all(servers: str, topic: str, expected: int, timeout: float = 60.0) -> 
                         msg.key(),
                         msg.value(),
                         list(msg.headers() or []),
+                        msg.timestamp()[1],
                     )
                 )
         return out

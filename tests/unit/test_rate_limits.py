@@ -125,6 +125,8 @@ def test_the_loop_holds_a_limited_tenant_to_its_rate_and_lets_the_others_through
     assert [i for i in sent if i <= bulk[-1].id] == [r.id for r in bulk[:10]]
     assert relay.throttled_for == pytest.approx(0.1)
     assert store.rate_buckets[("tenant", "bulk")].held_at is not None
+    gauge = {"scope": "tenant", "name": "bulk"}
+    assert relay.metrics.registry.get_sample_value("outbox_throttled", gauge) == 1
     # A second later, ten more; never a row dropped: all of them in the end, in id order.
     clock.advance(1.0)
     relay.run_once()
@@ -135,11 +137,12 @@ def test_the_loop_holds_a_limited_tenant_to_its_rate_and_lets_the_others_through
     assert [m.id for m in sink.sent if m.tenant == "bulk"] == [r.id for r in bulk]
     assert all(r.status == "CONFIRMED" for r in bulk + other)
     assert relay.run_once() == 0 and relay.throttled_for is None
+    assert relay.metrics.registry.get_sample_value("outbox_throttled", gauge) == 0
 
 
 def test_a_topic_limit_applies_to_every_tenants_rows_of_the_topic():
     limits = parse_rate_limits("topic:sms=5")
-    clock, store, sink, relay = make_relay(limits)
+    _, store, sink, relay = make_relay(limits)
     for tenant in ("a", "b"):
         for i in range(10):
             store.insert("sms", b"k", b"%d" % i, tenant=tenant)
