@@ -39,4 +39,40 @@ INSERT INTO local_message_tenant (tenant)
     SELECT DISTINCT tenant FROM local_message WHERE tenant <> ''
     ON CONFLICT (tenant) DO NOTHING;
 
+-- The roles already at work keep working: a writer's INSERT now registers its tenant (and
+-- names the tenant column in its ON CONFLICT target, since migration 6), so every role that
+-- may insert events gets what that takes; every role that reads the whole table (relays,
+-- operators: `outbox status` reads the limits) may read the new tables; every relay (it
+-- updates the bucket leases) may keep the limits' buckets. Without this, a least-privilege
+-- writer's every INSERT failed after the upgrade until `outbox grants` was applied again.
+DO $$
+DECLARE
+    grant_row record;
+BEGIN
+    FOR grant_row IN
+        SELECT DISTINCT p.grantee, p.table_name, p.privilege_type
+          FROM information_schema.table_privileges p
+         WHERE p.table_schema = current_schema()
+           AND (p.table_name, p.privilege_type) IN (('local_message', 'INSERT'),
+                                                    ('local_message', 'SELECT'),
+                                                    ('local_message_bucket', 'UPDATE'))
+           AND p.grantee <> (SELECT r.rolname FROM pg_roles r
+                              JOIN pg_class c ON c.relowner = r.oid
+                             WHERE c.oid = 'local_message'::regclass)
+    LOOP
+        EXECUTE format(
+            CASE
+                WHEN grant_row.privilege_type = 'INSERT' THEN
+                    'GRANT SELECT (tenant) ON local_message TO %1$s; '
+                    'GRANT SELECT (tenant), INSERT ON local_message_tenant TO %1$s'
+                WHEN grant_row.table_name = 'local_message' THEN
+                    'GRANT SELECT ON local_message_tenant, local_message_rate TO %1$s'
+                ELSE 'GRANT SELECT, INSERT, UPDATE, DELETE ON local_message_rate TO %1$s'
+            END,
+            CASE WHEN grant_row.grantee = 'PUBLIC' THEN 'PUBLIC'
+                 ELSE quote_ident(grant_row.grantee) END);
+    END LOOP;
+END
+$$;
+
 INSERT INTO local_message_schema (version) VALUES (8) ON CONFLICT (version) DO NOTHING;

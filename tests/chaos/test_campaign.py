@@ -195,7 +195,13 @@ def test_campaign(dsn, bootstrap, topic, tmp_path, delivery):
     relays: dict[str, RelayProcess] = {}
     counter = iter(range(10_000))
     faults: list[str] = []
-    mode = {"OUTBOX_DELIVERY": delivery}
+    # One tenant under a rate limit shared by the relays: half as much again as it writes on
+    # average, so that the backlogs the faults leave drain throttled, held back and resumed
+    # through the kills (tenant_of: tenant-0 is two writers of four).
+    limit = f"tenant:tenant-0={1.5 * MESSAGES / DURATION / 2:.0f}:100"
+    mode = {"OUTBOX_DELIVERY": delivery, "OUTBOX_RATE_LIMITS": limit}
+    with psycopg.connect(dsn) as c:  # limited before its first event (docs/configuration.md)
+        c.execute("INSERT INTO local_message_tenant (tenant) VALUES ('tenant-0')")
     if delivery == "exactly-once":
         progress = f"{topic}.progress"
         assert (
@@ -312,6 +318,11 @@ def test_campaign(dsn, bootstrap, topic, tmp_path, delivery):
         r.wait_started()  # one spawned just before the end may still be importing
         assert r.stop() == 0, r.log()[-2000:]
     verdict = verify(dsn, bootstrap, topic, timeout=120)
+    with psycopg.connect(dsn) as c:
+        (held_at,) = c.execute(
+            "SELECT held_at FROM local_message_rate WHERE name = 'tenant-0'"
+        ).fetchone()
+    print(f"rate limit {limit}: last held rows back at {held_at}")
     print(
         f"verdict: rows {verdict.rows}, received {verdict.received}, missing "
         f"{len(verdict.missing)}, duplicates {verdict.duplicates}, inversions "

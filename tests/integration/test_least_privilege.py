@@ -167,3 +167,71 @@ def test_an_inbox_consumer_works_with_consumer_grants(role, dsn):
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(forbidden)
+
+
+def test_roles_granted_before_the_rate_limits_keep_working_after_migration_8(admin_dsn):
+    """A writer, a relay and an operator granted as before schema v8 (the writer without
+    SELECT on `tenant`, nobody with the new tables): after `outbox migrate` the writer still
+    writes (its INSERT now registers its tenant), a relay can keep rate limits and the
+    operator's status reads them, with no grant applied by hand."""
+    from outbox.schema import migrations
+    from relay.config import parse_rate_limits
+    from relay.status import read_status
+    from relay.store import PostgresStore
+    from tests.conftest import with_dbname
+
+    database = f"outbox_lp_{uuid.uuid4().hex[:8]}"
+    names = {kind: f"lp_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("writer", "relay", "op")}
+    before = {
+        "writer": "GRANT SELECT (id, message_id, dedup_key), INSERT ON local_message TO {}",
+        "relay": "GRANT SELECT ON local_message, local_message_schema TO {0}; "
+        "GRANT UPDATE ON local_message_bucket TO {0}",
+        "op": "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}",
+    }
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+        for name in names.values():
+            admin.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(name), sql.Literal(PASSWORD)
+                )
+            )
+    owner_dsn = with_dbname(admin_dsn, database)
+    try:
+        with psycopg.connect(owner_dsn, autocommit=True) as conn:
+            with conn.transaction():
+                for number, body in migrations().items():
+                    if number < 8:
+                        conn.execute(body)
+            for kind, name in names.items():
+                conn.execute(
+                    sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(sql.Identifier(name))
+                )
+                conn.execute(sql.SQL(before[kind]).format(sql.Identifier(name)))
+            assert outbox.apply_schema(conn) == outbox.SCHEMA_VERSION
+
+        def as_role(kind: str) -> str:
+            return psycopg.conninfo.make_conninfo(owner_dsn, user=names[kind], password=PASSWORD)
+
+        with psycopg.connect(as_role("writer")) as conn, conn.transaction():
+            outbox.publish(conn, topic="t", payload={}, tenant="acme", dedup_key="d1")
+            outbox.publish(conn, topic="t", payload={})
+        store = PostgresStore(as_role("relay"))
+        try:
+            limits = parse_rate_limits("tenant:acme=5")
+            assert store.known_tenants(["acme"]) == {"acme"}
+            store.set_rate_limits(limits)
+            assert store.take_tokens(limits, 10).granted == [5]
+        finally:
+            store.close()
+        with psycopg.connect(as_role("op")) as conn:
+            assert [(r["name"], r["rate"]) for r in read_status(conn, "public")["rate_limits"]] == [
+                ("acme", 5.0)
+            ]
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
+            )
+            for name in names.values():
+                admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
