@@ -17,7 +17,7 @@ from .errors import SchemaError
 from .sql import schema_sql, validate_identifier
 
 #: The version schema.sql installs.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _MIGRATION_RE = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
 

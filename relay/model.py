@@ -159,7 +159,7 @@ TOPIC_ERROR_TTL = 5.0
 
 #: A row's statuses (schema.sql's check): SENT is the original design's claimed status, which
 #: this relay never writes.
-STATUSES = ("PENDING", "SENT", "CONFIRMED", "FAILED", "SKIPPED")
+STATUSES = ("PENDING", "SENT", "CONFIRMED", "FAILED", "SKIPPED", "SCHEDULED")
 
 
 @dataclass(frozen=True)
