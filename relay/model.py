@@ -233,6 +233,16 @@ class Store(Protocol):
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
         """Delete up to LIMIT CONFIRMED rows created over OLDER_THAN_SECONDS ago."""
 
+    def promote_due(self, limit: int) -> int:
+        """Make up to LIMIT SCHEDULED rows whose due time has come PENDING, the earliest due
+        first, skipping rows locked by others; wake idle relays if any was. Return how many."""
+
+    def next_due(self) -> float | None:
+        """Seconds until the earliest SCHEDULED row is due (0 or less: due now); None if none."""
+
+    def scheduled_count(self) -> int:
+        """How many rows are SCHEDULED."""
+
     def close(self) -> None: ...
 
 
