@@ -23,3 +23,11 @@ SELECT max(version) FROM {schema_table}
 -- name: in_backoff
 SELECT count(*) FROM {table}
  WHERE status = 'PENDING' AND next_attempt_at IS NOT NULL AND next_attempt_at > now()
+
+-- name: scheduled
+-- SCHEDULED rows: how many, and when the next falls due (the first entry of the scheduled
+-- index); its seconds from now are negative when it is overdue (no relay promoting).
+SELECT count(*), min(deliver_at),
+       extract(epoch FROM min(deliver_at) - now())::double precision
+  FROM {table}
+ WHERE status = 'SCHEDULED'
