@@ -289,3 +289,12 @@ def test_status_list_and_show_show_scheduled_rows_and_skip_cancels_them(dsn):
         assert c.execute(
             "SELECT status FROM local_message WHERE id = %s", (soon.id,)
         ).fetchone() == ("SCHEDULED",)
+
+
+def test_topics_check_names_the_topics_of_scheduled_rows(dsn, bootstrap):
+    name = f"t.{uuid.uuid4().hex[:12]}"  # never created: nothing to delete
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        outbox.publish(conn, topic=name, payload={}, delay=3600)
+    env = {"OUTBOX_DSN": dsn, "OUTBOX_BOOTSTRAP_SERVERS": bootstrap}
+    check = run("topics", "check", env=env)
+    assert check.returncode == 1 and f"{name}: missing (1 rows to deliver)" in check.stdout
