@@ -1,4 +1,4 @@
--- outbox-relay schema, version 6: the one DDL source.
+-- outbox-relay schema, version 7: the one DDL source.
 --
 -- Applying it twice changes nothing. It creates its objects in the first schema of the
 -- search_path, so a DBA can install it in a non-public schema with:
@@ -39,7 +39,9 @@ CREATE TABLE IF NOT EXISTS local_message (
     -- CONFIRMED: Kafka acknowledged it (acks=all); kafka_partition/kafka_offset say where.
     -- FAILED: gave up after a permanent error or max attempts; it holds back later rows of
     --         its key until an operator replays or skips it.
-    -- SKIPPED: a FAILED row that an operator chose not to deliver (audited).
+    -- SKIPPED: a FAILED (or SCHEDULED) row that an operator chose not to deliver (audited).
+    -- SCHEDULED: written with a due time (deliver_at) still ahead; not read by the relay
+    --            until the promoter turns it PENDING when due. It holds back no other row.
     status          text        NOT NULL DEFAULT 'PENDING',
     attempts        integer     NOT NULL DEFAULT 0,
     next_attempt_at timestamptz,
@@ -57,8 +59,11 @@ CREATE TABLE IF NOT EXISTS local_message (
     -- read is fair across tenants (and, within one, across topics), and per-key order is kept
     -- within each tenant: rows of one key and one tenant are one sequence.
     tenant          text        NOT NULL DEFAULT '',
+    -- When a scheduled row falls due (publish(deliver_at=...) or delay=); NULL for the rest.
+    -- Kept after the row is promoted to PENDING: a row was held iff deliver_at > created_at.
+    deliver_at      timestamptz,
     CONSTRAINT local_message_status_check
-        CHECK (status IN ('PENDING', 'SENT', 'CONFIRMED', 'FAILED', 'SKIPPED')),
+        CHECK (status IN ('PENDING', 'SENT', 'CONFIRMED', 'FAILED', 'SKIPPED', 'SCHEDULED')),
     -- Kafka's topic name rules, so that a bad topic is refused at write time by any client.
     -- Every CHECK runs on every INSERT and UPDATE of a row: a length test and a character
     -- class cost a tenth of the equivalent '^[...]{1,249}$' (migration 3).
@@ -89,6 +94,11 @@ CREATE INDEX IF NOT EXISTS local_message_pending_group_idx
 CREATE INDEX IF NOT EXISTS local_message_blocking_idx
     ON local_message (bucket, key, id)
     WHERE status IN ('FAILED', 'SENT') OR (status = 'PENDING' AND next_attempt_at IS NOT NULL);
+
+-- The promoter's: the scheduled rows in due order (the next due time is its first entry).
+-- Outside the PENDING index on purpose: rows waiting for next month must not slow the read.
+CREATE INDEX IF NOT EXISTS local_message_scheduled_idx
+    ON local_message (deliver_at, id) WHERE status = 'SCHEDULED';
 
 -- Retention: created_at grows with id, so a BRIN index finds old rows at almost no write cost.
 CREATE INDEX IF NOT EXISTS local_message_created_at_brin

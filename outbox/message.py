@@ -7,7 +7,9 @@ refused while the caller can still roll back, instead of becoming a poison messa
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
+import math
 import os
 import re
 import time
@@ -61,6 +63,11 @@ class OutboxMessage:
     dedup_key: str | None = None
     #: '' when the event has no tenant (schema.sql).
     tenant: str = ""
+    #: Scheduled delivery: not sent before this time (time-zone aware) ...
+    deliver_at: dt.datetime | None = None
+    #: ... or not before this many seconds after the inserting transaction's now(), by the
+    #: database's clock (the one the promoter compares with). At most one of the two is set.
+    delay: float | None = None
 
     def headers_json(self) -> str | None:
         """The headers column: a JSON array of [name, value] pairs (see schema.sql)."""
@@ -109,6 +116,44 @@ def validate_tenant(tenant: object) -> str:
             "with a letter or digit, or None for no tenant"
         )
     return tenant
+
+
+#: The longest delay= taken: longer is a unit mistake (milliseconds given as seconds, say).
+MAX_DELAY_SECONDS = 100 * 366 * 86400.0
+
+
+def validate_schedule(deliver_at: object, delay: object) -> tuple[dt.datetime | None, float | None]:
+    """(deliver_at, delay in seconds) as stored; (None, None) when not scheduled. A naive
+    deliver_at is refused: whose 10:00 it means is not for the writer to guess."""
+    if deliver_at is not None and delay is not None:
+        raise InvalidMessage("give deliver_at= or delay=, not both")
+    if deliver_at is not None:
+        if not isinstance(deliver_at, dt.datetime):
+            raise TypeError(
+                f"deliver_at must be a datetime.datetime, not {type(deliver_at).__name__}"
+            )
+        if deliver_at.utcoffset() is None:
+            raise InvalidMessage(
+                f"deliver_at {deliver_at.isoformat()} has no time zone: give an aware "
+                "datetime, e.g. datetime.now(timezone.utc) + timedelta(hours=1)"
+            )
+        return deliver_at, None
+    if delay is None:
+        return None, None
+    if isinstance(delay, dt.timedelta):
+        seconds = delay.total_seconds()
+    elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
+        seconds = float(delay)
+    else:
+        raise TypeError(
+            f"delay must be a datetime.timedelta or a number of seconds, not {type(delay).__name__}"
+        )
+    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_DELAY_SECONDS:
+        raise InvalidMessage(
+            f"delay must be a finite number of seconds from 0 to {MAX_DELAY_SECONDS:.0f} "
+            f"(100 years), not {delay!r}"
+        )
+    return None, seconds
 
 
 def encode_payload(payload: object) -> bytes:
@@ -181,14 +226,20 @@ def build_message(
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     message_id: uuid.UUID | None = None,
     cloudevent: CloudEvent | Mapping[str, Any] | None = None,
+    deliver_at: dt.datetime | None = None,
+    delay: dt.timedelta | float | None = None,
 ) -> OutboxMessage:
     """Validate and encode one event; raise before anything is written.
 
     ``cloudevent``: the event's CloudEvents attributes (outbox.CloudEvent, or a mapping of its
     fields); the binding's binary-mode headers are then added to HEADERS (outbox/cloudevent.py).
+
+    ``deliver_at`` (aware) or ``delay`` (a timedelta or seconds): scheduled delivery
+    (validate_schedule; docs/writing-events.md).
     """
     topic = validate_topic(topic)
     tenant_name = validate_tenant(tenant)
+    due_at, delay_seconds = validate_schedule(deliver_at, delay)
     body = encode_payload(payload)
     key_bytes = encode_key(key)
     header_list = encode_headers(headers)
@@ -214,7 +265,9 @@ def build_message(
             f"message to topic {topic!r} is {size} bytes as a Kafka record (payload, key, "
             f"headers and framing), above the maximum of {max_bytes} bytes"
         )
-    return OutboxMessage(mid, topic, key_bytes, body, header_list, dedup_key, tenant_name)
+    return OutboxMessage(
+        mid, topic, key_bytes, body, header_list, dedup_key, tenant_name, due_at, delay_seconds
+    )
 
 
 def _varint_size(n: int) -> int:

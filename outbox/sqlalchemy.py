@@ -18,6 +18,7 @@ own DBAPI connection, inside its transaction, by the same code as outbox.publish
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import weakref
 from collections.abc import Callable, Generator, Iterable, Mapping
@@ -85,6 +86,7 @@ def local_message_table(metadata: MetaData, schema: str | None = None) -> Table:
         Column("kafka_offset", BigInteger),
         Column("dedup_key", Text),
         Column("tenant", Text, nullable=False),
+        Column("deliver_at", DateTime(timezone=True)),
         schema=schema,
         info={"outbox": True},
     )
@@ -166,7 +168,8 @@ def publish(
     **event: Any,
 ) -> _writer.Published:
     """outbox.publish() in the Session's (or Core Connection's) current transaction. EVENT is
-    topic=, payload=, and optionally key=, headers=, dedup_key=, tenant=, cloudevent=."""
+    topic=, payload=, and optionally key=, headers=, dedup_key=, tenant=, cloudevent=,
+    deliver_at=, delay=."""
     built = _writer.build_all([event], max_bytes)
     conn = _connection(session_or_connection)
     return _run(conn, _writer.publish_flow(built, lock_key), schema)[0]
@@ -215,10 +218,13 @@ class HasEvents:
         dedup_key: str | None = None,
         tenant: str | None = None,
         cloudevent: CloudEvent | Mapping[str, Any] | None = None,
+        deliver_at: dt.datetime | None = None,
+        delay: dt.timedelta | float | None = None,
     ) -> None:
-        # Validate now, where the caller's code is, not at flush time.
+        # Validate now, where the caller's code is, not at flush time. A delay counts from
+        # the flush's INSERT (the database's now() of the transaction), not from this call.
         event = dict(topic=topic, payload=payload, key=key, headers=headers, dedup_key=dedup_key)
-        event.update(tenant=tenant, cloudevent=cloudevent)
+        event.update(tenant=tenant, cloudevent=cloudevent, deliver_at=deliver_at, delay=delay)
         message = _writer.build_all([event], _max_bytes(self))[0]
         self.__dict__.setdefault(_EVENTS_ATTR, []).append((next(_RECORDED), message))
         from sqlalchemy.orm import object_session

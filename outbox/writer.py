@@ -7,6 +7,7 @@ points only run the queries it yields on their kind of connection.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import uuid
 from collections.abc import Generator, Iterable, Mapping
@@ -59,6 +60,8 @@ def publish(
     dedup_key: str | None = None,
     tenant: str | None = None,
     cloudevent: CloudEvent | Mapping[str, Any] | None = None,
+    deliver_at: dt.datetime | None = None,
+    delay: dt.timedelta | float | None = None,
     lock_key: bool = False,
     schema: str | None = None,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -73,6 +76,12 @@ def publish(
     write time, ce_id being the message_id and ce_time this process's clock at this call
     (docs/writing-events.md).
 
+    ``deliver_at`` (a time-zone aware datetime) or ``delay`` (a timedelta or seconds, counted
+    from the transaction's now() by the database's clock): the event is not sent before then.
+    A due time not after the transaction's now() is no schedule: the row is sent at once. A
+    scheduled row does not hold back its key's later events; it takes its place in its key's
+    order when it falls due (docs/guarantees.md).
+
     ``lock_key=True`` takes a transaction-level advisory lock on the key first, so that
     writers of one key are serialised and their events are delivered in commit order.
     """
@@ -85,6 +94,8 @@ def publish(
         tenant=tenant,
         max_bytes=max_bytes,
         cloudevent=cloudevent,
+        deliver_at=deliver_at,
+        delay=delay,
     )
     return _run_sync(conn, publish_flow([message], lock_key), schema)[0]
 
@@ -99,7 +110,7 @@ def publish_many(
 ) -> list[Published]:
     """Write many events in one round trip, in the given order. Each item is a mapping with the
     keyword arguments of publish() (topic, payload, key, headers, dedup_key, tenant,
-    cloudevent). Nothing is written if any of them is invalid."""
+    cloudevent, deliver_at, delay). Nothing is written if any of them is invalid."""
     built = build_all(messages, max_bytes)
     return _run_sync(conn, publish_flow(built, lock_key), schema)
 
@@ -114,6 +125,8 @@ async def apublish(
     dedup_key: str | None = None,
     tenant: str | None = None,
     cloudevent: CloudEvent | Mapping[str, Any] | None = None,
+    deliver_at: dt.datetime | None = None,
+    delay: dt.timedelta | float | None = None,
     lock_key: bool = False,
     schema: str | None = None,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -128,6 +141,8 @@ async def apublish(
         tenant=tenant,
         max_bytes=max_bytes,
         cloudevent=cloudevent,
+        deliver_at=deliver_at,
+        delay=delay,
     )
     return (await _run_async(conn, publish_flow([message], lock_key), schema))[0]
 
@@ -192,6 +207,9 @@ def publish_flow(
         lock_ids = sorted({advisory_lock_id(m.key) for m in messages if m.key is not None})
         if lock_ids:
             yield _Query("lock_keys", {"namespace": ADVISORY_LOCK_NAMESPACE, "lock_ids": lock_ids})
+    # Scheduling columns only when some row is scheduled: unnest() pads the empty arrays
+    # with NULLs, and the common batch pays nothing for them.
+    scheduled = any(m.deliver_at is not None or m.delay is not None for m in messages)
     rows = yield _Query(
         "insert_messages",
         {
@@ -202,6 +220,8 @@ def publish_flow(
             "headers": [m.headers_json() for m in messages],
             "dedup_keys": [m.dedup_key for m in messages],
             "tenants": [m.tenant for m in messages],
+            "deliver_ats": [m.deliver_at for m in messages] if scheduled else [],
+            "delays": [m.delay for m in messages] if scheduled else [],
         },
     )
     ids = {message_id: row_id for row_id, message_id in rows}

@@ -19,6 +19,7 @@ EXPECTED_INDEXES = (
     "local_message_tenant_dedup_key_key",
     "local_message_pending_group_idx",
     "local_message_blocking_idx",
+    "local_message_scheduled_idx",
     "local_message_created_at_brin",
 )
 EXPECTED_AUTOVACUUM = ("autovacuum_vacuum_scale_factor", "autovacuum_vacuum_threshold")

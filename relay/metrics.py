@@ -105,6 +105,12 @@ class RelayMetrics:
             "in backoff and rows held behind a blocked key not counted): the lag to alert on.",
             registry=r,
         )
+        self.scheduled = Gauge(
+            "outbox_scheduled_messages",
+            "SCHEDULED rows (all buckets): written with a due time still ahead, not yet "
+            "promoted to PENDING. Refreshed by the promoter every 15 s.",
+            registry=r,
+        )
         # One series per tenant with rows waiting in this relay's buckets; a tenant's series
         # is removed when it has none, so the label set stays as large as the live tenants.
         self.tenant_pending = Gauge(

@@ -162,7 +162,7 @@ TOPIC_ERROR_TTL = 5.0
 
 #: A row's statuses (schema.sql's check): SENT is the original design's claimed status, which
 #: this relay never writes.
-STATUSES = ("PENDING", "SENT", "CONFIRMED", "FAILED", "SKIPPED")
+STATUSES = ("PENDING", "SENT", "CONFIRMED", "FAILED", "SKIPPED", "SCHEDULED")
 
 
 @dataclass(frozen=True)
@@ -256,6 +256,16 @@ class Store(Protocol):
 
     def return_tokens(self, allowance: Allowance) -> None:
         """Give back what ALLOWANCE took and did not use; note which limits held rows back."""
+
+    def promote_due(self, limit: int) -> int:
+        """Make up to LIMIT SCHEDULED rows whose due time has come PENDING, the earliest due
+        first, skipping rows locked by others; wake idle relays if any was. Return how many."""
+
+    def next_due(self) -> float | None:
+        """Seconds until the earliest SCHEDULED row is due (0 or less: due now); None if none."""
+
+    def scheduled_count(self) -> int:
+        """How many rows are SCHEDULED."""
 
     def close(self) -> None: ...
 

@@ -46,6 +46,9 @@ def _q(name: str, schema: str, selection: Selection | None = None):
     if selection is None:
         return compose(body, schema, **parts), {}
     where, params = selection.where()
+    # Only a selection that names SCHEDULED may cancel scheduled rows (operations.sql,
+    # skippable).
+    params["cancel_scheduled"] = "SCHEDULED" in selection.statuses
     return compose(body, schema, where=where, **parts), params
 
 
@@ -71,11 +74,19 @@ def count_rows(conn: psycopg.Connection, schema: str, selection: Selection) -> d
 
 def check_change(action: str, selection: Selection) -> None:
     """Refuse, before anything is read, a change that cannot mean anything: a change of no
-    selection at all (every row), and a skip of other rows than FAILED ones."""
+    selection at all (every row), a skip of other rows than FAILED and SCHEDULED ones, and a
+    replay of SCHEDULED rows (they are on their way, at their time)."""
     if selection.is_empty():
         raise SelectionError(f"say what to {action}: ids, --status, --topic, --key, --since ...")
-    if action == "skip" and selection.statuses and selection.statuses != ["FAILED"]:
-        raise SelectionError("skip changes FAILED rows only")
+    if action == "skip" and set(selection.statuses) - {"FAILED", "SCHEDULED"}:
+        raise SelectionError(
+            "skip changes FAILED rows, and SCHEDULED rows (cancelled) with --status SCHEDULED"
+        )
+    if action == "replay" and "SCHEDULED" in selection.statuses:
+        raise SelectionError(
+            "replay does not change SCHEDULED rows: they are delivered when they fall due "
+            "(`outbox skip --status SCHEDULED` cancels them)"
+        )
 
 
 def purge_statuses(include_skipped: bool) -> list[str]:
@@ -155,7 +166,8 @@ def replay(
     progress: Progress | None = None,
 ) -> list[int]:
     """Put the selected FAILED, SKIPPED, CONFIRMED, backed-off PENDING and expired SENT rows back
-    to PENDING with attempts and backoff cleared; return their ids."""
+    to PENDING with attempts and backoff cleared (to SCHEDULED if their deliver_at is still
+    ahead); return their ids."""
     return _batched(conn, "replay_batch", schema, selection, actor, reason, progress)
 
 
@@ -167,7 +179,9 @@ def skip(
     reason: str | None = None,
     progress: Progress | None = None,
 ) -> list[int]:
-    """Mark the selected FAILED rows SKIPPED (on purpose, audited): their keys flow again."""
+    """Mark the selected FAILED rows SKIPPED (on purpose, audited): their keys flow again. With
+    SCHEDULED among the selection's statuses, the selected SCHEDULED rows too: cancelled
+    before they fall due."""
     return _batched(conn, "skip_batch", schema, selection, actor, reason, progress)
 
 

@@ -7,7 +7,7 @@ WITH blockers AS MATERIALIZED ({blocking_keys})
 SELECT m.*, b.first_id AS held_by
   FROM (SELECT id, message_id, topic, key, status, attempts, next_attempt_at, last_error,
                created_at, delivered_at, kafka_partition, kafka_offset, bucket, dedup_key,
-               tenant
+               tenant, deliver_at
           FROM {table}
          WHERE ({where}) AND id > %(after_id)s
          ORDER BY id
@@ -22,7 +22,7 @@ SELECT status, count(*) FROM {table} WHERE {where} GROUP BY status ORDER BY stat
 -- name: get_row
 SELECT id, message_id, topic, key, payload, headers, status, attempts, next_attempt_at,
        last_error, created_at, delivered_at, kafka_partition, kafka_offset, bucket, dedup_key,
-       tenant, claim_token, claim_expires_at
+       tenant, claim_token, claim_expires_at, deliver_at
   FROM {table}
  WHERE id = %(id)s OR message_id = %(message_id)s
 
@@ -40,8 +40,13 @@ SELECT count(*) FROM {table}
  OR (status = 'SENT' AND claim_expires_at < now()))
 
 -- name: skippable
--- The rows a skip marks SKIPPED: FAILED ones only.
-(status = 'FAILED')
+-- The rows a skip marks SKIPPED: FAILED ones, and SCHEDULED ones (a cancellation, before
+-- they fall due) when the operator names that status (`cancel_scheduled`, set by
+-- relay.operations from --status SCHEDULED): a `skip --topic payments` meant for failed rows
+-- must not cancel the topic's scheduled ones. Locked FOR UPDATE in skip_batch: a row the
+-- promoter made PENDING meanwhile is no longer SCHEDULED when the lock is granted, and is
+-- left alone (on its way); the promoter skips a row a skip holds.
+(status = 'FAILED' OR (status = 'SCHEDULED' AND %(cancel_scheduled)s))
 
 -- name: count_replayable
 SELECT count(*) FROM {table} WHERE ({where}) AND {replayable}
@@ -51,7 +56,8 @@ SELECT count(*) FROM {table} WHERE ({where}) AND {skippable}
 
 -- name: replay_batch
 -- One batch of a replay: back to PENDING, attempts and backoff cleared, with its audit row in
--- the same transaction.
+-- the same transaction. A row whose deliver_at is still ahead (a scheduled row skipped before
+-- it fell due) goes back to SCHEDULED: a replay undoes the skip, it does not send early.
 WITH picked AS (
     SELECT id FROM {table}
      WHERE ({where}) AND id > %(after_id)s AND {replayable}
@@ -60,7 +66,8 @@ WITH picked AS (
        FOR UPDATE
 ), changed AS (
     UPDATE {table} m
-       SET status = 'PENDING', attempts = 0, next_attempt_at = NULL, claim_token = NULL,
+       SET status = CASE WHEN m.deliver_at > now() THEN 'SCHEDULED' ELSE 'PENDING' END,
+           attempts = 0, next_attempt_at = NULL, claim_token = NULL,
            claim_expires_at = NULL, delivered_at = NULL, kafka_partition = NULL,
            kafka_offset = NULL
       FROM picked

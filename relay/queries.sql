@@ -329,3 +329,40 @@ UPDATE {rate_table} r
   FROM given g
  WHERE r.scope = g.scope AND r.name = g.name
    AND (r.scope, r.name) IN (SELECT scope, name FROM locked)
+
+-- name: promote_due
+-- Scheduled delivery: up to `limit` SCHEDULED rows whose time has come become PENDING, the
+-- earliest due first, through the scheduled index (deliver_at, id). Rows another relay's
+-- promoter (or an operator's skip) has locked are skipped, not waited for. A promoted row
+-- takes its place in its key's order from now on: among the key's rows not yet delivered it
+-- goes by id, and it holds nothing back while it waits (docs/guarantees.md).
+WITH due AS (
+    SELECT id FROM {table}
+     WHERE status = 'SCHEDULED' AND deliver_at <= now()
+     ORDER BY deliver_at, id
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+), promoted AS (
+    UPDATE {table} m SET status = 'PENDING'
+      FROM due
+     WHERE m.id = due.id
+    RETURNING m.id
+)
+SELECT count(*) FROM promoted
+
+-- name: wake_relays
+-- After a promotion, in its transaction (sent at its commit): the insert trigger's NOTIFY
+-- (schema.sql, local_message_notify; relay/listener.py's CHANNEL), so that idle relays read
+-- the promoted rows at once instead of at their next poll.
+SELECT pg_notify('outbox_local_message', %(schema)s)
+
+-- name: next_due
+-- Seconds until the earliest SCHEDULED row falls due (0 or less: due now), NULL when none:
+-- the first entry of the scheduled index.
+SELECT extract(epoch FROM min(deliver_at) - now())::double precision
+  FROM {table}
+ WHERE status = 'SCHEDULED'
+
+-- name: scheduled_count
+-- For the outbox_scheduled_messages gauge: an index-only count over the scheduled index.
+SELECT count(*) FROM {table} WHERE status = 'SCHEDULED'

@@ -29,6 +29,7 @@ from .kafka import (
 from .listener import Listener
 from .model import LoopSettings, Sink
 from .outage_log import OutageLog
+from .promoter import Promoter
 from .rate_limits import RateLimit
 from .relay import Relay
 from .retention import Retention
@@ -194,9 +195,13 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
     relay, listener = build_relay(cfg)
     health = None
     retention = None
-    halt = threading.Event()  # retention's own stop: set whatever way the loop ends
-    beside: threading.Thread | None = None
+    promoter = None
+    halt = threading.Event()  # the services' own stop: set whatever way the loop ends
+    threads: list[threading.Thread] = []
     try:
+        # Scheduled rows become PENDING beside the loop, on a connection of their own
+        # (relay.promoter says why), as retention's old rows are deleted.
+        promoter = Promoter(connect_store(cfg), on_count=relay.metrics.scheduled.set)
         if cfg.retention_seconds:
             # Beside the loop, on a connection of its own (relay.retention says why).
             retention = Retention(connect_store(cfg), cfg.retention_seconds)
@@ -216,8 +221,9 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
                     f"({exc.strerror or exc})"
                 ) from None
     except BaseException:
-        if retention:
-            retention.store.close()
+        for service in (retention, promoter):
+            if service:
+                service.store.close()
         relay.close_stores()
         if listener:
             listener.close()
@@ -225,6 +231,8 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
     try:
         if until_idle:
             try:
+                # The rows due by now are delivered with the rest; later ones stay SCHEDULED.
+                promoter.run_once(stop)
                 while not stop.is_set():
                     if relay.run_once() > 0:
                         continue
@@ -236,16 +244,19 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
             if retention:
                 retention.run_once(stop)
         else:
-            beside = retention.start(halt) if retention else None
+            threads = [service.start(halt) for service in (promoter, retention) if service]
             relay.run(stop)
     finally:
-        # Whatever ended the loop ends retention too; its connection is closed only once its
-        # thread is done with it (a batch is one short statement, bounded by statement_timeout).
+        # Whatever ended the loop ends the services too; a service's connection is closed
+        # only once its thread is done with it (a batch is one short statement, bounded by
+        # statement_timeout).
         halt.set()
-        if beside is not None:
-            beside.join(timeout=cfg.shutdown_timeout)
-        if retention and not (beside is not None and beside.is_alive()):
-            retention.store.close()
+        for thread in threads:
+            thread.join(timeout=cfg.shutdown_timeout)
+        alive = {thread.name for thread in threads if thread.is_alive()}
+        for name, service in (("promoter", promoter), ("retention", retention)):
+            if service and name not in alive:
+                service.store.close()
         relay.sink.close(cfg.shutdown_timeout)
         if relay.dead_letter_sink is not relay.sink:
             relay.dead_letter_sink.close(cfg.shutdown_timeout)

@@ -57,6 +57,7 @@ def read_status(conn: psycopg.Connection, schema: str, rate_window: float = 60.0
         ]
         version = one_row(conn.execute(q("schema_version")))[0]
         (in_backoff,) = one_row(conn.execute(q("in_backoff")))
+        scheduled, next_due_at, next_due_in = one_row(conn.execute(q("scheduled")))
         blocked = operations.blocked_keys(conn, schema, limit=10)
         blocked_count = operations.blocked_key_count(conn, schema)
         limits = [
@@ -100,6 +101,12 @@ def read_status(conn: psycopg.Connection, schema: str, rate_window: float = 60.0
         if set(by_tenant) - {""}
         else {},
         "in_backoff": in_backoff,
+        # Rows written with a due time still ahead: not lag, not counted as waiting.
+        "scheduled": {
+            "count": scheduled,
+            "next_due_at": next_due_at,
+            "next_due_in_seconds": next_due_in,
+        },
         "blocked_key_count": blocked_count,
         "blocked_keys": [
             {

@@ -38,3 +38,11 @@ SELECT scope, CASE WHEN scope = 'tenant' AND name = '' THEN '-' ELSE name END AS
            AS throttled
   FROM {rate_table}
  ORDER BY scope, name
+
+-- name: scheduled
+-- SCHEDULED rows: how many, and when the next falls due (the first entry of the scheduled
+-- index); its seconds from now are negative when it is overdue (no relay promoting).
+SELECT count(*), min(deliver_at),
+       extract(epoch FROM min(deliver_at) - now())::double precision
+  FROM {table}
+ WHERE status = 'SCHEDULED'

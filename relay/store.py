@@ -281,6 +281,22 @@ class PostgresStore:
         groups = self._execute("pending_stats", {"buckets": self._bucket_array(buckets)})
         return Backlog(((row[0], row[1]), PendingStats(*row[2:])) for row in groups)
 
+    # -- scheduled delivery (relay.promoter)
+
+    def promote_due(self, limit: int) -> int:
+        conn = self.connect()
+        with conn.transaction():
+            promoted = one_row(conn.execute(self._q("promote_due"), {"limit": limit}))[0]
+            if promoted:
+                conn.execute(self._q("wake_relays"), {"schema": self._schema or "public"})
+        return promoted
+
+    def next_due(self) -> float | None:
+        return one_row(self._execute("next_due", {}))[0]
+
+    def scheduled_count(self) -> int:
+        return one_row(self._execute("scheduled_count", {}))[0]
+
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
         cur = self._execute(
             "delete_confirmed", {"older_than_seconds": older_than_seconds, "limit": limit}

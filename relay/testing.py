@@ -65,6 +65,8 @@ class Row:
     kafka_partition: int | None = None
     kafka_offset: int | None = None
     tenant: str = ""
+    #: When a scheduled row falls due, on the store's clock (the `now` it was made with).
+    deliver_at: float | None = None
 
     @property
     def bucket(self) -> int:
@@ -92,12 +94,25 @@ class InMemoryStore:
         self.owners: dict[int, tuple[uuid.UUID, float]] = {}  # bucket -> (owner, lease_until)
         self.tenants: set[str] = set()  # queries.sql's local_message_tenant
         self.rate_buckets: dict[tuple[str, str], TokenBucket] = {}  # local_message_rate
+        #: How many times promote_due woke the relays (the PostgreSQL store's NOTIFY).
+        self.wakeups = 0
 
     def insert(
-        self, topic: str, key: bytes | None, payload: bytes, headers=(), tenant: str = ""
+        self,
+        topic: str,
+        key: bytes | None,
+        payload: bytes,
+        headers=(),
+        tenant: str = "",
+        deliver_at: float | None = None,
     ) -> Row:
+        """A row, as publish() writes it: SCHEDULED when DELIVER_AT (on the store's clock)
+        is later than now, else PENDING."""
         with self._lock:
             row = Row(next(self._ids), topic, key, payload, list(headers), tenant=tenant)
+            row.deliver_at = deliver_at
+            if deliver_at is not None and deliver_at > self._now():
+                row.status = "SCHEDULED"
             self.rows[row.id] = row
             if tenant:
                 self.tenants.add(tenant)
@@ -337,6 +352,37 @@ class InMemoryStore:
             for row_id in old:
                 del self.rows[row_id]
             return len(old)
+
+    def promote_due(self, limit: int) -> int:
+        """queries.sql's promote_due: the earliest due SCHEDULED rows become PENDING."""
+        with self._lock:
+            now = self._now()
+            due = sorted(
+                (
+                    r
+                    for r in self.rows.values()
+                    if r.status == "SCHEDULED" and r.deliver_at is not None and r.deliver_at <= now
+                ),
+                key=lambda r: (r.deliver_at, r.id),
+            )[:limit]
+            for row in due:
+                row.status = "PENDING"
+            if due:
+                self.wakeups += 1
+            return len(due)
+
+    def next_due(self) -> float | None:
+        with self._lock:
+            times = [
+                r.deliver_at
+                for r in self.rows.values()
+                if r.status == "SCHEDULED" and r.deliver_at is not None
+            ]
+            return min(times) - self._now() if times else None
+
+    def scheduled_count(self) -> int:
+        with self._lock:
+            return sum(1 for r in self.rows.values() if r.status == "SCHEDULED")
 
     def close(self) -> None:
         pass

@@ -27,19 +27,24 @@ class Verdict:
 
 
 def verify(dsn: str, bootstrap: str, topic: str, timeout: float = 60.0) -> Verdict:
+    """Every row in Kafka, none twice unless allowed, and each key's rows in id order. A row
+    that was scheduled (held: deliver_at later than created_at) takes its place in its key's
+    order when it falls due (docs/guarantees.md), after rows of higher ids sent meanwhile: it
+    is checked for loss and duplicates, not for its place among its key's ids."""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
-            "SELECT id, message_id::text, key, status FROM local_message WHERE topic = %s "
+            "SELECT id, message_id::text, key, status, "
+            "coalesce(deliver_at > created_at, false) FROM local_message WHERE topic = %s "
             "ORDER BY id",
             (topic,),
         ).fetchall()
     verdict = Verdict(rows=len(rows))
-    for _, _, _, status in rows:
+    for _, _, _, status, _ in rows:
         if status != "CONFIRMED":
             verdict.not_confirmed[status] = verdict.not_confirmed.get(status, 0) + 1
     received = read_all(bootstrap, topic, expected=len(rows), timeout=timeout)
     verdict.received = len(received)
-    row_of = {mid: (row_id, key) for row_id, mid, key, _ in rows}
+    row_of = {mid: (row_id, None if held else key) for row_id, mid, key, _, held in rows}
     # Kafka order of first occurrences, per partition (a key lives in one partition).
     seen: set[str] = set()
     last_row_of_key: dict[bytes, int] = {}
@@ -57,5 +62,5 @@ def verify(dsn: str, bootstrap: str, topic: str, timeout: float = 60.0) -> Verdi
             if previous is not None and previous > row_id:
                 verdict.inversions.append(f"key {key!r}: row {row_id} after row {previous}")
             last_row_of_key[key] = max(previous or 0, row_id)
-    verdict.missing = [row_id for row_id, mid, _, _ in rows if mid not in seen]
+    verdict.missing = [row_id for row_id, mid, *_ in rows if mid not in seen]
     return verdict

@@ -57,10 +57,10 @@ def _change_command(action: str):
                 else f"{action}: {total} of {matched} matching messages can be changed "
                 f"({', '.join(f'{st} {n}' for st, n in counts.items())}): "
                 + (
-                    "skip takes FAILED rows"
+                    "skip takes FAILED rows, and SCHEDULED ones with --status SCHEDULED"
                     if action == "skip"
-                    else "PENDING rows never tried are on their way already, SENT rows wait "
-                    "for their claim to expire"
+                    else "PENDING rows never tried are on their way already, SCHEDULED rows "
+                    "at their time, SENT rows wait for their claim to expire"
                 )
             )
             for r in sample:

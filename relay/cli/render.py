@@ -72,7 +72,11 @@ def age(when: dt.datetime | None) -> str:
 
 
 def waits(row: dict[str, Any]) -> str:
-    """Why a PENDING row is not sent yet: held behind a row of its key, or its next try."""
+    """Why a PENDING row is not sent yet: held behind a row of its key, or its next try; when
+    a SCHEDULED row falls due."""
+    if row["status"] == "SCHEDULED" and row.get("deliver_at") is not None:
+        wait = (row["deliver_at"] - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        return f"due in {duration(max(wait, 0))}"
     if row["status"] != "PENDING":
         return ""
     if row["held_by"] is not None:
@@ -81,6 +85,14 @@ def waits(row: dict[str, Any]) -> str:
         wait = (row["next_attempt_at"] - dt.datetime.now(dt.timezone.utc)).total_seconds()
         return f"retry in {max(wait, 0):.0f}s"
     return ""
+
+
+def duration(value: float) -> str:
+    """Seconds as an operator reads a wait: 45s, 12m, 5h, 3d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if value >= 2 * size:
+            return f"{value / size:.0f}{unit}"
+    return f"{value:.0f}s"
 
 
 def described(selection) -> str:

@@ -100,6 +100,17 @@ def _status_once(
 def _print_status(report: dict[str, Any]) -> None:
     click.echo(f"schema {report['schema']}: version {report['schema_version']}")
     click.echo("  " + "  ".join(f"{st} {n}" for st, n in report["counts"].items()))
+    scheduled = report["scheduled"]
+    if scheduled["count"] or scheduled["next_due_at"] is not None:
+        due_in = scheduled["next_due_in_seconds"]
+        click.echo(
+            f"scheduled: {scheduled['count']}, next due {scheduled['next_due_at']} "
+            + (
+                f"(in {render.duration(due_in)})"
+                if due_in >= 0
+                else f"(overdue by {render.duration(-due_in)}: promoted by a running relay)"
+            )
+        )
     click.echo(
         f"lag (oldest PENDING row the relay may send now): "
         f"{render.seconds(report['oldest_pending_age_seconds'])}"
@@ -142,6 +153,15 @@ def _print_status(report: dict[str, Any]) -> None:
         )
     for p in report.get("problems", []):
         click.echo(f"PROBLEM: {p}")
+
+
+def _deliver_at(row: dict[str, Any]) -> str:
+    """A scheduled row's due time, and how far off it is while it waits."""
+    if row["deliver_at"] is None:
+        return "-"
+    if row["status"] == "SCHEDULED":
+        return f"{row['deliver_at']} ({render.waits(row)})"
+    return str(row["deliver_at"])
 
 
 @click.command(name="list")
@@ -255,6 +275,7 @@ def show(dsn, schema, ref, as_json) -> None:
             else "-",
         ),
         ("dedup key", row["dedup_key"] or "-"),
+        ("deliver at", _deliver_at(row)),
     ]
     for name, value in lines:
         click.echo(f"{name + ':':<14}{value}")

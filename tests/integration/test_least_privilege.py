@@ -65,6 +65,8 @@ def test_writer_and_relay_work_with_their_grants_only(role, bootstrap, topic, tm
             )
             first = outbox.publish(conn, topic=topic, payload={}, dedup_key="d-1")
             again = outbox.publish(conn, topic=topic, payload={}, dedup_key="d-1")
+            # Scheduled: written SCHEDULED by the writer, promoted by the relay's promoter.
+            outbox.publish(conn, topic=topic, key="k0", payload={}, delay=1)
         assert (again.id, again.created) == (first.id, False)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("UPDATE local_message SET status = 'CONFIRMED'")
@@ -73,7 +75,7 @@ def test_writer_and_relay_work_with_their_grants_only(role, bootstrap, topic, tm
             conn.execute("SELECT payload FROM local_message")
     relay = RelayProcess("lp", relay_dsn, bootstrap, tmp_path)
     try:
-        wait_for(lambda: all_confirmed(dsn, 201), 60, "delivery by the least-privileged relay")
+        wait_for(lambda: all_confirmed(dsn, 202), 60, "delivery by the least-privileged relay")
         assert relay.stop() == 0
     finally:
         if relay.alive():

@@ -27,6 +27,10 @@ class StoreUnderTest:
     insert: Callable[..., int]
     #: A row's (status, last_error).
     row: Callable[[int], tuple[str, str | None]]
+    #: Commit one event of KEY scheduled DELAY seconds ahead; returns its row id.
+    schedule: Callable[[bytes, float], int]
+    #: Move a scheduled row's due time into the past (a second ago).
+    make_due: Callable[[int], None]
 
 
 def _postgres(dsn: str, shards: int = BUCKETS) -> Iterator[StoreUnderTest]:
@@ -44,18 +48,35 @@ def _postgres(dsn: str, shards: int = BUCKETS) -> Iterator[StoreUnderTest]:
                 "SELECT status, last_error FROM local_message WHERE id = %s", (row_id,)
             ).fetchone()
 
+    def schedule(key: bytes, delay: float) -> int:
+        with psycopg.connect(dsn) as conn, conn.transaction():
+            return outbox.publish(conn, topic="t", key=key, payload={}, delay=delay).id
+
+    def make_due(row_id: int) -> None:
+        with psycopg.connect(dsn) as conn, conn.transaction():
+            conn.execute(
+                "UPDATE local_message SET deliver_at = now() - interval '1 second' WHERE id = %s",
+                (row_id,),
+            )
+
     try:
-        yield StoreUnderTest(store, insert, row)
+        yield StoreUnderTest(store, insert, row, schedule, make_due)
     finally:
         store.close()
 
 
 def _in_memory(shards: int = BUCKETS) -> Iterator[StoreUnderTest]:
     store = InMemoryStore(time.monotonic, shards=shards)
+
+    def make_due(row_id: int) -> None:
+        store.rows[row_id].deliver_at = time.monotonic() - 1
+
     yield StoreUnderTest(
         store,
         lambda key, topic="t", tenant=None: store.insert(topic, key, b"{}", tenant=tenant or "").id,
         lambda row_id: (store.rows[row_id].status, store.rows[row_id].last_error),
+        lambda key, delay: store.insert("t", key, b"{}", deliver_at=time.monotonic() + delay).id,
+        make_due,
     )
 
 
@@ -265,3 +286,43 @@ def test_groups_with_nothing_to_send_do_not_shrink_the_read(under_test):
     # With a second deep group, the top-up takes turns between the two.
     other = [insert(b"o%d" % i, tenant="other") for i in range(40)]
     assert ids(store.fetch_pending(ALL, 10)) == deep[:5] + other[:5]
+
+
+def test_scheduled_rows_wait_outside_the_read_hold_nothing_and_are_promoted_when_due(
+    under_test,
+):
+    store, insert = under_test.store, under_test.insert
+    store.heartbeat(uuid.uuid4(), "a", 60)
+    first = insert(b"k")
+    reminder = under_test.schedule(b"k", 3600)
+    later = insert(b"k")
+    other = under_test.schedule(b"j", 7200)
+    assert under_test.row(reminder)[0] == under_test.row(other)[0] == "SCHEDULED"
+    # Not read, not waiting, and its key's later row is not held behind it.
+    assert ids(store.fetch_pending(ALL, 10)) == [first, later]
+    assert store.pending_stats(ALL).total()[:2] == (2, 0)
+    assert store.scheduled_count() == 2
+    assert 3500 < store.next_due() <= 3600
+    assert store.promote_due(10) == 0
+    # Retention deletes CONFIRMED rows only, however old the cut-off makes the rest.
+    assert store.delete_confirmed(1e-6, 100) == 0 and store.scheduled_count() == 2
+    under_test.make_due(reminder)
+    assert store.next_due() <= 0
+    assert store.promote_due(10) == 1
+    assert under_test.row(reminder)[0] == "PENDING"
+    # Among its key's rows still waiting it takes its place by id.
+    assert ids(store.fetch_pending(ALL, 10)) == [first, reminder, later]
+    assert store.scheduled_count() == 1 and 7000 < store.next_due() <= 7200
+    assert store.promote_due(10) == 0
+
+
+def test_promotion_takes_the_earliest_due_first_in_batches_of_its_limit(under_test):
+    rows = [under_test.schedule(b"k%d" % i, 3600) for i in range(5)]
+    for row_id in reversed(rows[1:]):
+        under_test.make_due(row_id)  # rows[4] falls due first, rows[1] last
+    assert under_test.store.promote_due(2) == 2
+    status = [under_test.row(r)[0] for r in rows]
+    assert status == ["SCHEDULED", "SCHEDULED", "SCHEDULED", "PENDING", "PENDING"]
+    assert under_test.store.promote_due(2) == 2
+    assert under_test.store.promote_due(2) == 0
+    assert [under_test.row(r)[0] for r in rows] == ["SCHEDULED"] + ["PENDING"] * 4
