@@ -63,7 +63,9 @@ CREATE TABLE IF NOT EXISTS local_message (
     -- Kept after the row is promoted to PENDING: a row was held iff deliver_at > created_at.
     deliver_at      timestamptz,
     CONSTRAINT local_message_status_check
-        CHECK (status IN ('PENDING', 'SENT', 'CONFIRMED', 'FAILED', 'SKIPPED', 'SCHEDULED')),
+        CHECK (status IN ('PENDING', 'SENT', 'CONFIRMED', 'FAILED', 'SKIPPED', 'SCHEDULED')
+            -- a SCHEDULED row without a due time would never be promoted
+            AND (status <> 'SCHEDULED' OR deliver_at IS NOT NULL)),
     -- Kafka's topic name rules, so that a bad topic is refused at write time by any client.
     -- Every CHECK runs on every INSERT and UPDATE of a row: a length test and a character
     -- class cost a tenth of the equivalent '^[...]{1,249}$' (migration 3).
@@ -134,9 +136,10 @@ INSERT INTO local_message_bucket (bucket)
     SELECT b FROM generate_series(0, 255) AS b
     ON CONFLICT (bucket) DO NOTHING;
 
--- Tenants that have written an event (the writer registers each in the statement that writes
--- its rows): the relay refuses a rate limit for a tenant not listed here, which a misspelt
--- name would otherwise leave unlimited. An operator may list a tenant before its first event:
+-- Tenants known to the relays: every tenant whose rows a relay has read (it registers each
+-- new one it meets). A relay refuses a rate limit for a tenant neither listed here nor with
+-- rows waiting, which a misspelt name would otherwise leave unlimited. An operator may list a
+-- tenant before its first event:
 --     INSERT INTO local_message_tenant (tenant) VALUES ('new-tenant');
 CREATE TABLE IF NOT EXISTS local_message_tenant (
     tenant     text        PRIMARY KEY
@@ -155,12 +158,14 @@ CREATE TABLE IF NOT EXISTS local_message_rate (
     -- Messages a second, and the most tokens kept (as the relays are configured).
     rate        double precision NOT NULL CHECK (rate > 0),
     burst       double precision NOT NULL CHECK (burst >= 1),
-    -- Tokens left at refilled_at; last_taken: the last read's grant.
+    -- Tokens left at refilled_at; last_taken: the last grant.
     tokens      double precision NOT NULL,
     refilled_at timestamptz      NOT NULL DEFAULT now(),
     last_taken  double precision NOT NULL DEFAULT 0,
-    -- The last time the limit held rows back (NULL: never).
+    -- The last time the limit held rows back (NULL: never); the last time a relay said it
+    -- has the limit (each heartbeat): a limit no relay has had for a minute is forgotten.
     held_at     timestamptz,
+    seen_at     timestamptz      NOT NULL DEFAULT now(),
     PRIMARY KEY (scope, name)
 );
 

@@ -10,6 +10,7 @@ import base64
 import datetime as dt
 import json
 import math
+import numbers
 import os
 import re
 import time
@@ -65,8 +66,8 @@ class OutboxMessage:
     tenant: str = ""
     #: Scheduled delivery: not sent before this time (time-zone aware) ...
     deliver_at: dt.datetime | None = None
-    #: ... or not before this many seconds after the inserting transaction's now(), by the
-    #: database's clock (the one the promoter compares with). At most one of the two is set.
+    #: ... or not before this many seconds after the INSERT (its statement_timestamp()), by
+    #: the database's clock (the one the promoter compares with). At most one of the two is set.
     delay: float | None = None
 
     def headers_json(self) -> str | None:
@@ -137,12 +138,22 @@ def validate_schedule(deliver_at: object, delay: object) -> tuple[dt.datetime | 
                 f"deliver_at {deliver_at.isoformat()} has no time zone: give an aware "
                 "datetime, e.g. datetime.now(timezone.utc) + timedelta(hours=1)"
             )
+        # Within a century of now, as a delay is: a year 1 or 9999 (a unit or parsing mistake)
+        # would reach the database and fail there, after the key locks were taken.
+        now = dt.datetime.now(dt.timezone.utc)
+        century = dt.timedelta(seconds=MAX_DELAY_SECONDS)
+        if not (deliver_at.year > 1 and deliver_at.year < 9999) or not (
+            now - century <= deliver_at <= now + century
+        ):
+            raise InvalidMessage(
+                f"deliver_at {deliver_at.isoformat()} is more than 100 years from now"
+            )
         return deliver_at, None
     if delay is None:
         return None, None
     if isinstance(delay, dt.timedelta):
         seconds = delay.total_seconds()
-    elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
+    elif isinstance(delay, numbers.Real) and not isinstance(delay, bool):
         seconds = float(delay)
     else:
         raise TypeError(

@@ -10,28 +10,22 @@ SELECT count(pg_advisory_xact_lock(%(namespace)s, k))
 -- name: insert_messages
 -- Every row in one statement: publish_many() costs one round trip whatever the count. The
 -- arrays go in binary format: as text, psycopg quoted and escaped every element in Python, a
--- third of the writer's CPU per event (bench/writer_cost.py). Each tenant is registered in
--- the same statement (`registered`; a tenant already listed costs one index lookup): the
--- relay checks its rate limits' tenants against that list.
--- Scheduled rows: the due time is deliver_at as given, or now() + delay by the database's
--- clock, the one the promoter compares with (relay/queries.sql, promote_due). A row due later
--- than the transaction's now() is SCHEDULED, out of the relay's read until promoted; the rest
--- are PENDING at once. When no row is scheduled the two arrays are empty, and unnest() pads
+-- third of the writer's CPU per event (bench/writer_cost.py).
+-- Scheduled rows: the due time is deliver_at as given, or delay from this INSERT by the
+-- database's clock (statement_timestamp(), not the transaction's start), the one the promoter
+-- compares with (relay/queries.sql, promote_due). A row due later than that is SCHEDULED, out
+-- of the relay's read until promoted; the rest are PENDING at once. When no row is scheduled the two arrays are empty, and unnest() pads
 -- them with NULLs.
-WITH registered AS (
-    INSERT INTO {tenant_table} (tenant)
-    SELECT DISTINCT n FROM unnest(%(tenants)b::text[]) AS n WHERE n <> ''
-    ON CONFLICT (tenant) DO NOTHING
-)
 INSERT INTO {table} (message_id, topic, key, payload, headers, dedup_key, tenant, status,
                      deliver_at)
 SELECT m, t, k, p, h::jsonb, d, n,
-       CASE WHEN w.due > now() THEN 'SCHEDULED' ELSE 'PENDING' END, w.due
+       CASE WHEN w.due > statement_timestamp() THEN 'SCHEDULED' ELSE 'PENDING' END, w.due
   FROM unnest(%(message_ids)b::uuid[], %(topics)b::text[], %(keys)b::bytea[],
               %(payloads)b::bytea[], %(headers)b::text[], %(dedup_keys)b::text[],
               %(tenants)b::text[], %(deliver_ats)b::timestamptz[], %(delays)b::float8[])
        AS u(m, t, k, p, h, d, n, a, s)
- CROSS JOIN LATERAL (SELECT coalesce(a, now() + make_interval(secs => s)) AS due) AS w
+ CROSS JOIN LATERAL (SELECT coalesce(a, statement_timestamp() + make_interval(secs => s)) AS due)
+       AS w
     ON CONFLICT (tenant, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
 RETURNING id, message_id
 

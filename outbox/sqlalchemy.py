@@ -222,7 +222,7 @@ class HasEvents:
         delay: dt.timedelta | float | None = None,
     ) -> None:
         # Validate now, where the caller's code is, not at flush time. A delay counts from
-        # the flush's INSERT (the database's now() of the transaction), not from this call.
+        # the flush's INSERT (the database's clock at that statement), not from this call.
         event = dict(topic=topic, payload=payload, key=key, headers=headers, dedup_key=dedup_key)
         event.update(tenant=tenant, cloudevent=cloudevent, deliver_at=deliver_at, delay=delay)
         message = _writer.build_all([event], _max_bytes(self))[0]

@@ -77,8 +77,8 @@ def publish(
     (docs/writing-events.md).
 
     ``deliver_at`` (a time-zone aware datetime) or ``delay`` (a timedelta or seconds, counted
-    from the transaction's now() by the database's clock): the event is not sent before then.
-    A due time not after the transaction's now() is no schedule: the row is sent at once. A
+    from the INSERT by the database's clock): the event is not sent before then. A due time
+    not after the INSERT is no schedule: the row is sent at once. A
     scheduled row does not hold back its key's later events; it takes its place in its key's
     order when it falls due (docs/guarantees.md).
 

@@ -12,8 +12,8 @@ GRANT UPDATE (status, attempts, next_attempt_at, last_error, delivered_at, kafka
 -- Leases: its own heartbeat row and the bucket owners.
 GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.local_message_relay TO {role};
 GRANT SELECT, UPDATE ON {schema}.local_message_bucket TO {role};
--- Rate limits: the tenants known, and the limits' token buckets.
-GRANT SELECT ON {schema}.local_message_tenant TO {role};
+-- Rate limits: the tenants known (it registers those it meets), the limits' token buckets.
+GRANT SELECT, INSERT ON {schema}.local_message_tenant TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.local_message_rate TO {role};
 
 -- name: relay_retention
@@ -25,8 +25,6 @@ GRANT DELETE ON {schema}.local_message TO {role};
 -- is unique within its tenant).
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT (id, message_id, dedup_key, tenant), INSERT ON {schema}.local_message TO {role};
--- Registering its tenants (ON CONFLICT (tenant) reads the column it names).
-GRANT SELECT (tenant), INSERT ON {schema}.local_message_tenant TO {role};
 
 -- name: operator
 -- `outbox status`, list, show, replay, skip, purge, audit, inbox purge (not migrate, which owns

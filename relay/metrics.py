@@ -13,7 +13,7 @@ from typing import NamedTuple
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .model import Backlog, Delivered, FailureUpdate, Outcome, PendingMessage
-from .rate_limits import NO_TENANT, Allowance
+from .rate_limits import NO_TENANT, RateLimit
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
@@ -108,7 +108,7 @@ class RelayMetrics:
         self.scheduled = Gauge(
             "outbox_scheduled_messages",
             "SCHEDULED rows (all buckets): written with a due time still ahead, not yet "
-            "promoted to PENDING. Refreshed by the promoter every 15 s.",
+            "promoted to PENDING. Refreshed by the promoter every minute, counted up to 1,000,000.",
             registry=r,
         )
         # One series per tenant with rows waiting in this relay's buckets; a tenant's series
@@ -189,12 +189,12 @@ class RelayMetrics:
             self.tenant_lag.labels(name).set(s.lag_seconds or 0.0)
         self._tenants = set(tenants)
 
-    def observe_throttling(self, allowance: Allowance) -> None:
+    def observe_throttling(self, limits: Sequence[RateLimit], held: Sequence[bool]) -> None:
         """After a read under rate limits: which of them held rows back."""
-        for limit, held in zip(allowance.limits, allowance.held, strict=True):
+        for limit, holds in zip(limits, held, strict=True):
             labels = (limit.scope, limit.name or NO_TENANT)
-            self.throttled.labels(*labels).set(1 if held else 0)
-            if held:
+            self.throttled.labels(*labels).set(1 if holds else 0)
+            if holds:
                 self.throttled_reads.labels(*labels).inc()
 
     def observe_batch(

@@ -10,7 +10,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeAlias
 
 if TYPE_CHECKING:  # relay.rate_limits imports this module
-    from .rate_limits import Allowance, RateLimit
+    from .rate_limits import GroupCaps, RateLimit, Taken
 
 #: Seconds a sink's send() may take beyond the flush_timeout it was given: taking back what is
 #: unreported at the deadline and replacing the producer. A batch's Kafka part takes at most
@@ -35,6 +35,15 @@ class PendingMessage(NamedTuple):
     bucket: int = 0
     #: '' for no tenant.
     tenant: str = ""
+
+
+class Fetched(list[PendingMessage]):
+    """A read's rows, in id order, and the (tenant, topic) groups with rows waiting that the
+    read left out because a rate limit's tokens ran out (relay.rate_limits)."""
+
+    def __init__(self, rows=(), left_out: frozenset[tuple[str, str]] = frozenset()):
+        super().__init__(rows)
+        self.left_out = left_out
 
 
 class FailureKind(Enum):
@@ -214,13 +223,12 @@ class Store(Protocol):
         buckets: frozenset[int],
         limit: int,
         exclude: Sequence[int] = (),
-        *,
-        skip_tenants: Sequence[str] = (),
-        skip_topics: Sequence[str] = (),
-    ) -> list[PendingMessage]:
-        """Up to LIMIT deliverable rows of BUCKETS in id order, none of EXCLUDE, none of the
-        tenants SKIP_TENANTS or the topics SKIP_TOPICS. A key whose oldest unfinished row is
-        FAILED or waits for a retry has no row deliverable."""
+        caps: GroupCaps | None = None,
+    ) -> Fetched:
+        """Up to LIMIT deliverable rows of BUCKETS in id order, none of EXCLUDE; of the
+        groups of a tenant or topic CAPS names, at most that many rows each, none when 0 (the
+        groups left out, with rows waiting, are named in the result). A key whose oldest
+        unfinished row is FAILED or waits for a retry has no row deliverable."""
 
     def mark_confirmed(self, relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> int:
         """Mark PENDING rows of buckets RELAY_ID owns CONFIRMED; return how many changed."""
@@ -246,16 +254,24 @@ class Store(Protocol):
     # Rate limits (relay.rate_limits): called only when the relay has limits.
 
     def set_rate_limits(self, limits: Sequence[RateLimit]) -> None:
-        """Put LIMITS in force (a new one with a full bucket); forget limits no relay uses."""
+        """Put LIMITS in force for every relay (a new one with a full bucket); forget the
+        limits no relay has had for a minute."""
+
+    def keep_rate_limits(self, limits: Sequence[RateLimit]) -> None:
+        """Say LIMITS are still in use (a missing one comes back empty); forget the limits no
+        relay has had for a minute."""
 
     def known_tenants(self, tenants: Sequence[str]) -> set[str]:
-        """Those of TENANTS that have written events (or were registered)."""
+        """Those of TENANTS registered, or with rows waiting."""
 
-    def take_tokens(self, limits: Sequence[RateLimit], want: int) -> Allowance:
-        """Refill each limit's bucket and take up to WANT whole tokens from it."""
+    def register_tenants(self, tenants: Sequence[str]) -> None:
+        """Register TENANTS as known (those already are stay as they are)."""
 
-    def return_tokens(self, allowance: Allowance) -> None:
-        """Give back what ALLOWANCE took and did not use; note which limits held rows back."""
+    def take_tokens(
+        self, limits: Sequence[RateLimit], wants: Sequence[int], held: Sequence[bool]
+    ) -> Taken:
+        """Refill each limit's bucket and take up to its WANTS whole tokens; note the limits
+        that hold rows back (given less than wanted, or HELD)."""
 
     def promote_due(self, limit: int) -> int:
         """Make up to LIMIT SCHEDULED rows whose due time has come PENDING, the earliest due

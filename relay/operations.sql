@@ -111,14 +111,15 @@ SELECT count(*) FROM {table}
    AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s::text)
 
 -- name: purge_batch
--- One batch of a purge, with its audit entry in the same transaction. Never PENDING or SENT:
+-- One batch of a purge, with its audit entry in the same transaction. Never PENDING, SENT or
+-- SCHEDULED (undelivered):
 -- only the statuses the caller passes, which the CLI limits to CONFIRMED and SKIPPED.
 WITH gone AS (
     DELETE FROM {table}
      WHERE id IN (SELECT id FROM {table}
                    WHERE status = ANY(%(statuses)s::text[]) AND created_at < %(cutoff)s
                      AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s::text)
-                     AND status NOT IN ('PENDING', 'SENT')
+                     AND status NOT IN ('PENDING', 'SENT', 'SCHEDULED')
                    ORDER BY id
                    LIMIT %(limit)s
                      FOR UPDATE SKIP LOCKED)

@@ -37,7 +37,7 @@ class Promoter:
         rounds: int = 10,
         interval: float = 1.0,
         min_wait: float = 0.05,
-        stats_interval: float = 15.0,
+        stats_interval: float = 60.0,
         on_count: Callable[[int], None] | None = None,
         clock: Clock | None = None,
     ):
@@ -87,12 +87,24 @@ class Promoter:
     def run(self, stop: threading.Event) -> None:
         """Rounds until STOP is set. A failed round (the database restarting) is logged and
         tried again after INTERVAL: the promoter never stops the relay."""
+        failures = 0
         while not stop.is_set():
             try:
                 wait = self.next_wait(self.run_once(stop))
                 self._count_if_due()
+                if failures:
+                    log.info("promoting scheduled rows works again (%d rounds failed)", failures)
+                failures = 0
             except Exception as exc:  # noqa: BLE001 - the next round tries again
-                log.warning("promoting scheduled rows failed (next in %gs): %s", self.interval, exc)
+                failures += 1
+                # The first failure, then one line a minute while it lasts: not 86,400 a day.
+                if failures == 1 or failures % max(1, round(60 / self.interval)) == 0:
+                    log.warning(
+                        "promoting scheduled rows failed (%d rounds so far, next in %gs): %s",
+                        failures,
+                        self.interval,
+                        exc,
+                    )
                 wait = self.interval
             if self.clock.wait(stop, wait):
                 break

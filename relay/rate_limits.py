@@ -2,28 +2,34 @@
 
 Each limit is a token bucket (RATE tokens a second, at most BURST kept) whose state is a row of
 the local_message_rate table, so that the replicas draw on one bucket between them, not one
-each. A read goes like this (Relay._fetch):
+each; the table is the one source of a limit's rate and burst (set_rate_limits, at a relay's
+start). A read goes like this (Relay._fetch):
 
-1. take: every limit's tokens are refilled for the time gone by and up to a batch's worth taken
-   (queries.sql's take_tokens, one statement, the rows locked in one order);
-2. the read leaves out the (tenant, topic) groups of the limits that got nothing: their rows
-   stay PENDING and cost the read nothing (fetch_pending's skip_tenants and skip_topics);
-3. admit: the batch is cut to what each limit granted, walking it in id order; once a group
-   has a row cut, its later rows are cut too, so what is sent of a group is a prefix of its
-   rows (a key's order within its topic holds, as in the read);
-4. give back: what was taken and not used returns to the buckets, and the limits that held
-   rows back note when (return_tokens), for `outbox status`.
+1. caps: each (tenant, topic) group's read is capped at what its limits' buckets held at this
+   relay's last look, refilled since (an estimate: other relays draw on them too); a group
+   capped at 0 is left out of the read, its rows not read at all, and named in the result
+   (queries.sql's fetch_pending: capped, live);
+2. take: the tokens the batch's rows under each limit want are taken, as many as there are
+   (queries.sql's take_tokens, one statement, the rows locked in one order), and the limits
+   that held rows back note when, for `outbox status`. Nothing is taken when no row of the
+   batch is under a limit and no group was left out: without limits, or with the limited
+   tenants idle, a read costs what it did;
+3. admit: the batch is cut to what each limit gave, in id order; once a group has a row cut,
+   its later rows are cut too, so what is sent of a group is a prefix of its deliverable rows
+   (a key's order within its topic holds, as in the read).
 
 A limit never drops a row: held rows stay PENDING and are read again once there are tokens.
-Rows read and then not sent (a read ahead dropped after a lease renewal) have used their
-tokens: a limit can send less than its rate, never more. Tokens taken by a relay that dies
-between 1 and 4 are lost the same way.
+Tokens are taken for exactly the rows admitted; rows admitted and then not sent (a read ahead
+dropped after a lease renewal) have used theirs: a limit can send less than its rate, never
+more than its burst and its rate over the time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from .model import PendingMessage
 
@@ -32,6 +38,11 @@ SCOPES = ("tenant", "topic")
 
 #: How an operator names the rows without a tenant (as in `outbox list --tenant -`).
 NO_TENANT = "-"
+
+#: The shortest idle wait while rows wait for a token and nothing else was sent: a limit of
+#: thousands a second would otherwise have the relay read every few milliseconds for a row or
+#: two. (After a read that sent rows, the loop waits as it does without limits.)
+MIN_THROTTLE_WAIT = 0.02
 
 
 @dataclass(frozen=True)
@@ -53,86 +64,134 @@ class RateLimit:
         return self.name == (tenant if self.scope == "tenant" else topic)
 
 
-@dataclass
-class Allowance:
-    """What one read may send: the tokens each limit granted (take_tokens), and after admit(),
-    what was used and which limits held rows back."""
+class GroupCaps(NamedTuple):
+    """The most rows of each limited tenant's and topic's groups a read may return
+    (fetch_pending's cap_tenants, tenant_caps, cap_topics, topic_caps); 0 leaves them out."""
 
-    limits: Sequence[RateLimit]
-    #: Whole tokens granted, per limit (in the order of `limits`).
-    granted: Sequence[int]
-    #: Tokens each bucket held before the grant (fractions included).
-    available: Sequence[float]
-    used: list[int] = field(default_factory=list)
-    held: list[bool] = field(default_factory=list)
+    tenants: list[str]
+    tenant_caps: list[int]
+    topics: list[str]
+    topic_caps: list[int]
 
-    def __post_init__(self) -> None:
-        self.used = [0] * len(self.limits)
-        self.held = [False] * len(self.limits)
 
-    @property
-    def skip_tenants(self) -> list[str]:
-        """Tenants whose limit granted nothing: the read leaves them out."""
-        return self._skipped("tenant")
+NO_CAPS = GroupCaps([], [], [], [])
 
-    @property
-    def skip_topics(self) -> list[str]:
-        return self._skipped("topic")
 
-    def _skipped(self, scope: str) -> list[str]:
-        return [
-            limit.name
-            for limit, granted in zip(self.limits, self.granted, strict=True)
-            if limit.scope == scope and granted < 1
-        ]
+class Taken(NamedTuple):
+    """What take_tokens gave each limit (in the order of the limits), and what each bucket
+    held before (fractions included)."""
 
-    def admit(
-        self, batch: Sequence[PendingMessage], waiting: Iterable[tuple[str, str]] = ()
-    ) -> list[PendingMessage]:
-        """The rows of BATCH (in id order) the tokens cover; a group's rows after one that is
-        not covered are not either. WAITING: the (tenant, topic) groups known to have rows
-        waiting (the relay's last backlog figures): a limit the read left out holds rows back
-        if one of them is its."""
-        left = list(self.granted)
-        by_scope = {(limit.scope, limit.name): i for i, limit in enumerate(self.limits)}
+    granted: list[int]
+    available: list[float]
+
+
+class Verdict(NamedTuple):
+    """A read's outcome under the limits."""
+
+    admitted: list[PendingMessage]
+    #: Per limit: did it hold rows back (cut some, or its groups were left out)?
+    held: list[bool]
+    #: Seconds until the first limit that held rows back has a token again (None: none did).
+    wait: float | None
+
+
+class Limiter:
+    """One relay's side of its limits: the caps of the next read from its last look at the
+    buckets, what a batch wants of each, and the cut."""
+
+    def __init__(self, limits: Sequence[RateLimit], monotonic: Callable[[], float]):
+        self.limits = tuple(limits)
+        self._monotonic = monotonic
+        # Each bucket's tokens at this relay's last look (None: not looked at yet).
+        self._seen: list[tuple[float, float] | None] = [None] * len(self.limits)
+
+    def __bool__(self) -> bool:
+        return bool(self.limits)
+
+    def _estimate(self, i: int, now: float) -> float:
+        seen, limit = self._seen[i], self.limits[i]
+        if seen is None:
+            return limit.burst
+        tokens, at = seen
+        return min(limit.burst, tokens + limit.rate * max(0.0, now - at))
+
+    def caps(self) -> GroupCaps:
+        now = self._monotonic()
+        caps = GroupCaps([], [], [], [])
+        for i, limit in enumerate(self.limits):
+            names, counts = (
+                (caps.tenants, caps.tenant_caps)
+                if limit.scope == "tenant"
+                else (caps.topics, caps.topic_caps)
+            )
+            names.append(limit.name)
+            counts.append(math.floor(self._estimate(i, now)))
+        return caps
+
+    def wants(self, batch: Sequence[PendingMessage]) -> list[int]:
+        """How many rows of BATCH each limit covers."""
+        index = self._index()
+        wants = [0] * len(self.limits)
+        for message in batch:
+            for i in self._limits_of(index, message):
+                wants[i] += 1
+        return wants
+
+    def left_out(self, groups: Collection[tuple[str, str]]) -> list[bool]:
+        """Per limit: is one of GROUPS (left out of the read, rows waiting) its?"""
+        return [any(limit.applies_to(*g) for g in groups) for limit in self.limits]
+
+    def judge(
+        self, batch: Sequence[PendingMessage], taken: Taken | None, left_out: Sequence[bool]
+    ) -> Verdict:
+        """The rows of BATCH (in id order) the tokens TAKEN cover (None: nothing was taken,
+        no row of BATCH being under a limit); a group's rows after one that is not covered
+        are not either. Remembers what each bucket held, for the next caps."""
+        now = self._monotonic()
+        index = self._index()
+        if taken is None:
+            taken = Taken([0] * len(self.limits), [0.0] * len(self.limits))
+            looked = False
+        else:
+            looked = True
+        left = list(taken.granted)
+        held = list(left_out)
         cut: set[tuple[str, str]] = set()
         admitted = []
         for message in batch:
             group = (message.tenant, message.topic)
             if group in cut:
                 continue
-            mine = [
-                i
-                for i in (by_scope.get(("tenant", group[0])), by_scope.get(("topic", group[1])))
-                if i is not None
-            ]
+            mine = self._limits_of(index, message)
             short = [i for i in mine if left[i] < 1]
             if short:
                 cut.add(group)
                 for i in short:
-                    self.held[i] = True
+                    held[i] = True
                 continue
             for i in mine:
                 left[i] -= 1
-                self.used[i] += 1
             admitted.append(message)
-        groups = set(waiting)
-        for i, limit in enumerate(self.limits):
-            if self.granted[i] < 1 and any(limit.applies_to(*g) for g in groups):
-                self.held[i] = True
-        return admitted
-
-    def unused(self) -> list[int]:
-        return [g - u for g, u in zip(self.granted, self.used, strict=True)]
-
-    def wait(self) -> float | None:
-        """Seconds until the first limit that held rows back has a token again (None: none
-        held any): how long the relay may idle without making a held row late."""
+        if looked:
+            for i, (granted, available) in enumerate(zip(*taken, strict=True)):
+                self._seen[i] = (available - granted, now)
         waits = [
-            max(0.0, 1.0 - (available - used)) / limit.rate
-            for limit, available, used, held in zip(
-                self.limits, self.available, self.used, self.held, strict=True
-            )
-            if held
+            max(0.0, 1.0 - self._estimate(i, now)) / limit.rate
+            for i, limit in enumerate(self.limits)
+            if held[i]
         ]
-        return min(waits) if waits else None
+        return Verdict(admitted, held, min(waits) if waits else None)
+
+    def _index(self) -> dict[tuple[str, str], int]:
+        return {(limit.scope, limit.name): i for i, limit in enumerate(self.limits)}
+
+    @staticmethod
+    def _limits_of(index: dict[tuple[str, str], int], message: PendingMessage) -> list[int]:
+        found = (index.get(("tenant", message.tenant)), index.get(("topic", message.topic)))
+        return [i for i in found if i is not None]
+
+
+def throttle_wait(wait: float) -> float:
+    """How long to idle for a limit's next token WAIT seconds away (MIN_THROTTLE_WAIT says
+    why not less)."""
+    return max(wait, MIN_THROTTLE_WAIT)

@@ -28,7 +28,6 @@ What keeps the guarantees of docs/guarantees.md with the stages overlapped:
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import threading
@@ -55,7 +54,7 @@ from .model import (
     Store,
 )
 from .outage_log import OutageLog
-from .rate_limits import RateLimit
+from .rate_limits import Limiter, RateLimit, throttle_wait
 from .retry import NO_WRITE, CircuitBreaker, RetryPolicy
 from .shards import buckets_of, whole_shards
 
@@ -147,11 +146,11 @@ class Relay:
         self._resets_seen = 0
         self._pending: int | None = None  # as of the last heartbeat
         #: Limits on what is sent a second, shared with the other relays (relay.rate_limits).
-        self.rate_limits = tuple(rate_limits)
-        #: The (tenant, topic) groups with rows waiting, as of the last heartbeat.
-        self._waiting: frozenset[tuple[str, str]] = frozenset()
+        self.limiter = Limiter(rate_limits, self.clock.monotonic)
         #: After a read a limit held rows back in: seconds until it has a token again.
         self.throttled_for: float | None = None
+        #: Tenants registered (or tried) by this process.
+        self._tenants_seen: set[str] = set()
         self.stats: Counter[str] = Counter()
         self.last_progress = self.clock.monotonic()
 
@@ -218,7 +217,9 @@ class Relay:
             )
         backlog = self.store.pending_stats(buckets)
         self._pending = backlog.total().pending
-        self._waiting = frozenset(group for group, stats in backlog.items() if stats.pending)
+        if self.limiter:
+            # These limits are still in use (a limit no relay has is forgotten after a minute).
+            self.store.keep_rate_limits(self.limiter.limits)
         self.metrics.observe_renewal(len(buckets), backlog)
         now = self.clock.monotonic()
         if now >= self._lease_valid_until:
@@ -362,29 +363,40 @@ class Relay:
         self, store: Store, buckets: frozenset[int], leave_out: Sequence[int] = ()
     ) -> list[PendingMessage]:
         """The next batch of BUCKETS from STORE; with rate limits, only what their tokens cover
-        (relay.rate_limits: take, read without the groups of limits out of tokens, admit,
-        give back)."""
+        (relay.rate_limits: the read capped by the last look at the buckets, the tokens its
+        rows want taken, the batch cut to what was given)."""
         size = self.settings.batch_size
-        if not self.rate_limits:
-            return store.fetch_pending(buckets, size, leave_out)
-        allowance = store.take_tokens(self.rate_limits, size)
+        limiter = self.limiter
+        if not limiter:
+            batch = store.fetch_pending(buckets, size, leave_out)
+            self._register_tenants(store, batch)
+            return batch
+        fetched = store.fetch_pending(buckets, size, leave_out, limiter.caps())
+        self._register_tenants(store, fetched)
+        wants = limiter.wants(fetched)
+        left_out = limiter.left_out(fetched.left_out)
+        taken = (
+            store.take_tokens(limiter.limits, wants, left_out)
+            if any(wants) or any(left_out)
+            else None
+        )
+        verdict = limiter.judge(fetched, taken, left_out)
+        self.throttled_for = verdict.wait
+        self.metrics.observe_throttling(limiter.limits, verdict.held)
+        return verdict.admitted
+
+    def _register_tenants(self, store: Store, batch: Sequence[PendingMessage]) -> None:
+        """Register the tenants of BATCH not seen before (local_message_tenant, against which a
+        rate limit's tenant is checked at start). Once per tenant and process; a failure (a
+        role without the grant) is logged once and costs nothing else: delivery goes on."""
+        new = {m.tenant for m in batch if m.tenant} - self._tenants_seen
+        if not new:
+            return
+        self._tenants_seen |= new
         try:
-            batch = store.fetch_pending(
-                buckets,
-                size,
-                leave_out,
-                skip_tenants=allowance.skip_tenants,
-                skip_topics=allowance.skip_topics,
-            )
-        except BaseException:
-            with contextlib.suppress(Exception):  # the read's error is the one to report
-                store.return_tokens(allowance)
-            raise
-        admitted = allowance.admit(batch, self._waiting)
-        store.return_tokens(allowance)
-        self.throttled_for = allowance.wait()
-        self.metrics.observe_throttling(allowance)
-        return admitted
+            store.register_tenants(sorted(new))
+        except Exception as exc:  # noqa: BLE001 - bookkeeping, never in delivery's way
+            log.warning("could not register tenants %s: %s", ", ".join(sorted(new)), exc)
 
     def settle(self) -> None:
         """Write every outcome not yet written, oldest first (the loop calls it before each
@@ -615,7 +627,7 @@ class Relay:
                     if self.clock.wait(stop, self._pause):
                         break
                 elif count == 0:
-                    self._idle(stop)
+                    self._idle(stop, nothing_sent=True)
                     self._idle_wait = min(self._idle_wait * 2, self.settings.idle_poll_interval)
                 else:
                     self._idle_wait = self.settings.idle_poll_min
@@ -626,13 +638,14 @@ class Relay:
         finally:
             self.shutdown()
 
-    def _idle(self, stop: threading.Event) -> None:
+    def _idle(self, stop: threading.Event, nothing_sent: bool = False) -> None:
         if stop.is_set():
             return
         wait = self._idle_wait
-        if self.throttled_for is not None:
-            # Rows wait for a rate limit's next token: back then, not after a longer idle wait.
-            wait = min(wait, max(self.throttled_for, self.settings.idle_poll_min))
+        if nothing_sent and self.throttled_for is not None:
+            # Rows wait for a rate limit's next token: back then, not after a longer idle
+            # wait, nor before it (relay.rate_limits.throttle_wait).
+            wait = throttle_wait(min(wait, self.throttled_for))
         if self._wait_for_work is not None:
             self._wait_for_work(wait, stop)
         else:

@@ -30,7 +30,7 @@ from .listener import Listener
 from .model import LoopSettings, Sink
 from .outage_log import OutageLog
 from .promoter import Promoter
-from .rate_limits import RateLimit
+from .rate_limits import RateLimit, throttle_wait
 from .relay import Relay
 from .retention import Retention
 from .retry import RetryPolicy
@@ -134,16 +134,17 @@ def build_sinks(cfg: RelayConfig, outage_log: OutageLog) -> tuple[Sink, Sink]:
     return transactional, plain
 
 
-def put_limits_in_force(store: PostgresStore, limits: Sequence[RateLimit]) -> None:
+def put_limits_in_force(store: PostgresStore, limits: Sequence[RateLimit], schema: str) -> None:
     """Refuse a limit for a tenant that never wrote an event (a misspelt name would leave the
     real tenant unlimited); put the others in force for every relay (relay.rate_limits)."""
     tenants = [limit.name for limit in limits if limit.scope == "tenant" and limit.name]
     unknown = sorted(set(tenants) - store.known_tenants(tenants))
     if unknown:
         raise ConfigError(
-            f"rate_limits: no event was ever written for tenant {', '.join(map(repr, unknown))}"
-            " (a misspelt tenant would never be limited); to limit a tenant before its first "
-            "event, register it: INSERT INTO local_message_tenant (tenant) VALUES ('...')"
+            f"rate_limits: unknown tenant {', '.join(map(repr, unknown))}: no relay has "
+            "delivered its events and none wait (a misspelt tenant would never be limited); "
+            "to limit a tenant before its first event, register it: INSERT INTO "
+            f"{schema}.local_message_tenant (tenant) VALUES ('...')"
         )
     store.set_rate_limits(limits)
 
@@ -155,7 +156,7 @@ def build_relay(cfg: RelayConfig) -> tuple[Relay, Listener | None]:
     limits = cfg.limits
     if limits:
         try:
-            put_limits_in_force(store, limits)
+            put_limits_in_force(store, limits, cfg.schema)
         except BaseException:
             store.close()
             raise
@@ -232,13 +233,14 @@ def run_relay(cfg: RelayConfig, stop: threading.Event, until_idle: bool = False)
         if until_idle:
             try:
                 # The rows due by now are delivered with the rest; later ones stay SCHEDULED.
-                promoter.run_once(stop)
+                while promoter.run_once(stop) >= promoter.batch * promoter.rounds:
+                    pass  # a round stops at its bound: every row due by now, however many
                 while not stop.is_set():
                     if relay.run_once() > 0:
                         continue
                     if relay.throttled_for is None:
                         break  # nothing left, nothing held back by a rate limit
-                    relay.clock.wait(stop, max(relay.throttled_for, 0.01))
+                    relay.clock.wait(stop, throttle_wait(relay.throttled_for))
             finally:
                 relay.shutdown()
             if retention:

@@ -14,6 +14,10 @@ from .model import BUCKETS, STATUSES, Backlog, PendingStats
 from .selection import key_text
 from .store import int_array
 
+#: Seconds past its due time after which a SCHEDULED row is overdue: the promoters look at
+#: least every second, so a row still SCHEDULED after this has no relay promoting it.
+OVERDUE_AFTER = 10.0
+
 #: A topic or tenant whose rows are all delivered (or FAILED): nothing waits.
 NOTHING_WAITING = PendingStats(0, 0, None)
 
@@ -68,7 +72,7 @@ def read_status(conn: psycopg.Connection, schema: str, rate_window: float = 60.0
                     strict=True,
                 )
             )
-            for row in conn.execute(q("rate_limits"))
+            for row in conn.execute(query("relay", "queries.sql", "rate_limits_now", schema))
         ]
     return {
         "schema": schema,
@@ -132,6 +136,12 @@ def health_problems(
     lag = report["oldest_pending_age_seconds"]
     if fail_if_lag is not None and lag is not None and lag > fail_if_lag:
         problems.append(f"lag {lag:.1f}s > {fail_if_lag:g}s")
+    # Scheduled rows past their time are lag too, invisible to the PENDING rows' figure.
+    due_in = report["scheduled"]["next_due_in_seconds"]
+    if fail_if_lag is not None and due_in is not None and -due_in > max(fail_if_lag, OVERDUE_AFTER):
+        problems.append(
+            f"scheduled rows overdue by {-due_in:.1f}s > {fail_if_lag:g}s (no relay promoting)"
+        )
     if fail_if_failed and report["counts"]["FAILED"]:
         problems.append(f"{report['counts']['FAILED']} FAILED rows")
     if fail_if_failed and report["counts"]["SENT"]:

@@ -13,8 +13,16 @@ from outbox.message import headers_from_json
 from outbox.schema import require_schema
 from outbox.sql import one_row, query
 
-from .model import BUCKETS, Backlog, Delivered, FailureUpdate, PendingMessage, PendingStats
-from .rate_limits import Allowance, RateLimit
+from .model import (
+    BUCKETS,
+    Backlog,
+    Delivered,
+    FailureUpdate,
+    Fetched,
+    PendingMessage,
+    PendingStats,
+)
+from .rate_limits import NO_CAPS, GroupCaps, RateLimit, Taken
 from .shards import plan_lease, validate_shards
 
 
@@ -179,12 +187,11 @@ class PostgresStore:
         buckets: frozenset[int],
         limit: int,
         exclude: Sequence[int] = (),
-        *,
-        skip_tenants: Sequence[str] = (),
-        skip_topics: Sequence[str] = (),
-    ) -> list[PendingMessage]:
+        caps: GroupCaps | None = None,
+    ) -> Fetched:
         if not buckets:
-            return []
+            return Fetched()
+        caps = caps or NO_CAPS
         conn = self.connect()
         with conn.transaction():  # for read_in_id_order's SET LOCAL (queries.sql says why)
             conn.execute(self._q("read_in_id_order"), prepare=False)
@@ -195,27 +202,34 @@ class PostgresStore:
                     "buckets": self._bucket_array(buckets),
                     "limit": limit,
                     "exclude": int_array(exclude),
-                    "skip_tenants": list(skip_tenants),
-                    "skip_topics": list(skip_topics),
+                    "cap_tenants": caps.tenants,
+                    "tenant_caps": caps.tenant_caps,
+                    "cap_topics": caps.topics,
+                    "topic_caps": caps.topic_caps,
                 },
                 prepare=True,
                 binary=True,
             ).fetchall()
-        return [
-            PendingMessage(
-                row[0],
-                row[1],
-                row[2],
-                row[3],
-                row[4],
-                headers_from_json(row[5]) if row[5] else [],
-                row[6],
-                row[7],
-                row[8],
-                row[9],
-            )
-            for row in rows
-        ]
+        # The groups left out come last, as rows without an id (queries.sql says why).
+        left_out = frozenset((row[9], row[2]) for row in rows if row[0] is None)
+        return Fetched(
+            (
+                PendingMessage(
+                    row[0],
+                    row[1],
+                    row[2],
+                    row[3],
+                    row[4],
+                    headers_from_json(row[5]) if row[5] else [],
+                    row[6],
+                    row[7],
+                    row[8],
+                    row[9],
+                )
+                for row in (rows[: len(rows) - len(left_out)] if left_out else rows)
+            ),
+            left_out,
+        )
 
     def mark_confirmed(self, relay_id: uuid.UUID, delivered: Sequence[Delivered]) -> int:
         if not delivered:
@@ -242,36 +256,33 @@ class PostgresStore:
     def set_rate_limits(self, limits: Sequence[RateLimit]) -> None:
         self._execute("set_rate_limits", limit_params(limits))
 
+    def keep_rate_limits(self, limits: Sequence[RateLimit]) -> None:
+        self._execute("keep_rate_limits", limit_params(limits))
+
     def known_tenants(self, tenants: Sequence[str]) -> set[str]:
         cur = self._execute("known_tenants", {"tenants": list(tenants)})
         return {row[0] for row in cur}
 
-    def take_tokens(self, limits: Sequence[RateLimit], want: int) -> Allowance:
-        rows = self._execute("take_tokens", {**limit_params(limits), "want": want}).fetchall()
-        got = {(scope, name): (granted, available) for scope, name, granted, available in rows}
-        if len(got) < len(limits):
-            # Forgotten meanwhile (set_rate_limits of a relay without it): back, empty.
-            self.set_rate_limits(limits)
-        return Allowance(
-            limits,
-            [got.get((limit.scope, limit.name), (0, 0.0))[0] for limit in limits],
-            [got.get((limit.scope, limit.name), (0, 0.0))[1] for limit in limits],
-        )
+    def register_tenants(self, tenants: Sequence[str]) -> None:
+        self._execute("register_tenants", {"tenants": sorted(tenants)})
 
-    def return_tokens(self, allowance: Allowance) -> None:
-        unused = allowance.unused()
-        if not any(unused) and not any(allowance.held):
-            return
-        limits = allowance.limits
-        self._execute(
-            "return_tokens",
-            {
-                "scopes": [limit.scope for limit in limits],
-                "names": [limit.name for limit in limits],
-                "unused": unused,
-                "held": list(allowance.held),
-            },
-        )
+    def take_tokens(
+        self, limits: Sequence[RateLimit], wants: Sequence[int], held: Sequence[bool]
+    ) -> Taken:
+        params = {
+            "scopes": [limit.scope for limit in limits],
+            "names": [limit.name for limit in limits],
+            "wants": list(wants),
+            "held": list(held),
+        }
+        got = {
+            (scope, name): (granted, available)
+            for scope, name, granted, available in self._execute("take_tokens", params)
+        }
+        # A limit missing (forgotten while no relay had it) gives nothing until the next
+        # heartbeat brings it back (keep_rate_limits).
+        found = [got.get((limit.scope, limit.name), (0, 0.0)) for limit in limits]
+        return Taken([g for g, _ in found], [a for _, a in found])
 
     # -- gauges and retention
 

@@ -24,13 +24,14 @@ from .model import (
     Delivered,
     Failed,
     FailureUpdate,
+    Fetched,
     Outcome,
     PendingMessage,
     PendingStats,
     group_share,
     send_in_key_order,
 )
-from .rate_limits import Allowance, RateLimit
+from .rate_limits import NO_CAPS, GroupCaps, RateLimit, Taken
 from .shards import buckets_of, message_tag, plan_lease
 
 
@@ -81,6 +82,7 @@ class TokenBucket:
     tokens: float
     refilled_at: float
     held_at: float | None = None
+    seen_at: float = 0.0
 
 
 class InMemoryStore:
@@ -92,7 +94,7 @@ class InMemoryStore:
         self.rows: dict[int, Row] = {}
         self.relays: dict[uuid.UUID, float] = {}  # relay_id -> lease_until
         self.owners: dict[int, tuple[uuid.UUID, float]] = {}  # bucket -> (owner, lease_until)
-        self.tenants: set[str] = set()  # queries.sql's local_message_tenant
+        self.tenants: set[str] = set()  # local_message_tenant: registered by relays
         self.rate_buckets: dict[tuple[str, str], TokenBucket] = {}  # local_message_rate
         #: How many times promote_due woke the relays (the PostgreSQL store's NOTIFY).
         self.wakeups = 0
@@ -114,8 +116,6 @@ class InMemoryStore:
             if deliver_at is not None and deliver_at > self._now():
                 row.status = "SCHEDULED"
             self.rows[row.id] = row
-            if tenant:
-                self.tenants.add(tenant)
             return row
 
     def heartbeat(self, relay_id: uuid.UUID, name: str, lease_seconds: float) -> frozenset[int]:
@@ -152,25 +152,22 @@ class InMemoryStore:
         buckets: frozenset[int],
         limit: int,
         exclude: Sequence[int] = (),
-        *,
-        skip_tenants: Sequence[str] = (),
-        skip_topics: Sequence[str] = (),
-    ) -> list[PendingMessage]:
+        caps: GroupCaps | None = None,
+    ) -> Fetched:
         """queries.sql's fetch_pending: (tenant, topic) groups take turns, each group's
         deliverable rows in id order, at most group_share() of each looked at, and a top-up
-        from the groups that filled their share when that falls short. The groups of
-        SKIP_TENANTS and SKIP_TOPICS are left out."""
+        from the groups that filled their share when that falls short; no group past its
+        cap, the groups capped at 0 left out and named."""
         excluded = set(exclude)
+        caps = caps or NO_CAPS
+        tenant_caps = dict(zip(caps.tenants, caps.tenant_caps, strict=True))
+        topic_caps = dict(zip(caps.topics, caps.topic_caps, strict=True))
         with self._lock:
             now = self._now()
             blockers = self._blocking_keys(buckets, now)
             groups: dict[tuple[str, str], list[Row]] = {}
             for row in sorted(self.rows.values(), key=lambda r: r.id):
-                if (
-                    row.status == "PENDING"
-                    and row.tenant not in skip_tenants
-                    and row.topic not in skip_topics
-                ):
+                if row.status == "PENDING":
                     groups.setdefault((row.tenant, row.topic), [])
                     if (
                         row.bucket in buckets
@@ -179,36 +176,51 @@ class InMemoryStore:
                         and not _held(row, blockers)
                     ):
                         groups[(row.tenant, row.topic)].append(row)
-            share = group_share(limit, len(groups))
+            cap = {
+                (tenant, topic): min(
+                    limit, tenant_caps.get(tenant, limit), topic_caps.get(topic, limit)
+                )
+                for tenant, topic in groups
+            }
+            left_out = frozenset(group for group in groups if cap[group] <= 0)
+            live = {group: rows for group, rows in groups.items() if group not in left_out}
+            share = group_share(limit, len(live))
             turns = [
                 (turn, row.id, row)
-                for rows in groups.values()
-                for turn, row in enumerate(rows[:share])
+                for group, rows in live.items()
+                for turn, row in enumerate(rows[: min(share, cap[group])])
             ]
-            full = [rows for rows in groups.values() if len(rows) >= share]
+            full = [
+                (group, rows)
+                for group, rows in live.items()
+                if len(rows) >= share and cap[group] >= share
+            ]
             if len(turns) < limit and full:  # the top-up: full_groups, top_up and more
                 more = group_share(limit - len(turns), len(full))
                 turns += [
                     (share + turn, row.id, row)
-                    for rows in full
-                    for turn, row in enumerate(rows[share : share + more])
+                    for group, rows in full
+                    for turn, row in enumerate(rows[share : share + min(more, cap[group] - share)])
                 ]
             picked = sorted(turns, key=lambda t: t[:2])[:limit]
-            return [
-                PendingMessage(
-                    row.id,
-                    row.message_id,
-                    row.topic,
-                    row.key,
-                    row.payload,
-                    list(row.headers),
-                    row.attempts,
-                    row.created_at,
-                    row.bucket,
-                    row.tenant,
-                )
-                for _, _, row in sorted(picked, key=lambda t: t[1])
-            ]
+            return Fetched(
+                [
+                    PendingMessage(
+                        row.id,
+                        row.message_id,
+                        row.topic,
+                        row.key,
+                        row.payload,
+                        list(row.headers),
+                        row.attempts,
+                        row.created_at,
+                        row.bucket,
+                        row.tenant,
+                    )
+                    for _, _, row in sorted(picked, key=lambda t: t[1])
+                ],
+                left_out,
+            )
 
     def _blocking_keys(self, buckets: frozenset[int], now: float) -> dict[tuple[str, bytes], int]:
         """queries.sql's blocking_keys: each (tenant, key)'s first FAILED, SENT or backing-off
@@ -290,56 +302,64 @@ class InMemoryStore:
                 backlog[group] = PendingStats(len(pending), len(held), lag)
             return backlog
 
-    # -- rate limits: queries.sql's set_rate_limits, known_tenants, take_tokens, return_tokens
+    # -- rate limits: queries.sql's set_rate_limits, keep_rate_limits, known_tenants,
+    # register_tenants, take_tokens
 
     def set_rate_limits(self, limits: Sequence[RateLimit]) -> None:
+        self._put_rate_limits(limits, starting=True)
+
+    def keep_rate_limits(self, limits: Sequence[RateLimit]) -> None:
+        self._put_rate_limits(limits, starting=False)
+
+    def _put_rate_limits(self, limits: Sequence[RateLimit], starting: bool) -> None:
         with self._lock:
             now = self._now()
             wanted = {(limit.scope, limit.name): limit for limit in limits}
-            for scope_name, bucket in list(self.rate_buckets.items()):
-                if scope_name not in wanted and bucket.refilled_at < now - 60:
+            for scope_name, old in list(self.rate_buckets.items()):
+                if scope_name not in wanted and old.seen_at < now - 60:
                     del self.rate_buckets[scope_name]
             for scope_name, limit in wanted.items():
-                bucket = self.rate_buckets.setdefault(
-                    scope_name, TokenBucket(limit, limit.burst, now)
-                )
-                bucket.limit = limit
-                bucket.tokens = min(bucket.tokens, limit.burst)
+                bucket = self.rate_buckets.get(scope_name)
+                if bucket is None:
+                    tokens = limit.burst if starting else 0.0
+                    self.rate_buckets[scope_name] = TokenBucket(limit, tokens, now, seen_at=now)
+                    continue
+                bucket.seen_at = now
+                if starting:  # in force for every relay: the table is the one source
+                    bucket.limit = limit
+                    bucket.tokens = min(bucket.tokens, limit.burst)
 
     def known_tenants(self, tenants: Sequence[str]) -> set[str]:
         with self._lock:
-            return set(tenants) & self.tenants
+            waiting = {r.tenant for r in self.rows.values() if r.status == "PENDING"}
+            return set(tenants) & (self.tenants | waiting)
 
-    def take_tokens(self, limits: Sequence[RateLimit], want: int) -> Allowance:
+    def register_tenants(self, tenants: Sequence[str]) -> None:
+        with self._lock:
+            self.tenants.update(tenants)
+
+    def take_tokens(
+        self, limits: Sequence[RateLimit], wants: Sequence[int], held: Sequence[bool]
+    ) -> Taken:
         granted, available = [], []
         with self._lock:
             now = self._now()
-            for limit in limits:
+            for limit, want, holds in zip(limits, wants, held, strict=True):
                 bucket = self.rate_buckets.get((limit.scope, limit.name))
                 if bucket is None:
                     granted.append(0)
                     available.append(0.0)
                     continue
-                have = min(
-                    limit.burst, bucket.tokens + limit.rate * max(0.0, now - bucket.refilled_at)
-                )
+                rate, burst = bucket.limit.rate, bucket.limit.burst
+                have = min(burst, bucket.tokens + rate * max(0.0, now - bucket.refilled_at))
                 took = min(want, math.floor(have))
-                bucket.limit, bucket.tokens = limit, have - took
+                bucket.tokens = have - took
                 bucket.refilled_at = max(bucket.refilled_at, now)
+                if holds or took < want:
+                    bucket.held_at = now
                 granted.append(took)
                 available.append(have)
-        return Allowance(limits, granted, available)
-
-    def return_tokens(self, allowance: Allowance) -> None:
-        with self._lock:
-            for limit, unused, held in zip(
-                allowance.limits, allowance.unused(), allowance.held, strict=True
-            ):
-                bucket = self.rate_buckets.get((limit.scope, limit.name))
-                if bucket is not None:
-                    bucket.tokens = min(bucket.limit.burst, bucket.tokens + unused)
-                    if held:
-                        bucket.held_at = self._now()
+        return Taken(granted, available)
 
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
         with self._lock:

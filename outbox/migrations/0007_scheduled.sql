@@ -18,7 +18,9 @@ ALTER TABLE local_message ADD COLUMN IF NOT EXISTS deliver_at timestamptz;
 
 ALTER TABLE local_message DROP CONSTRAINT IF EXISTS local_message_status_check;
 ALTER TABLE local_message ADD CONSTRAINT local_message_status_check
-    CHECK (status IN ('PENDING', 'SENT', 'CONFIRMED', 'FAILED', 'SKIPPED', 'SCHEDULED'));
+    CHECK (status IN ('PENDING', 'SENT', 'CONFIRMED', 'FAILED', 'SKIPPED', 'SCHEDULED')
+        -- a SCHEDULED row without a due time would never be promoted
+        AND (status <> 'SCHEDULED' OR deliver_at IS NOT NULL));
 
 CREATE INDEX IF NOT EXISTS local_message_scheduled_idx
     ON local_message (deliver_at, id) WHERE status = 'SCHEDULED';

@@ -76,7 +76,7 @@ def waits(row: dict[str, Any]) -> str:
     a SCHEDULED row falls due."""
     if row["status"] == "SCHEDULED" and row.get("deliver_at") is not None:
         wait = (row["deliver_at"] - dt.datetime.now(dt.timezone.utc)).total_seconds()
-        return f"due in {duration(max(wait, 0))}"
+        return f"due in {duration(wait)}" if wait >= 0 else f"overdue by {duration(-wait)}"
     if row["status"] != "PENDING":
         return ""
     if row["held_by"] is not None:

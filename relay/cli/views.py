@@ -12,6 +12,7 @@ import click
 from outbox.schema import require_schema
 
 from ..selection import Selection, key_text, parse_ref
+from ..status import OVERDUE_AFTER
 from . import render
 from .failures import EXIT_CONDITION, Failure, connect, expected_failures
 from .options import dsn_option, json_option, schema_option, selection_options
@@ -108,7 +109,9 @@ def _print_status(report: dict[str, Any]) -> None:
             + (
                 f"(in {render.duration(due_in)})"
                 if due_in >= 0
-                else f"(overdue by {render.duration(-due_in)}: promoted by a running relay)"
+                else "(due now)"
+                if due_in > -OVERDUE_AFTER
+                else f"(OVERDUE by {render.duration(-due_in)}: no relay is promoting them)"
             )
         )
     click.echo(

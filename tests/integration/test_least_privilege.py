@@ -223,7 +223,9 @@ def test_roles_granted_before_the_rate_limits_keep_working_after_migration_8(adm
             limits = parse_rate_limits("tenant:acme=5")
             assert store.known_tenants(["acme"]) == {"acme"}
             store.set_rate_limits(limits)
-            assert store.take_tokens(limits, 10).granted == [5]
+            assert store.take_tokens(limits, [10], [False]).granted == [5]
+            store.register_tenants(["beta"])
+            assert store.known_tenants(["beta"]) == {"beta"}
         finally:
             store.close()
         with psycopg.connect(as_role("op")) as conn:

@@ -298,3 +298,46 @@ def test_topics_check_names_the_topics_of_scheduled_rows(dsn, bootstrap):
     env = {"OUTBOX_DSN": dsn, "OUTBOX_BOOTSTRAP_SERVERS": bootstrap}
     check = run("topics", "check", env=env)
     assert check.returncode == 1 and f"{name}: missing (1 rows to deliver)" in check.stdout
+
+
+def test_delay_counts_from_the_insert_not_the_transactions_start(dsn):
+    """A delay of 0.5 s given 1 s into a transaction is still ahead at the INSERT: SCHEDULED
+    (counted from the transaction's start it would be past, and sent at once)."""
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        conn.execute("SELECT pg_sleep(1)")
+        row = outbox.publish(conn, topic="t", payload={}, delay=0.5)
+        (status, late) = conn.execute(
+            "SELECT status, deliver_at - now() FROM local_message WHERE id = %s", (row.id,)
+        ).fetchone()
+    assert status == "SCHEDULED" and late > dt.timedelta(seconds=1)
+
+
+def test_lag_and_retention_count_a_scheduled_row_from_its_due_time(dsn):
+    """A reminder written 30 days ago and due a second ago is one second late, not 30 days;
+    delivered, it is kept for the retention after its due time, not after its writing."""
+    from relay.store import PostgresStore
+
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        ids = [
+            conn.execute(
+                "INSERT INTO local_message (topic, payload, status, created_at, deliver_at) "
+                "VALUES ('t', 'x', %s, now() - interval '30 days', %s) RETURNING id",
+                (status, due),
+            ).fetchone()[0]
+            for status, due in (
+                ("PENDING", dt.datetime.now(UTC) - dt.timedelta(seconds=1)),
+                ("CONFIRMED", dt.datetime.now(UTC) - dt.timedelta(hours=1)),
+                ("CONFIRMED", None),
+            )
+        ]
+    store = PostgresStore(dsn)
+    try:
+        lag = store.pending_stats(frozenset(range(256))).total().lag_seconds
+        deleted = store.delete_confirmed(7 * 86400, 100)
+    finally:
+        store.close()
+    assert lag is not None and lag < 60, lag
+    assert deleted == 1  # the unscheduled one
+    with psycopg.connect(dsn) as conn:
+        left = [i for (i,) in conn.execute("SELECT id FROM local_message ORDER BY id")]
+    assert left == ids[:2]

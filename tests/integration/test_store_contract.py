@@ -326,3 +326,53 @@ def test_promotion_takes_the_earliest_due_first_in_batches_of_its_limit(under_te
     assert under_test.store.promote_due(2) == 2
     assert under_test.store.promote_due(2) == 0
     assert [under_test.row(r)[0] for r in rows] == ["SCHEDULED"] + ["PENDING"] * 4
+
+
+def test_rate_limit_caps_bound_each_group_and_name_the_groups_left_out(under_test):
+    """The read under rate limits: a tenant's or topic's cap bounds each of its groups, top-up
+    included; a group capped at 0 is not read and is named with the rows; the others fill."""
+    from relay.rate_limits import GroupCaps
+
+    store, insert = under_test.store, under_test.insert
+    store.heartbeat(uuid.uuid4(), "a", 60)
+    big = [insert(b"b%d" % (i % 5), tenant="big") for i in range(30)]
+    sms = [insert(b"s%d" % i, topic="sms", tenant="small") for i in range(6)]
+    mail = [insert(b"m%d" % i, topic="mail", tenant="small") for i in range(6)]
+    # Tenant big capped at 4, topic sms at 0: big's first 4, none of sms (left out), all mail.
+    fetched = store.fetch_pending(ALL, 20, caps=GroupCaps(["big"], [4], ["sms"], [0]))
+    assert ids(fetched) == big[:4] + mail
+    assert fetched.left_out == {("small", "sms")}
+    # Turns across the groups as without caps, big's stopping at 12 (turns 1-6 of all three,
+    # then big's 7th and 8th).
+    fetched = store.fetch_pending(ALL, 20, caps=GroupCaps(["big"], [12], [], []))
+    assert ids(fetched) == sorted(big[:8] + sms + mail) and not fetched.left_out
+    # The top-up reads on past the share, up to the cap only: six groups (five with nothing
+    # deliverable now), a read of 10 gives big a share of 7, and the top-up one more (cap 8).
+    others = [insert(b"o", topic=f"x{i}", tenant="other") for i in range(3)]
+    waiting = sms + mail + others
+    assert ids(store.fetch_pending(ALL, 10, exclude=waiting)) == big[:10]
+    capped = store.fetch_pending(ALL, 10, exclude=waiting, caps=GroupCaps(["big"], [8], [], []))
+    assert ids(capped) == big[:8]
+
+
+def test_rate_limit_buckets_are_shared_kept_and_forgotten(under_test):
+    """The buckets: the last relay started puts its rate in force for all (the others keep,
+    never override); a bucket lost while in use comes back empty, never with a burst; taking
+    refills at the table's rate; tenants are known once registered or with rows waiting."""
+    from relay.config import parse_rate_limits
+
+    store = under_test.store
+    old, new = parse_rate_limits("tenant:a=1:5"), parse_rate_limits("tenant:a=1000:20")
+    store.set_rate_limits(old)
+    store.set_rate_limits(new)  # a relay started with the new limit
+    store.keep_rate_limits(old)  # a relay of the old configuration, at its heartbeat
+    assert store.take_tokens(old, [50], [False]).granted[0] >= 5  # emptied
+    time.sleep(0.05)  # the time whose refill is measured
+    # Refilled at the table's 1000 a second up to its burst of 20, whatever the caller's
+    # limit says (at 1 a second, up to 5, it would be 0 or 1).
+    assert store.take_tokens(old, [50], [False]).granted[0] >= 15
+    # Tenants: none known, then one with a row waiting, one registered.
+    assert store.known_tenants(["x", "y"]) == set()
+    under_test.insert(b"k", tenant="x")
+    store.register_tenants(["y"])
+    assert store.known_tenants(["x", "y", "z"]) == {"x", "y"}

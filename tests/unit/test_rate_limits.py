@@ -2,11 +2,13 @@
 against the in-memory store on a fake clock (the shared buckets against the real server:
 tests/integration/test_rate_limits.py)."""
 
+import threading
+
 import pytest
 
 from relay.config import ConfigError, RelayConfig, parse_rate_limits
 from relay.model import PendingMessage
-from relay.rate_limits import Allowance, RateLimit
+from relay.rate_limits import MIN_THROTTLE_WAIT, GroupCaps, Limiter, RateLimit, Taken
 from relay.relay import Relay
 from relay.retry import RetryPolicy
 from relay.testing import FakeClock, InMemoryStore, RecordingSink
@@ -55,9 +57,12 @@ def message(row_id, tenant, topic, key=b"k"):
     return PendingMessage(row_id, "m", topic, key, b"", [], 0, None, 0, tenant)
 
 
-def test_admit_cuts_each_group_to_a_prefix_and_counts_every_limit_a_row_falls_under():
-    limits = [RateLimit("tenant", "a", 1, 10), RateLimit("topic", "t", 1, 10)]
-    allowance = Allowance(limits, granted=[3, 10], available=[3.5, 10.0])
+def limiter(spec, now=lambda: 0.0):
+    return Limiter(parse_rate_limits(spec), now)
+
+
+def test_judge_cuts_each_group_to_a_prefix_and_counts_every_limit_a_row_falls_under():
+    lim = limiter("tenant:a=1:10 topic:t=1:10")
     batch = [
         message(1, "a", "t"),
         message(2, "a", "u"),
@@ -68,31 +73,46 @@ def test_admit_cuts_each_group_to_a_prefix_and_counts_every_limit_a_row_falls_un
         message(7, "a", "u"),  # tenant a, group (a, u): cut
         message(8, "c", "v"),  # no limit applies
     ]
-    admitted = allowance.admit(batch)
-    assert [m.id for m in admitted] == [1, 2, 3, 4, 6, 8]
-    assert allowance.used == [3, 4]
-    assert allowance.held == [True, False]
-    assert allowance.unused() == [0, 6]
+    assert lim.wants(batch) == [5, 5]
+    verdict = lim.judge(batch, Taken(granted=[3, 5], available=[3.5, 10.0]), [False, False])
+    assert [m.id for m in verdict.admitted] == [1, 2, 3, 4, 6, 8]
+    assert verdict.held == [True, False]
     # Tenant a had 0.5 token left after its three: the next is due in half a second.
-    assert allowance.wait() == pytest.approx(0.5)
+    assert verdict.wait == pytest.approx(0.5)
+    # The next read is capped by what the buckets held: half a token (none), five left.
+    assert lim.caps() == GroupCaps(["a"], [0], ["t"], [5])
 
 
 def test_a_group_once_cut_stays_cut_even_when_a_later_row_would_fit():
     # Topic t's tokens run out at row 2 (group (a, t)); row 3 of the same group is not sent
-    # either, though tenant a alone could afford it: the group's rows stay a prefix.
-    limits = [RateLimit("topic", "t", 1, 5)]
-    allowance = Allowance(limits, granted=[1], available=[1.0])
+    # either, though it would be the next in turn: the group's rows stay a prefix.
+    lim = limiter("topic:t=1:5")
     batch = [message(1, "b", "t"), message(2, "a", "t"), message(3, "a", "t")]
-    assert [m.id for m in allowance.admit(batch)] == [1]
+    verdict = lim.judge(batch, Taken([1], [1.0]), [False])
+    assert [m.id for m in verdict.admitted] == [1]
 
 
-def test_a_limit_out_of_tokens_is_skipped_by_the_read_and_holds_only_if_its_rows_wait():
-    limits = [RateLimit("tenant", "a", 2, 2), RateLimit("topic", "t", 1, 1)]
-    allowance = Allowance(limits, granted=[0, 0], available=[0.5, 0.0])
-    assert allowance.skip_tenants == ["a"] and allowance.skip_topics == ["t"]
-    assert allowance.admit([message(1, "b", "u")], waiting={("a", "u")}) == [message(1, "b", "u")]
-    assert allowance.held == [True, False]
-    assert allowance.wait() == pytest.approx(0.25)
+def test_caps_start_at_the_burst_and_refill_at_the_rate_since_the_last_look():
+    clock = FakeClock()
+    lim = limiter("tenant:a=2:8", clock.monotonic)
+    assert lim.caps() == GroupCaps(["a"], [8], [], [])
+    lim.judge([], Taken([0], [0.5]), [True])
+    assert lim.caps().tenant_caps == [0]
+    clock.advance(0.3)  # 0.5 + 0.6 = 1.1 tokens
+    assert lim.caps().tenant_caps == [1]
+    clock.advance(100)
+    assert lim.caps().tenant_caps == [8]
+
+
+def test_a_limit_whose_groups_were_left_out_holds_rows_back_and_waits_for_a_token():
+    lim = limiter("tenant:a=2 topic:t=1")
+    assert lim.left_out({("a", "u")}) == [True, False]
+    verdict = lim.judge([message(1, "b", "u")], Taken([0, 0], [0.5, 0.0]), [True, False])
+    assert verdict.admitted == [message(1, "b", "u")]
+    assert verdict.held == [True, False]
+    assert verdict.wait == pytest.approx(0.25)
+    # Nothing under a limit, nothing left out: no take, nothing held, no wait.
+    assert lim.judge([message(2, "b", "u")], None, [False, False]).wait is None
 
 
 def make_relay(limits, batch_size=50):
@@ -171,3 +191,36 @@ def test_replicas_draw_on_one_bucket():
         second.run_once()
     # 10 at once, then 10 a second for 2 seconds.
     assert len(sink.sent) == 30
+
+
+def test_the_loop_idles_for_the_next_token_but_not_less_than_the_floor():
+    """Everything left waits for a limit of 1,000 a second: the loop does not come back every
+    millisecond for one row, nor wait its full idle interval."""
+    waits = []
+    stop = threading.Event()
+
+    def wait_for_work(seconds, _stop):
+        waits.append(seconds)
+        if len(waits) == 3:
+            stop.set()
+
+    limits = parse_rate_limits("tenant:bulk=1000:10")
+    clock = FakeClock()
+    store = InMemoryStore(clock.monotonic)
+    store.set_rate_limits(limits)
+    relay = Relay(
+        store,
+        RecordingSink(),
+        reader=store,
+        clock=clock,
+        batch_size=50,
+        rate_limits=limits,
+        wait_for_work=wait_for_work,
+        idle_poll_interval=5.0,
+    )
+    for i in range(30):
+        store.insert("t", b"k", b"%d" % i, tenant="bulk")
+    relay.run(stop)
+    # The burst went, then two idle waits with every row left held back: the floor, not the
+    # millisecond to the next token, nor the idle interval.
+    assert waits[1:] == [MIN_THROTTLE_WAIT, MIN_THROTTLE_WAIT]

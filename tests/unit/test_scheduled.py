@@ -3,6 +3,7 @@ on a fake clock, the promoter's rounds (bounded, stoppable), and the loop's orde
 promoted row."""
 
 import datetime as dt
+import fractions
 import math
 import threading
 import time
@@ -66,6 +67,25 @@ def test_a_tzinfo_without_an_offset_counts_as_naive():
 def test_a_negative_non_finite_or_absurd_delay_is_refused(delay):
     with pytest.raises(InvalidMessage, match="delay must be"):
         build_message(topic="t", payload={}, delay=delay)
+
+
+@pytest.mark.parametrize(
+    "deliver_at",
+    [
+        dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=5))),
+        dt.datetime(9999, 12, 31, 23, tzinfo=dt.timezone(dt.timedelta(hours=-5))),
+        dt.datetime(2300, 1, 1, tzinfo=UTC),
+        dt.datetime(1800, 1, 1, tzinfo=UTC),
+    ],
+)
+def test_a_deliver_at_a_century_or_more_away_is_refused_before_the_database(deliver_at):
+    with pytest.raises(InvalidMessage, match="more than 100 years from now"):
+        build_message(topic="t", payload={}, deliver_at=deliver_at)
+
+
+def test_any_real_number_is_a_delay():
+    message = build_message(topic="t", payload={}, delay=fractions.Fraction(3, 2))
+    assert message.delay == 1.5
 
 
 def test_deliver_at_and_delay_together_are_refused():
