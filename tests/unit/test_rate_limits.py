@@ -224,3 +224,20 @@ def test_the_loop_idles_for_the_next_token_but_not_less_than_the_floor():
     # The burst went, then two idle waits with every row left held back: the floor, not the
     # millisecond to the next token, nor the idle interval.
     assert waits[1:] == [MIN_THROTTLE_WAIT, MIN_THROTTLE_WAIT]
+
+
+def test_reads_without_limited_rows_take_no_tokens():
+    """With limits configured, a read of rows no limit covers, with no limited group left out,
+    makes no statement on the buckets: what it costs without limits."""
+    limits = parse_rate_limits("tenant:bulk=10:10")
+    _, store, sink, relay = make_relay(limits)
+    taken = []
+    take = store.take_tokens
+    store.take_tokens = lambda *a: taken.append(a) or take(*a)
+    for i in range(20):
+        store.insert("t", b"k%d" % i, b"x", tenant="other")
+    relay.run_once()
+    assert len(sink.sent) == 20 and taken == []
+    store.insert("t", b"k", b"x", tenant="bulk")
+    relay.run_once()
+    assert len(sink.sent) == 21 and len(taken) == 1
