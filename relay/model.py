@@ -273,6 +273,9 @@ class Store(Protocol):
         """Refill each limit's bucket and take up to its WANTS whole tokens; note the limits
         that hold rows back (given less than wanted, or HELD)."""
 
+    def return_tokens(self, limits: Sequence[RateLimit], unused: Sequence[int]) -> None:
+        """Give each limit's UNUSED tokens back, up to its burst."""
+
     def promote_due(self, limit: int) -> int:
         """Make up to LIMIT SCHEDULED rows whose due time has come PENDING, the earliest due
         first, skipping rows locked by others; wake idle relays if any was. Return how many."""

@@ -182,8 +182,14 @@ SELECT id, message_id, topic, key, payload, headers, attempts, created_at, bucke
   FROM (SELECT * FROM first UNION ALL SELECT * FROM more ORDER BY turn, id LIMIT %(limit)s)
        AS batch
  UNION ALL
--- The groups left out, marked by a NULL id (sorted last): a rate limit holds their rows back.
-SELECT NULL, NULL, topic, NULL, NULL, NULL, NULL, NULL, NULL, tenant FROM capped WHERE cap = 0
+-- The groups left out that have rows this relay could send now, marked by a NULL id (sorted
+-- last): a rate limit holds those rows back (one probe of the PENDING index per group).
+SELECT NULL, NULL, c.topic, NULL, NULL, NULL, NULL, NULL, NULL, c.tenant
+  FROM capped c
+ WHERE c.cap = 0
+   AND EXISTS (SELECT 1 FROM {table} m
+                WHERE m.status = 'PENDING' AND m.tenant = c.tenant AND m.topic = c.topic
+                  AND {deliverable})
  ORDER BY id
 
 -- name: deliverable
@@ -344,8 +350,9 @@ SELECT t FROM unnest(%(tenants)s::text[]) AS t ORDER BY t
 -- (its latest version), never from a snapshot another relay has changed since.
 -- statement_timestamp() is the refill's clock; refilled_at never goes back, so that a relay
 -- whose statement began before another's refill counts no time twice, unless it lies more
--- than a second ahead (the database's clock was set back): then it restarts from now rather
--- than stall the limit until the clock catches up.
+-- than a second ahead of the clock now (clock_timestamp(): a statement that waited long for
+-- the lock is not a clock set back) - the database's clock was set back: the refill restarts
+-- from now rather than stall the limit until the clock catches up.
 WITH wanted AS (
     SELECT * FROM unnest(%(scopes)s::text[], %(names)s::text[], %(wants)s::integer[],
                          %(held)s::boolean[]) AS w(scope, name, want, held)
@@ -357,8 +364,8 @@ WITH wanted AS (
 UPDATE {rate_table} r
    SET last_taken = least(w.want, floor({available})),
        tokens = {available} - least(w.want, floor({available})),
-       refilled_at = CASE WHEN r.refilled_at > statement_timestamp() + interval '1 second'
-                          THEN statement_timestamp()
+       refilled_at = CASE WHEN r.refilled_at > clock_timestamp() + interval '1 second'
+                          THEN clock_timestamp()
                           ELSE greatest(r.refilled_at, statement_timestamp()) END,
        held_at = CASE WHEN w.held OR floor({available}) < w.want THEN statement_timestamp()
                       ELSE r.held_at END
@@ -366,6 +373,23 @@ UPDATE {rate_table} r
  WHERE r.scope = w.scope AND r.name = w.name
    AND (r.scope, r.name) IN (SELECT scope, name FROM locked)
 RETURNING r.scope, r.name, r.last_taken::integer, r.tokens + r.last_taken
+
+-- name: return_tokens
+-- Tokens taken and not used (a row under two limits cut by the other's shortage) go back, up
+-- to the burst; the rows locked in take_tokens' order.
+WITH given AS (
+    SELECT * FROM unnest(%(scopes)s::text[], %(names)s::text[], %(unused)s::integer[])
+           AS g(scope, name, unused)
+     WHERE unused > 0
+), locked AS (
+    SELECT r.scope, r.name FROM {rate_table} r JOIN given g USING (scope, name)
+     ORDER BY r.scope, r.name
+       FOR UPDATE OF r
+)
+UPDATE {rate_table} r SET tokens = least(r.burst, r.tokens + g.unused)
+  FROM given g
+ WHERE r.scope = g.scope AND r.name = g.name
+   AND (r.scope, r.name) IN (SELECT scope, name FROM locked)
 
 -- name: available
 -- A limit's tokens now: what was left, refilled at its rate since, up to its burst.

@@ -14,14 +14,17 @@ start). A read goes like this (Relay._fetch):
    that held rows back note when, for `outbox status`. Nothing is taken when no row of the
    batch is under a limit and no group was left out: without limits, or with the limited
    tenants idle, a read costs what it did;
-3. admit: the batch is cut to what each limit gave, in id order; once a group has a row cut,
-   its later rows are cut too, so what is sent of a group is a prefix of its deliverable rows
-   (a key's order within its topic holds, as in the read).
+3. judge: the batch is cut to what each limit gave, by turn (each group's first row, then each
+   group's second...), as the read's rows are, so that a backlog's old rows do not take every
+   token of a limit several groups share; once a group has a row cut, its later rows are cut
+   too, so what is sent of a group is a prefix of its deliverable rows (a key's order within
+   its topic holds, as in the read). Tokens a row under two limits took from one while the
+   other had none for it are given back (return_tokens, only then).
 
 A limit never drops a row: held rows stay PENDING and are read again once there are tokens.
-Tokens are taken for exactly the rows admitted; rows admitted and then not sent (a read ahead
-dropped after a lease renewal) have used theirs: a limit can send less than its rate, never
-more than its burst and its rate over the time.
+Rows admitted and then not sent (a read ahead dropped after a lease renewal) have used their
+tokens: a limit can send less than its rate, never more than its burst and its rate over the
+time.
 """
 
 from __future__ import annotations
@@ -93,6 +96,9 @@ class Verdict(NamedTuple):
     held: list[bool]
     #: Seconds until the first limit that held rows back has a token again (None: none did).
     wait: float | None
+    #: Per limit: tokens taken and not used (a row under two limits cut by the other one's
+    #: shortage): given back (return_tokens).
+    unused: list[int]
 
 
 class Limiter:
@@ -104,6 +110,8 @@ class Limiter:
         self._monotonic = monotonic
         # Each bucket's tokens at this relay's last look (None: not looked at yet).
         self._seen: list[tuple[float, float] | None] = [None] * len(self.limits)
+        # Which limits the last caps() put at 0: only those hold back a group left out.
+        self._at_zero = [False] * len(self.limits)
 
     def __bool__(self) -> bool:
         return bool(self.limits)
@@ -126,6 +134,7 @@ class Limiter:
             )
             names.append(limit.name)
             counts.append(math.floor(self._estimate(i, now)))
+            self._at_zero[i] = counts[-1] <= 0
         return caps
 
     def wants(self, batch: Sequence[PendingMessage]) -> list[int]:
@@ -138,15 +147,23 @@ class Limiter:
         return wants
 
     def left_out(self, groups: Collection[tuple[str, str]]) -> list[bool]:
-        """Per limit: is one of GROUPS (left out of the read, rows waiting) its?"""
-        return [any(limit.applies_to(*g) for g in groups) for limit in self.limits]
+        """Per limit: did it leave one of GROUPS (left out of the read with rows this relay
+        could send) out, being at 0 in the last caps? (A group's other limits, with tokens
+        left, hold nothing back.)"""
+        return [
+            self._at_zero[i] and any(limit.applies_to(*g) for g in groups)
+            for i, limit in enumerate(self.limits)
+        ]
 
     def judge(
         self, batch: Sequence[PendingMessage], taken: Taken | None, left_out: Sequence[bool]
     ) -> Verdict:
         """The rows of BATCH (in id order) the tokens TAKEN cover (None: nothing was taken,
         no row of BATCH being under a limit); a group's rows after one that is not covered
-        are not either. Remembers what each bucket held, for the next caps."""
+        are not either. The tokens go by turn, as the read's rows do (each group's first row,
+        then each group's second, ...), not by id: under a limit shared by several groups (a
+        topic's, across tenants) a backlog's old rows would otherwise take every token.
+        Remembers what each bucket held, for the next caps."""
         now = self._monotonic()
         index = self._index()
         if taken is None:
@@ -158,7 +175,14 @@ class Limiter:
         held = list(left_out)
         cut: set[tuple[str, str]] = set()
         admitted = []
+        turns: dict[tuple[str, str], int] = {}
+        by_turn = []
         for message in batch:
+            group = (message.tenant, message.topic)
+            turns[group] = turns.get(group, 0) + 1
+            by_turn.append((turns[group], message.id, message))
+        by_turn.sort(key=lambda t: t[:2])
+        for _, _, message in by_turn:
             group = (message.tenant, message.topic)
             if group in cut:
                 continue
@@ -172,15 +196,17 @@ class Limiter:
             for i in mine:
                 left[i] -= 1
             admitted.append(message)
+        admitted.sort(key=lambda m: m.id)
+        unused = [max(0, int(n)) for n in left]
         if looked:
             for i, (granted, available) in enumerate(zip(*taken, strict=True)):
-                self._seen[i] = (available - granted, now)
+                self._seen[i] = (available - granted + unused[i], now)
         waits = [
             max(0.0, 1.0 - self._estimate(i, now)) / limit.rate
             for i, limit in enumerate(self.limits)
             if held[i]
         ]
-        return Verdict(admitted, held, min(waits) if waits else None)
+        return Verdict(admitted, held, min(waits) if waits else None, unused)
 
     def _index(self) -> dict[tuple[str, str], int]:
         return {(limit.scope, limit.name): i for i, limit in enumerate(self.limits)}

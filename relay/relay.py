@@ -219,7 +219,12 @@ class Relay:
         self._pending = backlog.total().pending
         if self.limiter:
             # These limits are still in use (a limit no relay has is forgotten after a minute).
-            self.store.keep_rate_limits(self.limiter.limits)
+            # Bookkeeping: a failure (a lock held past the statement timeout) must not stop
+            # the renewal, and with it delivery; a limit missing meanwhile gives no tokens.
+            try:
+                self.store.keep_rate_limits(self.limiter.limits)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not say the rate limits are in use: %s", exc)
         self.metrics.observe_renewal(len(buckets), backlog)
         now = self.clock.monotonic()
         if now >= self._lease_valid_until:
@@ -381,6 +386,11 @@ class Relay:
             else None
         )
         verdict = limiter.judge(fetched, taken, left_out)
+        if any(verdict.unused):
+            try:
+                store.return_tokens(limiter.limits, verdict.unused)
+            except Exception as exc:  # noqa: BLE001 - tokens lost: less sent, never more
+                log.warning("could not give unused rate-limit tokens back: %s", exc)
         self.throttled_for = verdict.wait
         self.metrics.observe_throttling(limiter.limits, verdict.held)
         return verdict.admitted

@@ -210,7 +210,7 @@ class PostgresStore:
                 prepare=True,
                 binary=True,
             ).fetchall()
-        # The groups left out come last, as rows without an id (queries.sql says why).
+        # The groups left out, as rows without an id (queries.sql says why).
         left_out = frozenset((row[9], row[2]) for row in rows if row[0] is None)
         return Fetched(
             (
@@ -226,7 +226,8 @@ class PostgresStore:
                     row[8],
                     row[9],
                 )
-                for row in (rows[: len(rows) - len(left_out)] if left_out else rows)
+                for row in rows
+                if row[0] is not None
             ),
             left_out,
         )
@@ -283,6 +284,14 @@ class PostgresStore:
         # heartbeat brings it back (keep_rate_limits).
         found = [got.get((limit.scope, limit.name), (0, 0.0)) for limit in limits]
         return Taken([g for g, _ in found], [a for _, a in found])
+
+    def return_tokens(self, limits: Sequence[RateLimit], unused: Sequence[int]) -> None:
+        params = {
+            "scopes": [limit.scope for limit in limits],
+            "names": [limit.name for limit in limits],
+            "unused": list(unused),
+        }
+        self._execute("return_tokens", params)
 
     # -- gauges and retention
 

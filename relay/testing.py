@@ -182,8 +182,9 @@ class InMemoryStore:
                 )
                 for tenant, topic in groups
             }
-            left_out = frozenset(group for group in groups if cap[group] <= 0)
-            live = {group: rows for group, rows in groups.items() if group not in left_out}
+            # Left out, and named if this relay could send some of their rows now.
+            left_out = frozenset(group for group in groups if cap[group] <= 0 and groups[group])
+            live = {group: rows for group, rows in groups.items() if cap[group] > 0}
             share = group_share(limit, len(live))
             turns = [
                 (turn, row.id, row)
@@ -360,6 +361,13 @@ class InMemoryStore:
                 granted.append(took)
                 available.append(have)
         return Taken(granted, available)
+
+    def return_tokens(self, limits: Sequence[RateLimit], unused: Sequence[int]) -> None:
+        with self._lock:
+            for limit, n in zip(limits, unused, strict=True):
+                bucket = self.rate_buckets.get((limit.scope, limit.name))
+                if bucket is not None and n > 0:
+                    bucket.tokens = min(bucket.limit.burst, bucket.tokens + n)
 
     def delete_confirmed(self, older_than_seconds: float, limit: int) -> int:
         with self._lock:

@@ -77,10 +77,21 @@ def test_judge_cuts_each_group_to_a_prefix_and_counts_every_limit_a_row_falls_un
     verdict = lim.judge(batch, Taken(granted=[3, 5], available=[3.5, 10.0]), [False, False])
     assert [m.id for m in verdict.admitted] == [1, 2, 3, 4, 6, 8]
     assert verdict.held == [True, False]
+    # Topic t gave 5 and 4 were sent (row 5 was cut by tenant a's shortage): one goes back.
+    assert verdict.unused == [0, 1]
     # Tenant a had 0.5 token left after its three: the next is due in half a second.
     assert verdict.wait == pytest.approx(0.5)
-    # The next read is capped by what the buckets held: half a token (none), five left.
-    assert lim.caps() == GroupCaps(["a"], [0], ["t"], [5])
+    # The next read is capped by what the buckets held: half a token (none), six left.
+    assert lim.caps() == GroupCaps(["a"], [0], ["t"], [6])
+
+
+def test_tokens_a_limit_shares_across_groups_go_by_turn_not_to_the_oldest_rows():
+    """A topic limit shared by two tenants: a backlog's old rows do not take every token."""
+    lim = limiter("topic:sms=1:10")
+    backlog = [message(i, "big", "sms") for i in range(1, 6)]
+    new = message(100, "small", "sms")
+    verdict = lim.judge([*backlog, new], Taken([2], [2.0]), [False])
+    assert [m.id for m in verdict.admitted] == [1, 100]
 
 
 def test_a_group_once_cut_stays_cut_even_when_a_later_row_would_fit():
@@ -105,8 +116,12 @@ def test_caps_start_at_the_burst_and_refill_at_the_rate_since_the_last_look():
 
 
 def test_a_limit_whose_groups_were_left_out_holds_rows_back_and_waits_for_a_token():
-    lim = limiter("tenant:a=2 topic:t=1")
+    lim = limiter("tenant:a=2 topic:t=1:5")
+    lim.judge([], Taken([0, 0], [0.5, 5.0]), [False, False])
+    assert lim.caps() == GroupCaps(["a"], [0], ["t"], [5])
+    # Only the limit at 0 left a group out: topic t, with tokens, held nothing back.
     assert lim.left_out({("a", "u")}) == [True, False]
+    assert lim.left_out({("a", "t")}) == [True, False]
     verdict = lim.judge([message(1, "b", "u")], Taken([0, 0], [0.5, 0.0]), [True, False])
     assert verdict.admitted == [message(1, "b", "u")]
     assert verdict.held == [True, False]
