@@ -342,6 +342,9 @@ def test_rate_limit_caps_bound_each_group_and_name_the_groups_left_out(under_tes
     fetched = store.fetch_pending(ALL, 20, caps=GroupCaps(["big"], [4], ["sms"], [0]))
     assert ids(fetched) == big[:4] + mail
     assert fetched.left_out == {("small", "sms")}
+    # Left out with nothing this relay could send now (here: all in flight): not named.
+    fetched = store.fetch_pending(ALL, 20, exclude=sms, caps=GroupCaps([], [], ["sms"], [0]))
+    assert not fetched.left_out and ids(fetched) == sorted(big[:14] + mail)
     # Turns across the groups as without caps, big's stopping at 12 (turns 1-6 of all three,
     # then big's 7th and 8th).
     fetched = store.fetch_pending(ALL, 20, caps=GroupCaps(["big"], [12], [], []))

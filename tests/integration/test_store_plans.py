@@ -161,8 +161,10 @@ def test_the_read_walks_the_pending_index_on_a_table_never_analysed(dsn):
             "buckets": "{" + ",".join(map(str, sorted(ALL))) + "}",
             "limit": 2000,
             "exclude": "{}",
-            "skip_tenants": [],
-            "skip_topics": [],
+            "cap_tenants": [],
+            "tenant_caps": [],
+            "cap_topics": [],
+            "topic_caps": [],
         }
         guarded = _plan(conn, "fetch_pending", params, before="read_in_id_order")
         # The store's own read runs the guarded plan: the setting, then the read, in one
@@ -247,8 +249,10 @@ def test_the_read_walks_the_pending_index_through_a_drain_the_statistics_do_not_
             "buckets": list(range(256)),
             "limit": 2000,
             "exclude": [],
-            "skip_tenants": [],
-            "skip_topics": [],
+            "cap_tenants": [],
+            "tenant_caps": [],
+            "cap_topics": [],
+            "topic_caps": [],
         }
         guarded = _plan(store.connect(), "fetch_pending", params, before="read_in_id_order")
         batch = store.fetch_pending(ALL, 2000)
