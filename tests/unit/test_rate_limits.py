@@ -256,3 +256,39 @@ def test_reads_without_limited_rows_take_no_tokens():
     store.insert("t", b"k", b"x", tenant="bulk")
     relay.run_once()
     assert len(sink.sent) == 21 and len(taken) == 1
+
+
+def test_bookkeeping_that_fails_never_stops_delivery(caplog):
+    """Saying the limits are in use, registering tenants and giving unused tokens back are
+    bookkeeping: when the database refuses them (a role without the grant), rows still go."""
+
+    class Refusing(InMemoryStore):
+        def keep_rate_limits(self, limits):
+            raise PermissionError("permission denied for table local_message_rate")
+
+        def register_tenants(self, tenants):
+            raise PermissionError("permission denied for table local_message_tenant")
+
+        def return_tokens(self, limits, unused):
+            raise PermissionError("permission denied for table local_message_rate")
+
+    limits = parse_rate_limits("tenant:a=100:100 topic:sms=1:2")
+    clock = FakeClock()
+    store = Refusing(clock.monotonic)
+    store.set_rate_limits(limits)
+    sink = RecordingSink()
+    relay = Relay(store, sink, reader=store, clock=clock, batch_size=50, rate_limits=limits)
+    rows = [store.insert("sms", b"k%d" % i, b"x", tenant="a") for i in range(3)]
+    relay.run_once()  # the burst: two rows
+    clock.advance(1.0)
+    # Another relay takes the sms token this relay expects: its row is read, tenant a gives a
+    # token, sms none; a's token cannot be given back.
+    store.rate_buckets[("topic", "sms")].tokens = -1.0
+    relay.run_once()
+    assert len(sink.sent) == 2
+    clock.advance(2.0)
+    relay.run_once()
+    assert [m.id for m in sink.sent] == [r.id for r in rows]
+    assert "could not register tenants a" in caplog.text
+    assert "could not give unused rate-limit tokens back" in caplog.text
+    assert "could not say the rate limits are in use" in caplog.text
