@@ -67,6 +67,12 @@ class RateLimit:
         return self.name == (tenant if self.scope == "tenant" else topic)
 
 
+def refilled(tokens: float, limit: RateLimit, seconds: float) -> float:
+    """A bucket's tokens SECONDS after it held TOKENS: refilled at the limit's rate, up to its
+    burst (queries.sql's `available` is the same rule in SQL)."""
+    return min(limit.burst, tokens + limit.rate * max(0.0, seconds))
+
+
 class GroupCaps(NamedTuple):
     """The most rows of each limited tenant's and topic's groups a read may return
     (fetch_pending's cap_tenants, tenant_caps, cap_topics, topic_caps); 0 leaves them out."""
@@ -121,7 +127,7 @@ class Limiter:
         if seen is None:
             return limit.burst
         tokens, at = seen
-        return min(limit.burst, tokens + limit.rate * max(0.0, now - at))
+        return refilled(tokens, limit, now - at)
 
     def caps(self) -> GroupCaps:
         now = self._monotonic()

@@ -63,7 +63,8 @@ def failure_params(relay_id: uuid.UUID, failures: Sequence[FailureUpdate]) -> di
 
 
 def limit_params(limits: Sequence[RateLimit]) -> dict:
-    """The limits as the parallel arrays of queries.sql's rate-limit blocks."""
+    """The limits as the parallel arrays of queries.sql's rate-limit blocks (a block uses
+    the ones it names)."""
     return {
         "scopes": [limit.scope for limit in limits],
         "names": [limit.name for limit in limits],
@@ -270,12 +271,7 @@ class PostgresStore:
     def take_tokens(
         self, limits: Sequence[RateLimit], wants: Sequence[int], held: Sequence[bool]
     ) -> Taken:
-        params = {
-            "scopes": [limit.scope for limit in limits],
-            "names": [limit.name for limit in limits],
-            "wants": list(wants),
-            "held": list(held),
-        }
+        params = {**limit_params(limits), "wants": list(wants), "held": list(held)}
         got = {
             (scope, name): (granted, available)
             for scope, name, granted, available in self._execute("take_tokens", params)
@@ -286,12 +282,7 @@ class PostgresStore:
         return Taken([g for g, _ in found], [a for _, a in found])
 
     def return_tokens(self, limits: Sequence[RateLimit], unused: Sequence[int]) -> None:
-        params = {
-            "scopes": [limit.scope for limit in limits],
-            "names": [limit.name for limit in limits],
-            "unused": list(unused),
-        }
-        self._execute("return_tokens", params)
+        self._execute("return_tokens", {**limit_params(limits), "unused": list(unused)})
 
     # -- gauges and retention
 

@@ -31,7 +31,7 @@ from .model import (
     group_share,
     send_in_key_order,
 )
-from .rate_limits import NO_CAPS, GroupCaps, RateLimit, Taken
+from .rate_limits import NO_CAPS, GroupCaps, RateLimit, Taken, refilled
 from .shards import buckets_of, message_tag, plan_lease
 
 
@@ -351,8 +351,7 @@ class InMemoryStore:
                     granted.append(0)
                     available.append(0.0)
                     continue
-                rate, burst = bucket.limit.rate, bucket.limit.burst
-                have = min(burst, bucket.tokens + rate * max(0.0, now - bucket.refilled_at))
+                have = refilled(bucket.tokens, bucket.limit, now - bucket.refilled_at)
                 took = min(want, math.floor(have))
                 bucket.tokens = have - took
                 bucket.refilled_at = max(bucket.refilled_at, now)
