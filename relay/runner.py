@@ -135,8 +135,9 @@ def build_sinks(cfg: RelayConfig, outage_log: OutageLog) -> tuple[Sink, Sink]:
 
 
 def put_limits_in_force(store: PostgresStore, limits: Sequence[RateLimit], schema: str) -> None:
-    """Refuse a limit for a tenant that never wrote an event (a misspelt name would leave the
-    real tenant unlimited); put the others in force for every relay (relay.rate_limits)."""
+    """Refuse a limit for an unknown tenant, neither registered nor with rows waiting (a
+    misspelt name would leave the real tenant unlimited); put the limits in force for every
+    relay (relay.rate_limits)."""
     tenants = [limit.name for limit in limits if limit.scope == "tenant" and limit.name]
     unknown = sorted(set(tenants) - store.known_tenants(tenants))
     if unknown:
